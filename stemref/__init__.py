@@ -1,0 +1,1 @@
+"""stemref: a plain-PyTorch reference for zero-shot video editing on Stable Diffusion 1.5."""
