@@ -36,7 +36,7 @@ class UNetConfig:
         c = json.loads(Path(path).read_text())
         down, up = c.get("down_block_types", []), c.get("up_block_types", [])
         _require(c.get("in_channels", 4) == 4, f"UNet has {c.get('in_channels')} input channels (inpainting/depth models are not SD1.x text-to-image)")
-        _require(c.get("cross_attention_dim", 768) == 768, f"UNet cross-attention width {c.get('cross_attention_dim')} != 768 (SD2 uses 1024, SDXL 2048)")
+        _require(c.get("cross_attention_dim", 768) not in (1024, 2048), f"UNet cross-attention width {c.get('cross_attention_dim')} (SD2 uses 1024, SDXL 2048; SD1.x 768)")
         _require(not c.get("use_linear_projection", False), "UNet uses linear projections (SD2-style)")
         _require(c.get("addition_embed_type") is None, "UNet has added embeddings (SDXL-style)")
         _require(c.get("transformer_layers_per_block", 1) in (1, None), "UNet has several transformer layers per block (SDXL-style)")
@@ -45,7 +45,7 @@ class UNetConfig:
         levels = tuple(t == "CrossAttnDownBlock2D" for t in down)
         _require(tuple(t == "CrossAttnUpBlock2D" for t in up) == levels[::-1], "UNet up blocks do not mirror the down blocks")
         heads = c.get("attention_head_dim", 8)
-        _require(isinstance(heads, int), f"per-level attention_head_dim {heads} (SD2-style)")
+        _require(isinstance(heads, int), f"per-level attention_head_dim {heads} (SD2-style head widths)")
         return cls(
             in_channels=c.get("in_channels", 4),
             out_channels=c.get("out_channels", 4),
@@ -91,7 +91,7 @@ class CLIPTextConfig:
     def from_json(cls, path: str | Path) -> "CLIPTextConfig":
         c = json.loads(Path(path).read_text())
         _require(c.get("hidden_act", "quick_gelu") == "quick_gelu", f"text encoder uses {c.get('hidden_act')} (SD1.x's CLIP uses quick_gelu; SD2's OpenCLIP uses gelu)")
-        _require(c.get("hidden_size", 768) == 768, f"text encoder width {c.get('hidden_size')} != 768 (SD2 uses 1024)")
+        _require(c.get("hidden_size", 768) != 1024, "text encoder width 1024 (SD2's OpenCLIP; SD1.x uses 768)")
         return cls(**{f.name: c[f.name] for f in fields(cls) if f.name in c})
 
 

@@ -1,0 +1,75 @@
+"""`StableDiffusion`: the five SD1.x parts together, with the conversions between pixels, prompts and latents.
+
+Frames are (F, 3, H, W) floats in [0, 1] everywhere in stemref's API; latents are (F, 4, H/8, W/8),
+already multiplied by the VAE's scaling factor (0.18215), i.e. in the space the UNet denoises.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .clip import CLIPTextModel
+from .scheduler import DDIMScheduler
+from .tokenizer import CLIPTokenizer
+from .unet import UNet2DConditionModel
+from .vae import AutoencoderKL
+
+
+@dataclass
+class StableDiffusion:
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    scheduler: DDIMScheduler
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.conv_in.weight.dtype
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: str | list[str]) -> torch.Tensor:
+        """Prompts -> CLIP last hidden states (B, 77, 768). Over-long prompts are refused, not silently cut."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        limit = self.tokenizer.max_length - 2
+        for p in prompts:
+            n = self.tokenizer.token_count(p)
+            if n > limit:
+                raise ValueError(f"prompt is {n} tokens long; CLIP reads at most {limit}. Shorten it: {p[:60]!r}…")
+        ids = self.tokenizer(prompts).to(self.device)  # (B, 77)
+        return self.text_encoder(ids)
+
+    @torch.no_grad()
+    def encode_frames(self, frames: torch.Tensor, batch: int = 8) -> torch.Tensor:
+        """Frames (F, 3, H, W) in [0, 1] -> scaled posterior means (F, 4, H/8, W/8), `batch` frames at a time."""
+        check_frames(frames)
+        latents = []
+        for chunk in frames.split(batch):
+            x = chunk.to(self.device, self.dtype) * 2 - 1
+            latents.append(self.vae.encode(x).mean * self.vae.config.scaling_factor)
+        return torch.cat(latents)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:
+        """Scaled latents (F, 4, h, w) -> frames (F, 3, 8h, 8w) in [0, 1] (float32), `batch` at a time."""
+        frames = []
+        for chunk in latents.split(batch):
+            x = self.vae.decode(chunk.to(self.device, self.dtype) / self.vae.config.scaling_factor)
+            frames.append(((x.float() + 1) / 2).clamp(0, 1))
+        return torch.cat(frames)
+
+
+def check_frames(frames: torch.Tensor) -> None:
+    if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[1] != 3:
+        shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
+        raise ValueError(f"frames must be a (F, 3, H, W) tensor in [0, 1]; got {shape}")
+    H, W = frames.shape[-2:]
+    if H % 8 or W % 8:
+        raise ValueError(f"frame size {W}×{H} is not a multiple of 8; resize or crop it (stemref.video.read_video does)")
+    if not frames.is_floating_point():
+        raise ValueError(f"frames must be floats in [0, 1], got {frames.dtype}; divide uint8 frames by 255")

@@ -1,0 +1,61 @@
+"""DDIM sampling with classifier-free guidance, and text-to-image: the end-to-end sanity path.
+
+Dimension legend: B rows (branches × frames), F frames, L text tokens, D text width.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .attention import RunInfo
+from .pipeline import StableDiffusion
+
+Progress = Callable[[int, int], None]  # (steps done, steps in all)
+
+
+def predict_noise(sd: StableDiffusion, x: torch.Tensor, t: int, cond: torch.Tensor, uncond: torch.Tensor | None,
+                  guidance: float, info: RunInfo) -> torch.Tensor:
+    """ε for latents x (F, 4, h, w); with guidance ≠ 1, unconditional and conditional rows run as one batch.
+
+    `cond`/`uncond` are one prompt embedding (1, L, D), repeated over the F frames. The two branches are
+    stacked branch-major ([uncond frames, cond frames]) so frame-context processors see whole videos.
+    """
+    frames = x.shape[0]
+    if uncond is None or guidance == 1.0:
+        return sd.unet(x, t, cond.expand(frames, -1, -1), info)
+    context = torch.cat([uncond.expand(frames, -1, -1), cond.expand(frames, -1, -1)])  # (2F, L, D)
+    eps_uncond, eps_cond = sd.unet(torch.cat([x, x]), t, context, info).chunk(2)  # (F, 4, h, w) each
+    return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+@torch.no_grad()
+def ddim_sample(sd: StableDiffusion, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None,
+                steps: int = 50, guidance: float = 7.5, eta: float = 0.0, generator: torch.Generator | None = None,
+                progress: Progress | None = None) -> torch.Tensor:
+    """Denoise latents x_T (F, 4, h, w) to x_0 with DDIM; the F rows are the frames of one video."""
+    timesteps = sd.scheduler.timesteps(steps)
+    for i, t in enumerate(timesteps.tolist()):
+        eps = predict_noise(sd, x, t, cond, uncond, guidance, RunInfo(frames=x.shape[0], step=i))
+        x = sd.scheduler.step(eps, t, x, steps, eta=eta, generator=generator)
+        if progress:
+            progress(i + 1, len(timesteps))
+    return x
+
+
+def txt2img(sd: StableDiffusion, prompt: str, negative_prompt: str = "", steps: int = 50, guidance: float = 7.5,
+            seed: int = 0, size: int | tuple[int, int] = 512, progress: Progress | None = None) -> torch.Tensor:
+    """One image (1, 3, H, W) in [0, 1] for `prompt`. `size` is an int or (height, width), multiples of 8.
+
+    The starting noise is drawn on the CPU from `seed`, as diffusers does with a CPU generator, so the same
+    seed gives the same image on every device.
+    """
+    H, W = (size, size) if isinstance(size, int) else size
+    if H % 8 or W % 8 or min(H, W) < 64:
+        raise ValueError(f"size {W}×{H}: both sides must be multiples of 8 and at least 64")
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((1, sd.unet.config.in_channels, H // 8, W // 8), generator=generator)
+    cond = sd.encode_prompt(prompt)
+    uncond = sd.encode_prompt(negative_prompt) if guidance != 1.0 else None
+    latents = ddim_sample(sd, noise.to(sd.device, sd.dtype), cond, uncond, steps, guidance, progress=progress)
+    return sd.decode_latents(latents)
