@@ -21,6 +21,7 @@ Tensor legend: B prompts, L = max_length (77 for SD1.5).
 from __future__ import annotations
 
 import functools
+import gzip
 import json
 import re
 import unicodedata
@@ -35,6 +36,8 @@ CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 # transformers' regex engine (Oniguruma) counts these as \s; Python's str.isspace would add U+001C..U+001F.
 WHITESPACE_CONTROLS = frozenset("\t\n\v\f\r\x85")
 SPECIALS_PATTERN = re.compile(f"({re.escape(START_TOKEN)}|{re.escape(END_TOKEN)})")
+OPENAI_BPE = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+OPENAI_MERGES = 48_894  # 49,408 tokens = 256 bytes + 256 bytes with </w> + merges + 2 specials
 SD15_HINT = "Use the tokenizer/ folder of an SD1.5 checkpoint (it holds vocab.json and merges.txt)."
 
 
@@ -164,6 +167,19 @@ class CLIPTokenizer:
                 raise TokenizerFilesError(f"{files['merges.txt']} line {number} is not two symbols: {line!r}. {SD15_HINT}")
             merges.append((pair[0], pair[1]))
         return cls(vocab, merges, max_length)
+
+    @classmethod
+    def openai(cls, max_length: int = 77) -> CLIPTokenizer:
+        """The vocabulary that ships with stemref: OpenAI's BPE file, from which SD1.5's files were made.
+
+        Line 0 of the file is a header and the next 48,894 lines are the merges in rank order; the vocabulary
+        is the byte symbols, the byte symbols ending a word, one token per merge, and the two specials.
+        """
+        with gzip.open(OPENAI_BPE, "rt", encoding="utf-8") as f:
+            merges = [tuple(line.split()) for line in f.read().split("\n")[1 : 1 + OPENAI_MERGES]]
+        chars = list(bytes_to_unicode().values())
+        tokens = [*chars, *(c + END_OF_WORD for c in chars), *("".join(m) for m in merges), START_TOKEN, END_TOKEN]
+        return cls({token: i for i, token in enumerate(tokens)}, merges, max_length)
 
     def _bpe(self, word: str) -> tuple[str, ...]:
         """Byte-level word -> BPE symbols: repeatedly merge every occurrence of the adjacent pair whose merge

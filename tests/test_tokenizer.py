@@ -2,6 +2,7 @@
 vocabulary whose BPE result is worked out by hand, and the error paths of `from_folder`."""
 from __future__ import annotations
 
+import hashlib
 import json
 import unicodedata
 
@@ -219,3 +220,13 @@ def test_bad_prompts_are_refused(ours):
         ours([])
     with pytest.raises(TypeError, match="str"):
         ours.encode(3)
+
+
+def test_shipped_openai_vocabulary_equals_sd15_files(tmp_path):
+    """CLIPTokenizer.openai() reads the gz inside the package; it must equal SD1.5's derived vocab.json/merges.txt."""
+    from stemref.tokenizer import OPENAI_BPE
+
+    assert hashlib.sha256(OPENAI_BPE.read_bytes()).hexdigest() == "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+    shipped, files = CLIPTokenizer.openai(), CLIPTokenizer.from_folder(write_clip_tokenizer_files(tmp_path))
+    assert shipped.vocab == files.vocab and shipped.ranks == files.ranks
+    assert len(shipped.vocab) == 49408
