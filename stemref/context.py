@@ -1,0 +1,157 @@
+"""Frame-context processors for the UNet's self-attention: what each frame's queries may look at.
+
+    "1-frame"    per_frame       the frame's own tokens (plain self-attention, image-style DDIM inversion)
+    "2-frame"    SparseCausal    the tokens of the first frame and of the previous frame
+    "all-frame"  AllFrames       every token of every frame of the video ("inflated" DDIM inversion)
+    "stem"       EMAttention     K bases estimated by EM from every token of every frame (STEM inversion)
+
+All are processors `(q, k, v, call) -> out` (see attention.py): q, k, v arrive head-split, one row per
+frame, branch-major (row = branch·F + frame, F = call.info.frames); each branch (e.g. the conditional and
+unconditional halves of a guided batch) is a separate video and never sees another branch's frames.
+Cross-attention calls (keys from the text) fall through to plain attention unchanged.
+
+Dimension legend:
+  B  branches, F frames per branch, n frames in one EM scope or one query chunk
+  h  heads, N tokens per frame, d head dim (dv for values), K bases
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import AttnCall, Processor, sdpa, split_frames
+from .em import check_em_options, em_bases
+
+CONTEXTS = ("1-frame", "2-frame", "all-frame", "stem")
+CONTEXT_OPTIONS = {"1-frame": (), "2-frame": (), "all-frame": ("chunk_frames",),
+                   "stem": ("num_bases", "iters", "tau", "scope", "chunk")}
+
+
+def per_frame(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
+    """1-frame context: each frame attends to its own tokens only."""
+    return sdpa(q, k, v, call)
+
+
+class SparseCausal:
+    """2-frame context (sparse-causal attention): frame i attends to the tokens of frame 0 and frame i−1.
+
+    As Tune-A-Video and the STEM code do, frame 0's "previous frame" is frame 0 itself, so frame 0 sees
+    its own tokens twice (which equals attending to them once: duplicating every key and value leaves the
+    softmax-weighted average unchanged), and frame 1 sees frame 0 twice. Frame i ≥ 2 does not see itself.
+    """
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
+        if call.is_cross:
+            return sdpa(q, k, v, call)
+        frames = call.info.frames
+        first = torch.zeros(frames, dtype=torch.long, device=k.device)
+        previous = (torch.arange(frames, device=k.device) - 1).clamp(min=0)
+        keys, values = _gather(k, frames, first, previous), _gather(v, frames, first, previous)  # (B·F, h, 2N, ·)
+        return F.scaled_dot_product_attention(q, keys, values)
+
+
+def _gather(x: torch.Tensor, frames: int, first: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """Per frame, the tokens of frames first[f] and previous[f] side by side: (B·F, h, N, d) -> (B·F, h, 2N, d)."""
+    xf = split_frames(x, frames)  # (B, F, h, N, d)
+    pair = torch.cat([xf[:, first], xf[:, previous]], dim=-2)  # (B, F, h, 2N, d)
+    return pair.reshape(x.shape[0], *pair.shape[2:])  # (B·F, h, 2N, d)
+
+
+class AllFrames:
+    """All-frame context: every frame attends to every token of every frame of its video.
+
+    The F·N × F·N score matrix is never formed: queries go to attention `chunk_frames` frames at a time
+    against the keys of the whole video, so one call holds at most chunk_frames·N × F·N scores per head.
+    """
+
+    def __init__(self, chunk_frames: int = 1):
+        if not isinstance(chunk_frames, int) or chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be a positive number of query frames per attention call, "
+                             f"got {chunk_frames!r}")
+        self.chunk_frames = chunk_frames
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
+        if call.is_cross:
+            return sdpa(q, k, v, call)
+        frames = call.info.frames
+        k_video = _video_tokens(split_frames(k, frames))  # (B, h, F·N, d)
+        v_video = _video_tokens(split_frames(v, frames))  # (B, h, F·N, dv)
+        qf = split_frames(q, frames)  # (B, F, h, N, d)
+        out = [_unmerge(F.scaled_dot_product_attention(_video_tokens(qc), k_video, v_video), qc.shape[1])
+               for qc in qf.split(self.chunk_frames, dim=1)]  # each (B, n, h, N, dv)
+        return _rows(torch.cat(out, dim=1))  # (B·F, h, N, dv)
+
+
+class EMAttention:
+    """STEM's EM attention: every frame attends to K key/value bases estimated by EM from the video's tokens.
+
+    `scope` is how many consecutive frames share one set of bases. None (the paper: "a fixed and global
+    representation for the whole video") estimates them from all F frames. The official code inverts in
+    8-frame batches, so its bases are per 8-frame chunk; scope=8 reproduces that. `chunk` bounds the
+    tokens the EM and the attention process at once (see em.py); it changes nothing but rounding.
+    `generator` seeds the random initial bases, drawn afresh at every call; with it, runs repeat exactly.
+    """
+
+    def __init__(self, num_bases: int = 256, iters: int = 5, tau: float = 0.01, scope: int | None = None,
+                 chunk: int | None = None, generator: torch.Generator | None = None):
+        check_em_options(num_bases, iters, tau, chunk)
+        if scope is not None and (not isinstance(scope, int) or scope < 1):
+            raise ValueError(f"scope must be a positive number of frames per set of bases, or None for the whole "
+                             f"video (the official code's batches correspond to scope=8), got {scope!r}")
+        self.num_bases, self.iters, self.tau = num_bases, iters, tau
+        self.scope, self.chunk, self.generator = scope, chunk, generator
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
+        if call.is_cross:
+            return sdpa(q, k, v, call)
+        frames = call.info.frames
+        qf, kf, vf = split_frames(q, frames), split_frames(k, frames), split_frames(v, frames)  # (B, F, h, N, ·)
+        scope = self.scope or frames
+        out = [self._attend(*group) for group in zip(qf.split(scope, 1), kf.split(scope, 1), vf.split(scope, 1))]
+        return _rows(torch.cat(out, dim=1))  # (B·F, h, N, dv)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """n frames (B, n, h, N, ·) share one set of bases; returns (B, n, h, N, dv)."""
+        mu, nu = em_bases(_video_tokens(k), _video_tokens(v), self.num_bases, self.iters, self.tau,
+                          generator=self.generator, chunk=self.chunk)  # (B, h, K, d), (B, h, K, dv)
+        q_video = _video_tokens(q)  # (B, h, n·N, d)
+        # each query attends to the K bases independently, so query tokens can go in chunks as well
+        out = [F.scaled_dot_product_attention(qc, mu, nu) for qc in q_video.split(self.chunk or q_video.shape[-2], -2)]
+        return _unmerge(torch.cat(out, dim=-2), q.shape[1])  # (B, n, h, N, dv)
+
+
+def context_processor(name: str, generator: torch.Generator | None = None, **options) -> Processor:
+    """The processor for a context name in CONTEXTS, with its options (see CONTEXT_OPTIONS).
+
+    Only "stem" is random; the generator seeds it and is ignored by the other contexts.
+    """
+    if name not in CONTEXTS:
+        raise ValueError(f"unknown context {name!r}; choose one of {', '.join(CONTEXTS)}")
+    unknown = sorted(set(options) - set(CONTEXT_OPTIONS[name]))
+    if unknown:
+        takes = f"takes only {', '.join(CONTEXT_OPTIONS[name])}" if CONTEXT_OPTIONS[name] else "takes no options"
+        raise ValueError(f"context {name!r} {takes}; got {', '.join(unknown)}")
+    if name == "1-frame":
+        return per_frame
+    if name == "2-frame":
+        return SparseCausal()
+    if name == "all-frame":
+        return AllFrames(**options)
+    return EMAttention(generator=generator, **options)
+
+
+def _video_tokens(xf: torch.Tensor) -> torch.Tensor:
+    """All tokens of each video in one sequence, frame after frame: (B, F, h, N, d) -> (B, h, F·N, d)."""
+    B, n, h, N, d = xf.shape
+    return xf.permute(0, 2, 1, 3, 4).reshape(B, h, n * N, d)  # (B, h, F·N, d)
+
+
+def _unmerge(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """The inverse of _video_tokens: (B, h, F·N, d) -> (B, F, h, N, d)."""
+    B, h, T, d = x.shape
+    return x.view(B, h, frames, T // frames, d).transpose(1, 2)  # (B, F, h, N, d)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, F, h, N, d) -> (B·F, h, N, d), branch-major rows as the UNet lays them out."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])  # (B·F, h, N, d)

@@ -1,0 +1,141 @@
+"""STEM's expectation-maximisation: K key bases μ and value bases ν that summarise T tokens.
+
+For one head, the T = frames·tokens keys k_t of a whole video are explained by K bases. With a
+temperature τ, R iterations of
+
+    E-step  z_tk = softmax_k( (k_t · μ̂_kᵀ − max_j k_t · μ̂_jᵀ) / τ ),   μ̂_k = μ_k / (‖μ_k‖ + 1e-4)
+    M-step  z̄_tk = z_tk / (Σ_t z_tk + 1e-4),   μ_k = Σ_t z̄_tk k_t
+
+move the bases towards the centres of the token clusters (only μ is normalised in the E-step, the keys
+are not). The value bases use the last responsibilities: ν_k = Σ_t z̄_tk v_t. Every frame's queries then
+attend to (μ, ν) instead of to all T tokens (see `context.EMAttention`).
+
+Memory: the E-step is independent per token and both M-step sums (Σ_t z and zᵀk, and zᵀv for ν) are
+additive over tokens, so the EM streams over token chunks of size `chunk`: no T × K matrix is ever held,
+only chunk × K. The unchunked EM is the same code with one chunk. The initial mean and std are streamed
+the same way, merged chunk by chunk in float64 (Chan et al.'s parallel variance).
+
+Precision: all EM arithmetic is float32 (float64 for float64 inputs) whatever the input dtype; τ = 0.01
+multiplies logit errors by 100, which fp16 cannot afford. The bases come back in the input dtype.
+
+Dimension legend:
+  ...  any leading batch dims (e.g. branches), shared by keys, values and bases
+  h    heads, T tokens (frames · tokens per frame), c tokens per chunk
+  K    bases, d key dim, dv value dim
+"""
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-4  # in the basis normalisation of the E-step and the column normalisation of the M-step
+
+
+def em_bases(keys: torch.Tensor, values: torch.Tensor, num_bases: int = 256, iters: int = 5, tau: float = 0.01,
+             init: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key bases μ (..., h, K, d) and value bases ν (..., h, K, dv) of keys (..., h, T, d), values (..., h, T, dv).
+
+    The initial bases are μ₀ = mean + std · ε with the per-(head, channel) mean and (unbiased) std of the
+    keys over T, and ε = torch.randn((..., h, K, d), generator=generator, dtype=<compute dtype>) drawn on
+    the generator's device; `init` (..., h, K, d) replaces that draw. `chunk` bounds the tokens processed at
+    once (None: all T in one chunk); the result does not depend on it beyond float rounding.
+    """
+    check_em_options(num_bases, iters, tau, chunk)
+    _check_inputs(keys, values, num_bases, init)
+    dtype = compute_dtype(keys)
+    mu = _initial_bases(keys, num_bases, generator, chunk, dtype) if init is None else init.to(dtype)  # (..., h, K, d)
+    for _ in range(iters - 1):
+        z_sum, zk, _ = _m_step_sums(keys, None, mu, tau, chunk, dtype)
+        mu = zk / (z_sum.unsqueeze(-1) + EPS)  # (..., h, K, d) = z̄ᵀk
+    # the last iteration also accumulates zᵀv: ν shares the final responsibilities with μ
+    z_sum, zk, zv = _m_step_sums(keys, values, mu, tau, chunk, dtype)
+    norm = z_sum.unsqueeze(-1) + EPS  # (..., h, K, 1): Σ_t z per basis
+    return (zk / norm).to(keys.dtype), (zv / norm).to(values.dtype)  # μ = z̄ᵀk, ν = z̄ᵀv
+
+
+def responsibilities(keys: torch.Tensor, bases: torch.Tensor, tau: float) -> torch.Tensor:
+    """The E-step: z (..., T, K), each token's soft assignment to the bases (rows sum to 1).
+
+    keys (..., T, d), bases (..., K, d). Computed and returned in float32 (float64 for float64 keys).
+    """
+    dtype = compute_dtype(keys)
+    k, mu = keys.to(dtype), bases.to(dtype)
+    mu_hat = mu / (mu.norm(dim=-1, keepdim=True) + EPS)  # (..., K, d)
+    logits = k @ mu_hat.transpose(-1, -2)  # (..., T, K)
+    return torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / tau, dim=-1)  # (..., T, K)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; every other floating dtype computes in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def check_em_options(num_bases: int, iters: int, tau: float, chunk: int | None) -> None:
+    """Raise ValueError naming the first bad EM option."""
+    if not isinstance(num_bases, int) or num_bases < 1:
+        raise ValueError(f"num_bases must be a positive integer (STEM uses 256), got {num_bases!r}")
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be a positive integer (STEM uses 5), got {iters!r}")
+    if not isinstance(tau, (int, float)) or not tau > 0:
+        raise ValueError(f"tau must be a positive number (STEM uses 0.01), got {tau!r}")
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive number of tokens or None (all at once), got {chunk!r}")
+
+
+def _check_inputs(keys: torch.Tensor, values: torch.Tensor, num_bases: int, init: torch.Tensor | None) -> None:
+    if not (keys.is_floating_point() and values.is_floating_point()):
+        raise ValueError(f"keys and values must be floating point, got {keys.dtype} and {values.dtype}")
+    if keys.dim() < 3 or keys.shape[:-1] != values.shape[:-1]:
+        raise ValueError(f"keys (..., h, T, d) and values (..., h, T, dv) must share all dims but the last, "
+                         f"got {tuple(keys.shape)} and {tuple(values.shape)}")
+    if keys.shape[-2] < 2:
+        raise ValueError(f"the EM needs at least 2 tokens (T) to estimate the key std, got {keys.shape[-2]}")
+    expected = (*keys.shape[:-2], num_bases, keys.shape[-1])
+    if init is not None and tuple(init.shape) != expected:
+        raise ValueError(f"init must have shape (..., h, num_bases, d) = {expected}, got {tuple(init.shape)}; "
+                         "pass num_bases equal to init's number of bases")
+
+
+def _chunks(x: torch.Tensor, chunk: int | None) -> tuple[torch.Tensor, ...]:
+    return x.split(chunk or x.shape[-2], dim=-2)  # pieces (..., c, d) along the token axis
+
+
+def _initial_bases(keys: torch.Tensor, num_bases: int, generator: torch.Generator | None, chunk: int | None,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """μ₀ ~ Normal(mean, std) per (head, channel), with mean and std streamed over token chunks in float64."""
+    n, mean, m2 = 0, 0.0, 0.0
+    for piece in _chunks(keys, chunk):
+        x = piece.double()  # (..., h, c, d)
+        n_c = x.shape[-2]
+        mean_c = x.mean(dim=-2)  # (..., h, d)
+        m2_c = (x - mean_c.unsqueeze(-2)).square().sum(dim=-2)  # (..., h, d)
+        delta = mean_c - mean
+        # Chan et al.: merge the running (n, mean, M2) with the chunk's without forming Σx² − n·mean²
+        mean = mean + delta * (n_c / (n + n_c))
+        m2 = m2 + m2_c + delta.square() * (n * n_c / (n + n_c))
+        n += n_c
+    std = (m2 / (n - 1)).sqrt()  # (..., h, d), unbiased like torch.std
+    shape = (*keys.shape[:-2], num_bases, keys.shape[-1])
+    device = generator.device if generator is not None else keys.device
+    noise = torch.randn(shape, generator=generator, dtype=dtype, device=device).to(keys.device)  # (..., h, K, d)
+    return mean.to(dtype).unsqueeze(-2) + std.to(dtype).unsqueeze(-2) * noise  # (..., h, K, d)
+
+
+def _m_step_sums(keys: torch.Tensor, values: torch.Tensor | None, mu: torch.Tensor, tau: float, chunk: int | None,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Σ_t z (..., h, K), zᵀk (..., h, K, d) and, if values are given, zᵀv (..., h, K, dv), over token chunks."""
+    z_sum = zk = zv = None
+    value_pieces = _chunks(values, chunk) if values is not None else None
+    for i, piece in enumerate(_chunks(keys, chunk)):
+        k = piece.to(dtype)  # (..., h, c, d): only one chunk is ever upcast
+        z = responsibilities(k, mu, tau)  # (..., h, c, K)
+        zt = z.transpose(-1, -2)  # (..., h, K, c)
+        z_sum = _add(z_sum, z.sum(dim=-2))  # (..., h, K)
+        zk = _add(zk, zt @ k)  # (..., h, K, d)
+        if value_pieces is not None:
+            zv = _add(zv, zt @ value_pieces[i].to(dtype))  # (..., h, K, dv)
+    return z_sum, zk, zv
+
+
+def _add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    return part if total is None else total + part
