@@ -1,0 +1,388 @@
+"""`python -m stemref.download`: fetch SD1.5's diffusers folder from the Hugging Face hub, and nothing else.
+
+Standard library only (urllib). For each file of `sd15_files(variant)`:
+
+1. HEAD `{base_url}/{repo}/resolve/{revision}/{path}` to learn the size and sha256 before any body moves,
+   so a complete file on disk is skipped without a GET. The hub answers the big LFS files (the weights)
+   with a redirect to its CDN that carries `X-Linked-Size` and `X-Linked-Etag` (the file's sha256); small
+   git files answer 200 with `Content-Length` and an `ETag` that is a git blob sha1, which is not checked.
+   HEAD does not follow a redirect to another host: CDN URLs are signed for GET.
+2. GET into `path.part`. When a `.part` is already there (an interrupted run), ask for the rest with
+   `Range: bytes=N-` and append if the server answers 206; a 200 means it ignored the range, so start over.
+3. Check size and sha256, then rename into place: a final name only ever holds a verified file.
+   An interrupted transfer keeps its `.part` for the next run; a file that fails a check loses it.
+
+Redirects are followed by hand (at most MAX_REDIRECTS) so that the token is sent only to base_url's host and
+never to the CDN, and so that the hub's headers on the redirect itself are not lost.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import ipaddress
+import os
+import re
+import shlex
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from email.message import Message
+from pathlib import Path
+from typing import Callable
+
+DEFAULT_BASE_URL = "https://huggingface.co"
+DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_TO = Path("weights/sd15")
+VARIANTS = ("fp16", "fp32")
+CHUNK = 1 << 20  # bytes per read: large enough for speed, small enough for a lively progress line
+MAX_REDIRECTS = 10
+TIMEOUT_S = 60.0  # per connection attempt and per read, not for a whole file
+PROGRESS_EVERY_S = 0.1
+REDIRECTS = (301, 302, 303, 307, 308)
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class DownloadError(Exception):
+    """A file could not be fetched or did not pass its checks; the message names the URL and a way out."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One report to the `progress` callback of `download`."""
+    path: str  # repository-relative, e.g. "unet/diffusion_pytorch_model.fp16.safetensors"
+    status: str  # "skipped" (already complete), "downloading", or "done" (verified and in place)
+    done: int  # bytes of this file on disk, a resumed prefix included
+    total: int | None  # None when the server did not say
+    rate: float  # bytes per second moved in this run (a resumed prefix does not count)
+
+
+@dataclass(frozen=True)
+class _Remote:
+    """What the server says about a file; None where it says nothing."""
+    size: int | None
+    sha256: str | None
+
+
+def sd15_files(variant: str = "fp16") -> list[str]:
+    """The repository paths SD1.5 needs in the diffusers layout; the weights carry the variant's suffix."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: choose one of {', '.join(VARIANTS)}")
+    suffix = ".fp16" if variant == "fp16" else ""
+    return ["model_index.json",
+            "unet/config.json", f"unet/diffusion_pytorch_model{suffix}.safetensors",
+            "vae/config.json", f"vae/diffusion_pytorch_model{suffix}.safetensors",
+            "text_encoder/config.json", f"text_encoder/model{suffix}.safetensors",
+            "tokenizer/vocab.json", "tokenizer/merges.txt",
+            "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json",
+            "scheduler/scheduler_config.json"]
+
+
+def download(to: str | Path, variant: str = "fp16", base_url: str = DEFAULT_BASE_URL, repo: str = DEFAULT_REPO,
+             revision: str = "main", progress: Callable[[Progress], None] | None = None, token: str | None = None,
+             timeout: float = TIMEOUT_S) -> Path:
+    """Fetch SD1.5 into the folder `to` (created if needed) and return it; complete files are kept as they are.
+
+    `token` is sent as `Authorization: Bearer` to base_url's host only. Raises ValueError for bad arguments
+    and DownloadError when a file cannot be fetched or verified; no unverified file ever gets its final name.
+    """
+    files = sd15_files(variant)
+    base_url = _check_base_url(base_url, token)
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo):
+        raise ValueError(f"repo={repo!r}: give a hub repository id such as {DEFAULT_REPO!r}")
+    if not revision or revision.strip() != revision:
+        raise ValueError(f"revision={revision!r}: give a branch, tag or commit such as 'main'")
+    folder = Path(to)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"to={folder}: that is a file; give a folder to put the weights in")
+    client = _Client(origin=_origin(base_url), token=token, timeout=timeout)
+    hints = _Hints(base_url=base_url, repo=repo)
+    for path in files:
+        url = (f"{base_url}/{urllib.parse.quote(repo)}/resolve/{urllib.parse.quote(revision, safe='')}/"
+               f"{urllib.parse.quote(path)}")
+        _fetch(client, hints, url, folder / path, path, progress)
+    return folder
+
+
+@dataclass(frozen=True)
+class _Hints:
+    """What error messages need to suggest a fix."""
+    base_url: str
+    repo: str
+
+
+def _fetch(client: _Client, hints: _Hints, url: str, dest: Path, name: str,
+           progress: Callable[[Progress], None] | None) -> None:
+    report = progress or (lambda p: None)
+    remote = client.head(url, hints)
+    if dest.is_file() and _is_complete(dest, remote):
+        report(Progress(name, "skipped", dest.stat().st_size, remote.size, 0.0))
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    # Two tries at most: the second starts from zero, after the server refused the range we asked for.
+    for resume in (True, False):
+        offset = part.stat().st_size if resume and part.is_file() else 0
+        if remote.size is not None and offset > remote.size:
+            offset = 0  # longer than the file: not a prefix of it
+        response, hops = client.get(url, offset, hints)
+        with response:
+            if offset and response.status == 416:
+                continue  # the part already holds everything (or more); fetch it again whole
+            if response.status == 206:
+                start, total = _content_range(response.headers)
+                if start != offset:
+                    continue
+                mode = "ab"
+            elif response.status == 200:
+                offset, mode, total = 0, "wb", _int(response.headers.get("Content-Length"))
+            else:
+                raise _http_error(response.status, response.reason, url, hints)
+            linked = _remote_from(hops, response.headers if response.status == 200 else None)
+            expected = _Remote(size=_first(remote.size, linked.size, total),
+                               sha256=_first(remote.sha256, linked.sha256))
+            _stream(response, part, mode, offset, expected.size, name, url, report)
+        _verify(part, expected, url)
+        os.replace(part, dest)
+        report(Progress(name, "done", dest.stat().st_size, expected.size, 0.0))
+        return
+    raise DownloadError(f"{url}: the server did not honour a range request from byte {offset}, even after "
+                        f"starting over; delete {part} and try again.")
+
+
+def _stream(response: http.client.HTTPResponse, part: Path, mode: str, offset: int, size: int | None, name: str,
+            url: str, report: Callable[[Progress], None]) -> None:
+    """Copy the body into `part`; a body cut short keeps what arrived, for the next run to resume."""
+    promised = _int(response.headers.get("Content-Length"))
+    received = 0
+    start = last = time.monotonic()
+    report(Progress(name, "downloading", offset, size, 0.0))
+    try:
+        with open(part, mode) as f:
+            # Ends at the end of the body; every read is bounded by the socket timeout.
+            while chunk := response.read(CHUNK):
+                f.write(chunk)
+                received += len(chunk)
+                now = time.monotonic()
+                if now - last >= PROGRESS_EVERY_S:
+                    last = now
+                    report(Progress(name, "downloading", offset + received, size, received / (now - start)))
+                if size is not None and offset + received > size:
+                    break  # more than announced: _verify rejects it, no need to read on
+    except (OSError, http.client.HTTPException) as e:
+        raise DownloadError(f"download of {url} was interrupted after {offset + received} bytes ({e}); "
+                            f"run the same command again to resume.") from e
+    if promised is not None and received < promised:
+        raise DownloadError(f"download of {url} was interrupted after {offset + received} bytes (the server "
+                            f"announced {offset + promised}); run the same command again to resume.")
+    elapsed = max(time.monotonic() - start, 1e-9)
+    report(Progress(name, "downloading", offset + received, size, received / elapsed))
+
+
+def _verify(part: Path, expected: _Remote, url: str) -> None:
+    """Size, then sha256 where the server gave one; a failing `.part` is deleted so the next run starts clean."""
+    got = part.stat().st_size
+    if expected.size is not None and got != expected.size:
+        part.unlink()
+        raise DownloadError(f"size mismatch for {url}: expected {expected.size} bytes, got {got}. "
+                            f"The partial file was deleted; run again, and if it repeats, the server is "
+                            f"serving a different file (check --base-url).")
+    if expected.sha256 is not None and (digest := _sha256_of(part)) != expected.sha256:
+        part.unlink()
+        raise DownloadError(f"sha256 mismatch for {url}: expected {expected.sha256}, got {digest}. "
+                            f"The partial file was deleted; run again, and if it repeats, the server is "
+                            f"serving a different file (check --base-url).")
+
+
+def _is_complete(file: Path, remote: _Remote) -> bool:
+    """True only when the server gave a size to compare against; a known sha256 must match too."""
+    if remote.size is None or file.stat().st_size != remote.size:
+        return False
+    return remote.sha256 is None or _sha256_of(file) == remote.sha256
+
+
+def _sha256_of(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Client:
+    """urllib with redirects followed here rather than inside urllib (see the module docstring)."""
+    origin: str  # scheme://host:port of base_url, the only place the token goes
+    token: str | None
+    timeout: float
+
+    def head(self, url: str, hints: _Hints) -> _Remote:
+        response, hops = self._open(url, "HEAD", {}, hints, stay_on_origin=True)
+        with response:
+            if response.status in (405, 501):
+                return _Remote(None, None)  # a mirror without HEAD: the GET's headers will have to do
+            if response.status >= 400:
+                raise _http_error(response.status, response.reason, url, hints)
+            return _remote_from(hops + [response.headers], response.headers if response.status == 200 else None)
+
+    def get(self, url: str, offset: int, hints: _Hints) -> tuple[http.client.HTTPResponse, list[Message]]:
+        return self._open(url, "GET", {"Range": f"bytes={offset}-"} if offset else {}, hints, stay_on_origin=False)
+
+    def _open(self, url: str, method: str, headers: dict[str, str], hints: _Hints,
+              stay_on_origin: bool) -> tuple[http.client.HTTPResponse, list[Message]]:
+        """Follow redirects; return the last response and the headers of each redirect on the way."""
+        opener = urllib.request.build_opener(_EveryStatus)
+        hops: list[Message] = []
+        for _ in range(MAX_REDIRECTS + 1):
+            sent = {"Accept-Encoding": "identity", "User-Agent": "stemref-download", **headers}
+            if self.token and _origin(url) == self.origin:
+                sent["Authorization"] = f"Bearer {self.token}"
+            try:
+                response = opener.open(urllib.request.Request(url, method=method, headers=sent), timeout=self.timeout)
+            except (OSError, http.client.HTTPException) as e:  # URLError, refused, reset, timeout, DNS
+                reason = getattr(e, "reason", e)
+                raise DownloadError(f"cannot reach {url} ({reason}). Check your internet connection, or pass "
+                                    f"--base-url to use a mirror of {hints.base_url}.") from e
+            location = response.headers.get("Location")
+            if response.status not in REDIRECTS or not location:
+                return response, hops
+            target = urllib.parse.urljoin(url, location)
+            if stay_on_origin and _origin(target) != self.origin:
+                return response, hops
+            if urllib.parse.urlsplit(target).scheme not in ("http", "https"):
+                response.close()
+                raise DownloadError(f"{url} redirected to {target}, which is not http(s); refusing to follow.")
+            hops.append(response.headers)
+            response.close()
+            url = target
+        raise DownloadError(f"{url}: more than {MAX_REDIRECTS} redirects; check --base-url.")
+
+
+class _EveryStatus(urllib.request.HTTPErrorProcessor):
+    """Hand back every response as it is (3xx and 4xx included), so _Client decides what each one means."""
+
+    def http_response(self, request, response):
+        return response
+
+    https_response = http_response
+
+
+def _remote_from(redirects: list[Message], final: Message | None) -> _Remote:
+    """Size and sha256 from the hub's X-Linked-* headers on any redirect, else from a plain 200 answer."""
+    headers = [h for h in redirects if h is not None]
+    size = _first(*(_int(h.get("X-Linked-Size")) for h in headers))
+    sha = _first(*(_sha256(h.get("X-Linked-Etag")) for h in headers))
+    if final is not None:
+        size = _first(size, _int(final.get("Content-Length")))
+        sha = _first(sha, _sha256(final.get("ETag")))
+    return _Remote(size, sha)
+
+
+def _http_error(status: int, reason: str, url: str, hints: _Hints) -> DownloadError:
+    if status in (401, 403):
+        return DownloadError(
+            f"HTTP {status} ({reason}) for {url}: access denied. If {hints.repo} is gated, accept the model "
+            f"license at {hints.base_url}/{hints.repo} while logged in, then pass --token YOUR_TOKEN (or set "
+            f"HF_TOKEN). The hub also answers 401 for a repository that does not exist: check --repo.")
+    if status == 404:
+        return DownloadError(
+            f"HTTP 404 (not found) for {url}. Check --repo and --revision; a repository without fp16 files "
+            f"needs --variant fp32.")
+    return DownloadError(f"HTTP {status} ({reason}) for {url}. Try again later, or pass --base-url to use a mirror.")
+
+
+def _content_range(headers: Message) -> tuple[int | None, int | None]:
+    """(first byte, total size) from `Content-Range: bytes a-b/total`; None where absent or unknown."""
+    match = CONTENT_RANGE.fullmatch((headers.get("Content-Range") or "").strip())
+    if not match:
+        return None, None
+    return int(match[1]), (None if match[3] == "*" else int(match[3]))
+
+
+def _sha256(etag: str | None) -> str | None:
+    """The sha256 inside an ETag such as `"ab12…"` or `W/"ab12…"`; None for other tags (md5, git sha1)."""
+    if not etag:
+        return None
+    tag = etag.strip().removeprefix("W/").strip('"').lower()
+    return tag if SHA256_HEX.fullmatch(tag) else None
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value and value.strip().isdigit() else None
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def _origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
+
+
+def _check_base_url(base_url: str, token: str | None) -> str:
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"base_url={base_url!r}: give an http(s) address such as {DEFAULT_BASE_URL}")
+    if token and parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError(f"base_url={base_url!r} is plain http: a token would travel unencrypted; use https")
+    return base_url.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _stderr_progress() -> Callable[[Progress], None]:
+    """A one-line, carriage-return-updated progress display per file."""
+    def show(p: Progress) -> None:
+        mb = 1e6
+        if p.status == "skipped":
+            print(f"{p.path}: already complete, skipped", file=sys.stderr, flush=True)
+            return
+        total = f"/{p.total / mb:.1f}" if p.total is not None else ""
+        line = f"\r{p.path}: {p.done / mb:.1f}{total} MB"
+        if p.status == "downloading":
+            line += f"  {p.rate / mb:.1f} MB/s"
+        print(f"{line:<90}", end="\n" if p.status == "done" else "", file=sys.stderr, flush=True)
+    return show
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stemref.download",
+                                     description="Fetch the files of Stable Diffusion 1.5 that stemref needs.")
+    parser.add_argument("--to", type=Path, default=DEFAULT_TO, help=f"folder to fill (default {DEFAULT_TO})")
+    parser.add_argument("--variant", choices=VARIANTS, default="fp16", help="fp16 is half the size (default)")
+    parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="hub or mirror address")
+    parser.add_argument("--repo", default=DEFAULT_REPO)
+    parser.add_argument("--revision", default="main", help="branch, tag or commit")
+    parser.add_argument("--token", default=None, help="hub access token (default: $HF_TOKEN)")
+    args = parser.parse_args(argv)
+    token = args.token or os.environ.get("HF_TOKEN") or None
+    try:
+        folder = download(args.to, args.variant, args.base_url, args.repo, args.revision,
+                          progress=_stderr_progress(), token=token)
+    except ValueError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    except DownloadError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
+    print(f"SD1.5 ({args.variant}) is in {folder}\nTry it:\n  python -m stemref.txt2img --weights "
+          f"{shlex.quote(str(folder))} --prompt \"a photograph of an astronaut riding a horse\"", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
