@@ -190,11 +190,11 @@ def _build(cls, cfg, sd: dict[str, torch.Tensor], what: str, dtype: torch.dtype,
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
         raise WeightsError(f"{what} weights do not fit SD1.x: {_keys('missing', missing)}{_keys('unexpected', unexpected)}"
-                           "Is this an SD1.x checkpoint with its own config.json?")
+                           "Is it SD1.x? Models of other sizes need their config.json (single files: load(file, config=FOLDER)).")
     wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
     if wrong:
         raise WeightsError(f"{what} weights have other shapes than its config: {'; '.join(wrong[:5])}"
-                           f"{' …' if len(wrong) > 5 else ''}. Check {what}/config.json.")
+                           f"{' …' if len(wrong) > 5 else ''}. Check {what}/config.json (single files: load(file, config=FOLDER)).")
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

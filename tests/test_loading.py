@@ -32,7 +32,8 @@ def test_full_size_keys_and_shapes_match_diffusers_and_transformers():
         theirs = [diffusers.UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8),
                   diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                                           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
-                  HFCLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu"))]
+                  HFCLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                                 max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu"))]
     hub_text = {"text_model." + k: v for k, v in _shapes(theirs[2]).items()}  # hub files keep the prefix
     assert _shapes(ours[0]) == _shapes(theirs[0])
     assert _shapes(ours[1]) == _shapes(theirs[1])
@@ -156,7 +157,7 @@ def test_single_file_without_ema_refuses_ema(single_file, tiny_root, tmp_path):
 
 
 def test_single_file_needs_matching_config(single_file):
-    with pytest.raises(stemref.WeightsError, match="other shapes"):
+    with pytest.raises(stemref.WeightsError, match=r"do not fit SD1.x.*config=FOLDER"):
         stemref.load(single_file)  # SD1.5's default widths do not fit the tiny file
 
 

@@ -1,0 +1,160 @@
+"""DDIM inversion of a video under a chosen self-attention context, and the reconstruction that checks it.
+
+    frames ─VAE─► x_0 ─inverse DDIM steps (UNet with the context processor)─► x_1 … x_T
+    x_T ─DDIM steps with the same context and prompt─► x̂_0 ─VAE─► reconstructed frames
+
+The context decides what each frame's self-attention sees: "1-frame" (itself), "2-frame" (the first and
+the previous frame), "all-frame" (every frame) or "stem" (K bases estimated by EM from every frame).
+All latents along the path are kept: TokenFlow and FateZero edit from them.
+
+Dimension legend: S steps, F frames, h × w latent grid (H/8 × W/8).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .attention import RunInfo
+from .context import CONTEXTS, context_processor
+from .pipeline import StableDiffusion, check_frames
+from .sampling import Progress, predict_noise
+
+SELF_ATTENTION = r"attn1$"
+FORMAT = "stemref.inversion/1"
+
+
+@dataclass
+class InversionSettings:
+    prompt: str
+    steps: int = 50
+    context: str = "stem"
+    guidance: float = 1.0
+    layers: str = SELF_ATTENTION  # regex over attention-layer names that get the context
+    seed: int = 0  # seeds the EM's random initial bases
+    options: dict = field(default_factory=dict)  # context options, e.g. num_bases, iters, tau, scope
+
+
+@dataclass
+class Inversion:
+    """latents[0] are the encoded frames x_0; latents[i] the latents at timesteps[i - 1]; latents[-1] is x_T."""
+
+    latents: torch.Tensor  # (S + 1, F, 4, h, w)
+    timesteps: list[int]  # ascending, e.g. [1, 21, …, 981]
+    settings: InversionSettings
+
+    @property
+    def x_T(self) -> torch.Tensor:
+        return self.latents[-1]
+
+    def at(self, t: int) -> torch.Tensor:
+        """The latents at timestep t of the path (F, 4, h, w)."""
+        if t not in self.timesteps:
+            raise KeyError(f"timestep {t} is not on this {len(self.timesteps)}-step inversion path")
+        return self.latents[1 + self.timesteps.index(t)]
+
+    def save(self, path: str | Path) -> Path:
+        """One .safetensors file: the latents, and the settings as JSON in its metadata."""
+        path = Path(path)
+        meta = {"format": FORMAT, "timesteps": self.timesteps, "settings": asdict(self.settings)}
+        tmp = path.with_name(f".{path.name}.partial")
+        save_file({"latents": self.latents.contiguous().cpu()}, tmp, metadata={"stemref": json.dumps(meta)})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Inversion":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no inversion file at {path}; make one with `python -m stemref.invert`")
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("stemref")
+            if raw is None or json.loads(raw).get("format") != FORMAT:
+                raise ValueError(f"{path} is not a stemref inversion file ({FORMAT})")
+            meta = json.loads(raw)
+            return cls(f.get_tensor("latents"), meta["timesteps"], InversionSettings(**meta["settings"]))
+
+
+def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 50, context: str = "stem",
+           guidance: float = 1.0, layers: str = SELF_ATTENTION, seed: int = 0, batch: int | None = None,
+           progress: Progress | None = None, **options) -> Inversion:
+    """DDIM-invert `frames` (F, 3, H, W) in [0, 1] under `context` in the layers matching `layers`.
+
+    `guidance` 1 (the default, as STEM and TokenFlow invert) uses the prompt only. `batch` bounds memory for
+    the 1-frame context by running that many frames per UNet call; the other contexts need every frame in
+    one call. `options` go to the context (for "stem": num_bases, iters, tau, scope, chunk).
+    """
+    check_frames(frames)
+    settings = InversionSettings(prompt, steps, context, guidance, layers, seed, options)
+    _check_settings(settings, batch)
+    x = sd.encode_frames(frames)
+    cond, uncond = _prompts(sd, settings)
+    path = [x]
+    timesteps = sd.scheduler.timesteps(steps).flip(0).tolist()  # ascending
+    with sd.unet.attention(_chooser(sd, settings)), torch.no_grad():
+        for i, t in enumerate(timesteps):
+            eps = _noise(sd, x, t, cond, uncond, guidance, i, batch)
+            x = sd.scheduler.inverse_step(eps, t, x, steps)
+            path.append(x)
+            if progress:
+                progress(i + 1, steps)
+    return Inversion(torch.stack(path), timesteps, settings)  # (S + 1, F, 4, h, w)
+
+
+def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = None,
+                progress: Progress | None = None) -> torch.Tensor:
+    """Denoise x_T back to frames (F, 3, H, W) with the inversion's prompt, guidance and context."""
+    s = inversion.settings
+    _check_settings(s, batch)
+    cond, uncond = _prompts(sd, s)
+    x = inversion.x_T.to(sd.device, sd.dtype)
+    timesteps = sd.scheduler.timesteps(s.steps).tolist()
+    with sd.unet.attention(_chooser(sd, s)), torch.no_grad():
+        for i, t in enumerate(timesteps):
+            eps = _noise(sd, x, t, cond, uncond, s.guidance, i, batch)
+            x = sd.scheduler.step(eps, t, x, s.steps)
+            if progress:
+                progress(i + 1, s.steps)
+    return sd.decode_latents(x)
+
+
+def _check_settings(s: InversionSettings, batch: int | None) -> None:
+    if s.context not in CONTEXTS:
+        raise ValueError(f"unknown context {s.context!r}; choose one of {', '.join(CONTEXTS)}")
+    if batch is not None and s.context != "1-frame":
+        raise ValueError(f"batch={batch} splits the video across UNet calls, which only the 1-frame context allows; "
+                         f"the {s.context} context needs every frame in one call")
+    if batch is not None and batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    try:
+        re.compile(s.layers)
+    except re.error as e:
+        raise ValueError(f"layers={s.layers!r} is not a valid regular expression: {e}") from e
+
+
+def _chooser(sd: StableDiffusion, s: InversionSettings):
+    generator = torch.Generator(sd.device).manual_seed(s.seed)
+    processor = context_processor(s.context, generator=generator, **s.options)
+    pattern = re.compile(s.layers)
+    chosen = [name for name in sd.unet.attention_layers if pattern.search(name)]
+    if not chosen:
+        raise ValueError(f"layers={s.layers!r} matches no attention layer (names look like "
+                         "'up_blocks.1.attentions.0.transformer_blocks.0.attn1')")
+    return lambda name: processor if name in chosen else None
+
+
+def _prompts(sd: StableDiffusion, s: InversionSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cond = sd.encode_prompt(s.prompt)
+    return cond, (sd.encode_prompt("") if s.guidance != 1.0 else None)
+
+
+def _noise(sd, x, t, cond, uncond, guidance, step, batch) -> torch.Tensor:
+    if batch is None:
+        return predict_noise(sd, x, t, cond, uncond, guidance, RunInfo(frames=x.shape[0], step=step))
+    return torch.cat([predict_noise(sd, chunk, t, cond, uncond, guidance, RunInfo(frames=chunk.shape[0], step=step))
+                      for chunk in x.split(batch)])
