@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from .attention import RunInfo
 from .context import CONTEXTS, context_processor
 from .pipeline import StableDiffusion, check_frames
-from .sampling import Progress, predict_noise
+from .sampling import NoiseFn, Progress, ddim_inversion_loop, ddim_sample_loop, predict_noise
 
 SELF_ATTENTION = r"attn1$"
 FORMAT = "stemref.inversion/1"
@@ -93,16 +93,9 @@ def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 
     settings = InversionSettings(prompt, steps, context, guidance, layers, seed, options)
     _check_settings(settings, batch)
     x = sd.encode_frames(frames)
-    cond, uncond = _prompts(sd, settings)
-    path = [x]
+    with sd.unet.attention(_chooser(sd, settings)):
+        path = ddim_inversion_loop(sd.scheduler, x, _noise_fn(sd, settings, batch), steps, progress)
     timesteps = sd.scheduler.timesteps(steps).flip(0).tolist()  # ascending
-    with sd.unet.attention(_chooser(sd, settings)), torch.no_grad():
-        for i, t in enumerate(timesteps):
-            eps = _noise(sd, x, t, cond, uncond, guidance, i, batch)
-            x = sd.scheduler.inverse_step(eps, t, x, steps)
-            path.append(x)
-            if progress:
-                progress(i + 1, steps)
     return Inversion(torch.stack(path), timesteps, settings)  # (S + 1, F, 4, h, w)
 
 
@@ -111,15 +104,9 @@ def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = N
     """Denoise x_T back to frames (F, 3, H, W) with the inversion's prompt, guidance and context."""
     s = inversion.settings
     _check_settings(s, batch)
-    cond, uncond = _prompts(sd, s)
-    x = inversion.x_T.to(sd.device, sd.dtype)
-    timesteps = sd.scheduler.timesteps(s.steps).tolist()
-    with sd.unet.attention(_chooser(sd, s)), torch.no_grad():
-        for i, t in enumerate(timesteps):
-            eps = _noise(sd, x, t, cond, uncond, s.guidance, i, batch)
-            x = sd.scheduler.step(eps, t, x, s.steps)
-            if progress:
-                progress(i + 1, s.steps)
+    with sd.unet.attention(_chooser(sd, s)):
+        x = ddim_sample_loop(sd.scheduler, inversion.x_T.to(sd.device, sd.dtype), _noise_fn(sd, s, batch), s.steps,
+                             progress=progress)
     return sd.decode_latents(x)
 
 
@@ -148,13 +135,13 @@ def _chooser(sd: StableDiffusion, s: InversionSettings):
     return lambda name: processor if name in chosen else None
 
 
-def _prompts(sd: StableDiffusion, s: InversionSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _noise_fn(sd: StableDiffusion, s: InversionSettings, batch: int | None) -> NoiseFn:
+    """ε of the whole video per call, or of `batch` frames at a time (1-frame context only)."""
     cond = sd.encode_prompt(s.prompt)
-    return cond, (sd.encode_prompt("") if s.guidance != 1.0 else None)
+    uncond = sd.encode_prompt("") if s.guidance != 1.0 else None
 
-
-def _noise(sd, x, t, cond, uncond, guidance, step, batch) -> torch.Tensor:
-    if batch is None:
-        return predict_noise(sd, x, t, cond, uncond, guidance, RunInfo(frames=x.shape[0], step=step))
-    return torch.cat([predict_noise(sd, chunk, t, cond, uncond, guidance, RunInfo(frames=chunk.shape[0], step=step))
-                      for chunk in x.split(batch)])
+    def eps_fn(x: torch.Tensor, t: int, step: int) -> torch.Tensor:
+        chunks = x.split(batch) if batch else [x]
+        return torch.cat([predict_noise(sd, c, t, cond, uncond, s.guidance, RunInfo(frames=c.shape[0], step=step))
+                          for c in chunks])
+    return eps_fn

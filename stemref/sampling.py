@@ -1,4 +1,7 @@
-"""DDIM sampling with classifier-free guidance, and text-to-image: the end-to-end sanity path.
+"""The DDIM loops (sampling and inversion), classifier-free guidance, and text-to-image.
+
+The loops take any noise predictor `eps_fn(x, t, step)`, so the same code runs the UNet under any
+attention context, and the tests can run them with closed-form predictors.
 
 Dimension legend: B rows (branches × frames), F frames, L text tokens, D text width.
 """
@@ -10,8 +13,10 @@ import torch
 
 from .attention import RunInfo
 from .pipeline import StableDiffusion
+from .scheduler import DDIMScheduler
 
 Progress = Callable[[int, int], None]  # (steps done, steps in all)
+NoiseFn = Callable[[torch.Tensor, int, int], torch.Tensor]  # (latents, timestep, step index) -> ε
 
 
 def predict_noise(sd: StableDiffusion, x: torch.Tensor, t: int, cond: torch.Tensor, uncond: torch.Tensor | None,
@@ -30,17 +35,32 @@ def predict_noise(sd: StableDiffusion, x: torch.Tensor, t: int, cond: torch.Tens
 
 
 @torch.no_grad()
-def ddim_sample(sd: StableDiffusion, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None,
-                steps: int = 50, guidance: float = 7.5, eta: float = 0.0, generator: torch.Generator | None = None,
-                progress: Progress | None = None) -> torch.Tensor:
-    """Denoise latents x_T (F, 4, h, w) to x_0 with DDIM; the F rows are the frames of one video."""
-    timesteps = sd.scheduler.timesteps(steps)
-    for i, t in enumerate(timesteps.tolist()):
-        eps = predict_noise(sd, x, t, cond, uncond, guidance, RunInfo(frames=x.shape[0], step=i))
-        x = sd.scheduler.step(eps, t, x, steps, eta=eta, generator=generator)
+def ddim_sample_loop(scheduler: DDIMScheduler, x: torch.Tensor, eps_fn: NoiseFn, steps: int, eta: float = 0.0,
+                     generator: torch.Generator | None = None, progress: Progress | None = None) -> torch.Tensor:
+    """Denoise x_T to x_0 along the DDIM timesteps (981, 961, …, 1 for 50 steps)."""
+    timesteps = scheduler.timesteps(steps).tolist()
+    for i, t in enumerate(timesteps):
+        x = scheduler.step(eps_fn(x, t, i), t, x, steps, eta=eta, generator=generator)
         if progress:
-            progress(i + 1, len(timesteps))
+            progress(i + 1, steps)
     return x
+
+
+@torch.no_grad()
+def ddim_inversion_loop(scheduler: DDIMScheduler, x: torch.Tensor, eps_fn: NoiseFn, steps: int,
+                        progress: Progress | None = None) -> list[torch.Tensor]:
+    """Run DDIM backwards from x_0 to x_T (timesteps 1, 21, …, 981); return every latent on the way, x_0 first.
+
+    Each step predicts ε at the *next* timestep from the current latent: the approximation
+    ε(x_t, t) ≈ ε(x_{t-1}, t) that makes DDIM invertible, and the source of inversion error.
+    """
+    path = [x]
+    for i, t in enumerate(scheduler.timesteps(steps).flip(0).tolist()):
+        x = scheduler.inverse_step(eps_fn(x, t, i), t, x, steps)
+        path.append(x)
+        if progress:
+            progress(i + 1, steps)
+    return path
 
 
 def txt2img(sd: StableDiffusion, prompt: str, negative_prompt: str = "", steps: int = 50, guidance: float = 7.5,
@@ -57,5 +77,6 @@ def txt2img(sd: StableDiffusion, prompt: str, negative_prompt: str = "", steps: 
     noise = torch.randn((1, sd.unet.config.in_channels, H // 8, W // 8), generator=generator)
     cond = sd.encode_prompt(prompt)
     uncond = sd.encode_prompt(negative_prompt) if guidance != 1.0 else None
-    latents = ddim_sample(sd, noise.to(sd.device, sd.dtype), cond, uncond, steps, guidance, progress=progress)
+    eps_fn = lambda x, t, i: predict_noise(sd, x, t, cond, uncond, guidance, RunInfo(frames=1, step=i))
+    latents = ddim_sample_loop(sd.scheduler, noise.to(sd.device, sd.dtype), eps_fn, steps, progress=progress)
     return sd.decode_latents(latents)
