@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from .attention import AttnCall, Processor, sdpa, split_frames
 from .em import check_em_options, em_bases
 
+# Tokens per EM/attention chunk: 4 frames of a 512² video's top level. Holds the E-step to 16,384 × K
+# responsibilities per head (16 MiB at K = 256 in fp32) however long the video is.
+DEFAULT_CHUNK = 16_384
 CONTEXTS = ("1-frame", "2-frame", "all-frame", "stem")
 CONTEXT_OPTIONS = {"1-frame": (), "2-frame": (), "all-frame": ("chunk_frames",),
                    "stem": ("num_bases", "iters", "tau", "scope", "chunk")}
@@ -89,11 +92,12 @@ class EMAttention:
     representation for the whole video") estimates them from all F frames. The official code inverts in
     8-frame batches, so its bases are per 8-frame chunk; scope=8 reproduces that. `chunk` bounds the
     tokens the EM and the attention process at once (see em.py); it changes nothing but rounding.
+    None processes all tokens at once.
     `generator` seeds the random initial bases, drawn afresh at every call; with it, runs repeat exactly.
     """
 
     def __init__(self, num_bases: int = 256, iters: int = 5, tau: float = 0.01, scope: int | None = None,
-                 chunk: int | None = None, generator: torch.Generator | None = None):
+                 chunk: int | None = DEFAULT_CHUNK, generator: torch.Generator | None = None):
         check_em_options(num_bases, iters, tau, chunk)
         if scope is not None and (not isinstance(scope, int) or scope < 1):
             raise ValueError(f"scope must be a positive number of frames per set of bases, or None for the whole "
