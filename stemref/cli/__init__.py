@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
+import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -41,6 +45,41 @@ def temporary_path(path: Path) -> Path:
 
 def finish(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
+
+
+@contextmanager
+def output_folder(path: Path, overwrite: bool = False) -> Iterator[Path]:
+    """`with output_folder(out) as tmp:` write into tmp; it becomes `out` only when the block succeeds.
+
+    tmp is a hidden sibling of `out` (same file system, so the final rename is atomic). On any error,
+    Ctrl-C included, tmp is deleted, with any parent folders this call created, so a failed run leaves
+    nothing behind. An existing non-empty `out` is refused unless `overwrite`; then it is replaced whole.
+    """
+    if path.name in ("", ".", ".."):
+        raise UserError(f"--out {path}: name a new folder, such as {path / 'run'}")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file; give a folder name")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"--out {path} exists and is not empty; choose a new folder or pass --overwrite")
+    created = [p for p in path.parents if not p.exists()]  # innermost first
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:
+            try:
+                parent.rmdir()
+            except OSError:  # something else wrote there meanwhile: leave it
+                break
+        raise
+    old = path.with_name(f".{path.name}.{secrets.token_hex(4)}.old")
+    if path.exists():
+        os.replace(path, old)  # moved aside, not deleted, until the new folder is in place
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def progress_printer(label: str):

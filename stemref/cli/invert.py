@@ -1,0 +1,245 @@
+"""`python -m stemref.invert`: invert a video, reconstruct it, and measure how faithful the round trip is.
+
+    python -m stemref.invert VIDEO --prompt "..." --context stem --weights W --out DIR
+        DIR/inversion.safetensors   the latents x_0 … x_T (stemref.Inversion.load reads it back)
+        DIR/reconstruction.mp4      x_T denoised back to frames with the same prompt and context
+        DIR/side_by_side.mp4        input | reconstruction
+        DIR/metrics.json            PSNR, SSIM, temporal consistency, seconds, peak memory, settings
+    python -m stemref.invert VIDEO --prompt "..." --compare --weights W --out DIR
+        DIR/<context>/…             the above for 1-frame, 2-frame, all-frame and stem, on the same frames
+        DIR/compare.md, .json       one row per context: the layout of the STEM supplement's Table A3
+
+Everything is written into a hidden folder beside DIR that becomes DIR only at the end, so a failed run
+leaves nothing behind. The library functions are `stemref.invert` and `stemref.reconstruct`
+(inversion.py); this module is the command only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import av
+import torch
+
+from . import UserError, add_model_arguments, load_model, output_folder, progress_printer, run
+from ..context import CONTEXTS
+from ..inversion import invert, reconstruct
+from ..metrics import LAST_DECODER_SELF_ATTENTION, psnr, ssim, temporal_consistency, unet_features
+from ..pipeline import StableDiffusion
+from ..video import read_video, side_by_side, write_video
+
+DEFAULT_FPS = 8.0  # for image folders, which carry no frame rate
+FEATURE_TIMESTEP = 1  # unet_features' default: clean latents at the first DDIM timestep
+LABELS = {"1-frame": "DDIM inversion (1-frame)", "2-frame": "DDIM inversion (2-frame)",
+          "all-frame": "DDIM inversion (all-frame)", "stem": "STEM inversion"}
+# STEM supplement, Table A3: mean of 5 videos, real SD1.5 weights (PSNR dB, SSIM)
+PAPER_TABLE_A3 = {"1-frame": (24.122, 0.8137), "2-frame": (25.967, 0.8595), "all-frame": (26.464, 0.8700),
+                  "stem": (31.572, 0.9606)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+
+    def body():
+        _check_arguments(args)
+        contexts = CONTEXTS if args.compare else (args.context,)
+        with output_folder(args.out, args.overwrite) as tmp:
+            frames = read_video(args.video, args.start, args.stride, args.frames, args.size, args.square)
+            fps = args.fps or _source_fps(args.video, args.stride)
+            sd = load_model(args)
+            sd.encode_prompt(args.prompt)  # an over-long prompt fails here, before minutes of inversion
+            input_consistency = _consistency(sd, frames, args.prompt)
+            rows = []
+            for context in contexts:
+                folder = tmp / context if args.compare else tmp
+                folder.mkdir(exist_ok=True)
+                rows.append(_invert_and_reconstruct(sd, frames, context, args, folder, fps, input_consistency))
+            if args.compare:
+                (tmp / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+                (tmp / "compare.md").write_text(compare_table(rows, args.video))
+        for row in rows:
+            print(f"{row['context']}: PSNR {row['psnr']:.3f} dB, SSIM {row['ssim']:.4f}", file=sys.stderr)
+        print(f"wrote {args.out}", file=sys.stderr)
+
+    return run(body)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stemref.invert", description=__doc__.splitlines()[0])
+    parser.add_argument("video", type=Path, help="video file (mp4, mov, webm, mkv, gif) or folder of images")
+    parser.add_argument("--prompt", required=True, help="a caption of the source video (the inversion prompt)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--context", choices=CONTEXTS, default="stem", help="what each frame's self-attention sees (default stem)")
+    which.add_argument("--compare", action="store_true", help="run all four contexts (Table A3)")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps for inversion and for reconstruction (default 50)")
+    parser.add_argument("--frames", type=int, default=16, help="how many frames to read (default 16)")
+    parser.add_argument("--start", type=int, default=0, help="index of the first frame to read (default 0)")
+    parser.add_argument("--stride", type=int, default=1, help="read every n-th frame (default 1)")
+    parser.add_argument("--size", type=int, default=512, help="longer side in pixels, a multiple of 8 (default 512)")
+    parser.add_argument("--square", action="store_true", help="resize the shorter side to --size and crop a square")
+    parser.add_argument("--seed", type=int, default=0, help="seeds STEM's random initial bases (default 0)")
+    parser.add_argument("--num-bases", type=int, default=None, help="STEM's K (default 256)")
+    parser.add_argument("--scope", type=int, default=None,
+                        help="frames per set of STEM bases (default: the whole video; 8 reproduces the official code)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="frames per UNet call, 1-frame context only (with --compare: its 1-frame run)")
+    parser.add_argument("--fps", type=float, default=None, help="frame rate of the written videos (default: the input's, divided by --stride)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    add_model_arguments(parser)
+    return parser
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad settings before reading the video or loading weights."""
+    if args.size % 8 or args.size < 64:
+        raise UserError(f"--size {args.size}: use a multiple of 8 that is at least 64 (SD works on 8× smaller "
+                        "latents), such as 256 or 512")
+    for name in ("steps", "frames", "stride"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.start < 0:
+        raise UserError(f"--start must be 0 or more, got {args.start}")
+    if args.fps is not None and not 0 < args.fps <= 1000:
+        raise UserError(f"--fps must be in (0, 1000], got {args.fps}")
+    if args.batch is not None:
+        if args.batch < 1:
+            raise UserError(f"--batch must be at least 1, got {args.batch}")
+        if not args.compare and args.context != "1-frame":
+            raise UserError(f"--batch splits the video across UNet calls, which only --context 1-frame allows; "
+                            f"the {args.context} context needs every frame in one call. Drop --batch.")
+    for flag, value in (("--num-bases", args.num_bases), ("--scope", args.scope)):
+        if value is None:
+            continue
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+        if not args.compare and args.context != "stem":
+            raise UserError(f"{flag} is a STEM option; use it with --context stem (or --compare)")
+
+
+def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: str, args: argparse.Namespace,
+                            folder: Path, fps: float, input_consistency: float | None) -> dict:
+    """One context: invert, reconstruct, write the four files into `folder`, return the metrics."""
+    options = {} if context != "stem" else {key: value for key, value in
+                                            (("num_bases", args.num_bases), ("scope", args.scope)) if value}
+    batch = args.batch if context == "1-frame" else None
+    _reset_peak_memory(sd.device)
+    started = _clock(sd.device)
+    inversion = invert(sd, frames, args.prompt, args.steps, context, seed=args.seed, batch=batch,
+                       progress=progress_printer(f"{context} inversion"), **options)
+    inverted = _clock(sd.device)
+    recon = reconstruct(sd, inversion, batch=batch, progress=progress_printer(f"{context} reconstruction")).cpu()
+    finished = _clock(sd.device)
+    peak, measure = _peak_memory(sd.device)
+
+    inversion.save(folder / "inversion.safetensors")
+    write_video(folder / "reconstruction.mp4", recon, fps)
+    write_video(folder / "side_by_side.mp4", side_by_side(frames, recon), fps)
+    metrics = {
+        "context": context,
+        "psnr": psnr(recon, frames),
+        "ssim": ssim(recon, frames),
+        # cosine similarity of consecutive frames' last-decoder-layer features (metrics.temporal_consistency)
+        "consistency": {"reconstruction": _consistency(sd, recon, args.prompt), "input": input_consistency},
+        "seconds": {"inversion": inverted - started, "reconstruction": finished - inverted},
+        "peak_memory_bytes": peak,
+        "peak_memory_measure": measure,
+        "frames": frames.shape[0],
+        "size": list(frames.shape[-2:]),  # [H, W]
+        "steps": args.steps,
+        "settings": {**asdict(inversion.settings), "batch": batch, "video": str(args.video), "start": args.start,
+                     "stride": args.stride, "square": args.square, "device": str(sd.device),
+                     "dtype": str(sd.dtype).removeprefix("torch."), "fps": fps,
+                     "consistency_layer": LAST_DECODER_SELF_ATTENTION, "consistency_timestep": FEATURE_TIMESTEP},
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _consistency(sd: StableDiffusion, frames: torch.Tensor, prompt: str) -> float | None:
+    """Temporal consistency of a video's UNet features (None for a single frame: nothing to compare)."""
+    return temporal_consistency(unet_features(sd, frames, prompt, t=FEATURE_TIMESTEP)) if len(frames) > 1 else None
+
+
+def compare_table(rows: list[dict], video: Path) -> str:
+    """Markdown: one row per context, Table A3's columns plus consistency, time and memory."""
+    first = rows[0]
+    H, W = first["size"]
+    consistency = first["consistency"]["input"]
+    lines = [
+        "# Reconstruction after inversion, by self-attention context (STEM supplement, Table A3)",
+        "",
+        f"`{video}`: {first['frames']} frames, {W}×{H}, {first['steps']} steps, "
+        f"prompt {first['settings']['prompt']!r}, {first['settings']['dtype']} on {first['settings']['device']}. "
+        f"Consistency of the input: {_number(consistency, 4)}.",
+        "",
+        "| context | PSNR | SSIM | consistency | seconds | peak memory |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        seconds = row["seconds"]["inversion"] + row["seconds"]["reconstruction"]
+        lines.append(f"| {LABELS[row['context']]} | {row['psnr']:.3f} | {row['ssim']:.4f} | "
+                     f"{_number(row['consistency']['reconstruction'], 4)} | {seconds:.1f} | "
+                     f"{_bytes(row['peak_memory_bytes'])} |")
+    paper = ", ".join(f"{context} {p:.3f} / {s:.4f}" for context, (p, s) in PAPER_TABLE_A3.items())
+    lines += [
+        "",
+        "PSNR in dB and SSIM against the input frames; consistency: mean cosine similarity of consecutive frames'",
+        "last-decoder-layer UNet features (no flow); seconds: inversion + reconstruction; peak memory: "
+        f"{first['peak_memory_measure']}.",
+        f"The paper (real SD1.5, mean of 5 videos, PSNR / SSIM): {paper}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _bytes(n: int | None) -> str:
+    return "–" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def _source_fps(path: Path, stride: int) -> float:
+    """The clip's frame rate over the stride, so the outputs play at the input's speed; 8 for image folders."""
+    if path.is_dir():
+        return DEFAULT_FPS
+    try:
+        with av.open(str(path)) as container:
+            rate = container.streams.video[0].average_rate
+    except (av.FFmpegError, IndexError):
+        return DEFAULT_FPS
+    return min(float(rate) / stride, 1000.0) if rate else DEFAULT_FPS
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # GPU work is asynchronous: wait for it before reading the clock
+    return time.perf_counter()
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> tuple[int | None, str]:
+    """(bytes, what was measured) for the inversion and reconstruction just run."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated during the run"
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None, "not measured on this platform"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes; the peak cannot be reset, so later --compare rows include earlier ones
+    return (peak if sys.platform == "darwin" else peak * 1024), "peak resident memory of the process so far"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

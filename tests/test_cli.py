@@ -1,0 +1,282 @@
+"""The command-line tools and the examples, run in-process on the tiny checkpoint.
+
+Import `stemref.cli.invert` / `stemref.cli.txt2img`, never `stemref.invert` / `stemref.txt2img` (the shims):
+importing a shim would rebind the package's function of the same name to a module.
+
+What is checked: the files each command writes hold what the library functions return for the same inputs
+(PNG = txt2img rounded to uint8; the inversion file = stemref.invert on the frames read the same way;
+PSNR = a numpy PSNR of the library's reconstruction), the reports have their keys and rows, and every bad
+input exits with code 2, one message, and no output at all.
+"""
+from __future__ import annotations
+
+import json
+import math
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import stemref
+from stemref.cli import invert as invert_cli
+from stemref.cli import txt2img as txt2img_cli
+from stemref.inversion import Inversion, invert, reconstruct
+from stemref.sampling import txt2img
+from stemref.video import read_video, write_video
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a mallard swimming in a pond"
+FAST = ["--steps", "2", "--frames", "3", "--size", "64", "--device", "cpu", "--dtype", "fp32"]
+METRIC_KEYS = {"context", "psnr", "ssim", "consistency", "seconds", "peak_memory_bytes", "peak_memory_measure",
+               "frames", "size", "steps", "settings"}
+
+
+@pytest.fixture(scope="module")
+def sd32(tiny_root):
+    """The tiny checkpoint as the CLI loads it on CPU by default: float32."""
+    return stemref.load(tiny_root)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    """4 frames 80×64 of a moving gradient with noise, lossless (mkv), at 24 fps."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 80), indexing="ij")
+    noise = torch.rand(4, 3, 64, 80, generator=torch.Generator().manual_seed(0))
+    frames = torch.stack([torch.stack([(x + 0.1 * i) % 1, y, 1 - x]) for i in range(4)]) * 0.8 + 0.2 * noise
+    return write_video(tmp_path_factory.mktemp("clip") / "clip.mkv", frames, fps=24)
+
+
+def nothing_written(parent: Path) -> bool:
+    """No output folder and no hidden partial folder left in `parent`."""
+    return not parent.exists() or not any(parent.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------
+# txt2img
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_txt2img_writes_the_library_image(tiny_root, sd32, tmp_path):
+    out = tmp_path / "fox.png"
+    code = txt2img_cli.main(["--weights", str(tiny_root), "--prompt", "a fox", "--steps", "2", "--size", "72", "64",
+                             "--seed", "3", "--out", str(out), "--device", "cpu", "--dtype", "fp32"])
+    assert code == 0
+    expected = txt2img(sd32, "a fox", steps=2, guidance=7.5, seed=3, size=(72, 64))  # (1, 3, 72, 64)
+    expected = (expected[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # (H, W, 3)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fox.png"]  # no temporary file left
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--weights", "{tmp}/missing-weights"], "stemref.download"),
+    (["--out", "{tmp}/fox.txt"], "use a .png"),
+    (["--size", "60"], "multiples of 8"),
+])
+def test_txt2img_bad_input_exits_2_without_output(tiny_root, tmp_path, capsys, args, message):
+    defaults = ["--weights", str(tiny_root), "--prompt", "a fox", "--steps", "1", "--size", "64",
+                "--out", str(tmp_path / "fox.png"), "--device", "cpu", "--dtype", "fp32"]
+    assert txt2img_cli.main([*defaults, *(a.format(tmp=tmp_path) for a in args)]) == 2  # the last value wins
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# invert: one context
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stem_run(tiny_root, clip, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stem") / "run" / "mallard"  # parents do not exist yet
+    code = invert_cli.main([str(clip), "--prompt", PROMPT, "--context", "stem", "--num-bases", "8", "--seed", "5",
+                            "--weights", str(tiny_root), "--out", str(out), *FAST])
+    assert code == 0
+    return out
+
+
+def test_invert_writes_all_files(stem_run):
+    assert sorted(p.name for p in stem_run.iterdir()) == [
+        "inversion.safetensors", "metrics.json", "reconstruction.mp4", "side_by_side.mp4"]
+    assert [p.name for p in stem_run.parent.iterdir()] == ["mallard"]  # no hidden partial folder left
+    for name, width in (("reconstruction.mp4", 64), ("side_by_side.mp4", 128)):  # 80×64 read as 64×48
+        with av.open(str(stem_run / name)) as container:
+            decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        assert len(decoded) == 3 and decoded[0].shape == (48, width, 3)
+
+
+@pytest.fixture(scope="module")
+def library_stem(sd32, clip):
+    """What the library gives for stem_run's settings: (frames, inversion, reconstruction)."""
+    frames = read_video(clip, count=3, size=64)  # 80×64 -> 64×48 (longer side 64, crop to multiples of 8)
+    inversion = invert(sd32, frames, PROMPT, steps=2, context="stem", seed=5, num_bases=8)
+    return frames, inversion, reconstruct(sd32, inversion)
+
+
+def test_invert_file_equals_library_inversion(stem_run, library_stem):
+    expected = library_stem[1]
+    saved = Inversion.load(stem_run / "inversion.safetensors")
+    assert saved.timesteps == expected.timesteps and saved.settings == expected.settings
+    torch.testing.assert_close(saved.latents, expected.latents, rtol=0, atol=0)
+
+
+def test_invert_metrics(stem_run, library_stem):
+    metrics = json.loads((stem_run / "metrics.json").read_text())
+    assert set(metrics) == METRIC_KEYS
+    assert metrics["context"] == "stem" and metrics["frames"] == 3 and metrics["size"] == [48, 64]
+    assert metrics["steps"] == 2 and metrics["settings"]["options"] == {"num_bases": 8}
+    assert metrics["settings"]["fps"] == 24.0  # the clip's rate, so the outputs play at its speed
+    frames, _, recon = library_stem
+    mse = ((recon.double().numpy() - frames.double().numpy()) ** 2).mean(axis=(1, 2, 3))  # per frame
+    assert math.isfinite(metrics["psnr"])
+    assert metrics["psnr"] == pytest.approx(np.mean(10 * np.log10(1 / mse)), abs=1e-9)
+    assert 0 < metrics["ssim"] <= 1
+    for value in metrics["consistency"].values():
+        assert -1 <= value <= 1
+    assert all(s > 0 for s in metrics["seconds"].values())
+    assert metrics["peak_memory_bytes"] > 0
+
+
+def test_invert_refuses_non_empty_out_unless_overwrite(tiny_root, clip, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier run")
+    args = [str(clip), "--prompt", PROMPT, "--context", "1-frame", "--weights", str(tiny_root), "--out", str(out),
+            *FAST, "--steps", "1", "--frames", "2"]
+    assert invert_cli.main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["stale.txt"]
+    assert invert_cli.main([*args, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [  # replaced whole: stale.txt is gone
+        "inversion.safetensors", "metrics.json", "reconstruction.mp4", "side_by_side.mp4"]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # neither the partial nor the old folder is left
+
+
+# ---------------------------------------------------------------------------------------------------
+# invert: --compare
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_compare_writes_four_contexts_and_table(tiny_root, clip, tmp_path):
+    out = tmp_path / "compare"
+    code = invert_cli.main([str(clip), "--prompt", PROMPT, "--compare", "--num-bases", "8", "--batch", "2",
+                            "--weights", str(tiny_root), "--out", str(out), *FAST, "--steps", "1", "--frames", "2"])
+    assert code == 0
+    contexts = ["1-frame", "2-frame", "all-frame", "stem"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*contexts, "compare.json", "compare.md"])
+    rows = json.loads((out / "compare.json").read_text())
+    assert [row["context"] for row in rows] == contexts
+    for row in rows:
+        assert json.loads((out / row["context"] / "metrics.json").read_text()) == row
+        assert set(row) == METRIC_KEYS and math.isfinite(row["psnr"])
+    assert rows[0]["settings"]["batch"] == 2 and rows[3]["settings"]["batch"] is None  # --batch: 1-frame only
+    assert rows[3]["settings"]["options"] == {"num_bases": 8} and rows[0]["settings"]["options"] == {}
+
+    lines = (out / "compare.md").read_text().splitlines()
+    header = lines.index("| context | PSNR | SSIM | consistency | seconds | peak memory |")
+    table = []
+    for line in lines[header + 2:]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    assert [cells[0] for cells in table] == ["DDIM inversion (1-frame)", "DDIM inversion (2-frame)",
+                                             "DDIM inversion (all-frame)", "STEM inversion"]
+    for cells, row in zip(table, rows):
+        assert float(cells[1]) == pytest.approx(row["psnr"], abs=5e-4)
+        assert float(cells[2]) == pytest.approx(row["ssim"], abs=5e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# invert: bad input
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{missing}"], "no such file"),
+    (["{text}"], "not a readable video"),
+    (["{clip}", "--size", "100"], "multiple of 8"),
+    (["{clip}", "--context", "stem", "--batch", "2"], "only --context 1-frame"),
+    (["{clip}", "--context", "2-frame", "--num-bases", "8"], "STEM option"),
+    (["{clip}", "--weights", "{missing}"], "stemref.download"),
+    (["{clip}", "--prompt", "duck " * 80], "tokens long"),
+    (["{clip}", "--start", "10"], "beyond the end"),
+])
+def test_invert_bad_input_exits_2_without_output(tiny_root, clip, tmp_path, capsys, args, message):
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video")
+    paths = {"clip": str(clip), "missing": str(tmp_path / "missing.mp4"), "text": str(text)}
+    parent = tmp_path / "results"
+    defaults = ["--prompt", PROMPT, "--weights", str(tiny_root), "--out", str(parent / "run"), *FAST]
+    assert invert_cli.main([*defaults, *(a.format(**paths) for a in args)]) == 2  # the last value wins
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not parent.exists()  # not even the parent folder the run would have created
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.mp4"]
+
+
+def test_failure_mid_run_leaves_nothing(tiny_root, clip, tmp_path, monkeypatch):
+    """A crash after some files were written (here: the second video) removes the whole partial folder."""
+    calls = []
+
+    def failing_write(path, frames, fps=8):
+        calls.append(Path(path).name)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return write_video(path, frames, fps)
+
+    monkeypatch.setattr(invert_cli, "write_video", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        invert_cli.main([str(clip), "--prompt", PROMPT, "--context", "1-frame", "--weights", str(tiny_root),
+                         "--out", str(tmp_path / "run"), *FAST, "--steps", "1", "--frames", "2"])
+    assert calls == ["reconstruction.mp4", "side_by_side.mp4"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_module_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "stemref.invert", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "--compare" in result.stdout and "--context" in result.stdout
+    assert callable(stemref.invert)  # the function, not the shim module
+
+
+# ---------------------------------------------------------------------------------------------------
+# examples
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_example(name: str, argv: list[str], monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    runpy.run_path(str(ROOT / "examples" / name), run_name="__main__")
+
+
+def test_example_txt2img(tiny_root, sd32, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "fox.png"
+    run_example("txt2img.py", [str(tiny_root), "a fox", "--out", str(out), "--steps", "2", "--size", "64"],
+                monkeypatch)
+    expected = txt2img(sd32, "a fox", steps=2, seed=0, size=64)
+    expected = (expected[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # (H, W, 3)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), expected)
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_example_invert_reconstruct(tiny_root, clip, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sbs.mp4"
+    run_example("invert_reconstruct.py", [str(tiny_root), str(clip), PROMPT, "--frames", "2", "--size", "64",
+                                          "--steps", "2", "--out", str(out)], monkeypatch)
+    with av.open(str(out)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded) == 2 and decoded[0].shape == (64, 128, 3)  # square 64×64 crops, input | reconstruction
+    printed = capsys.readouterr().out
+    assert "PSNR" in printed and "SSIM" in printed
+
+
+@pytest.mark.parametrize("name, argv", [("txt2img.py", ["a fox"]), ("invert_reconstruct.py", ["clip.mp4", "a duck"])])
+def test_examples_hint_at_missing_weights(tmp_path, monkeypatch, name, argv):
+    with pytest.raises(SystemExit, match="python -m stemref.download"):
+        run_example(name, [str(tmp_path / "nowhere"), *argv], monkeypatch)
