@@ -195,7 +195,10 @@ def _build(cls, cfg, sd: dict[str, torch.Tensor], what: str, dtype: torch.dtype,
     if wrong:
         raise WeightsError(f"{what} weights have other shapes than its config: {'; '.join(wrong[:5])}"
                            f"{' …' if len(wrong) > 5 else ''}. Check {what}/config.json (single files: load(file, config=FOLDER)).")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
+    # Convert tensor by tensor, dropping each file tensor as soon as it is copied: the peak stays near
+    # one copy of the weights rather than two.
+    converted = {k: sd.pop(k).to(device=device, dtype=dtype) for k in list(sd)}
+    model.load_state_dict(converted, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
