@@ -52,7 +52,9 @@ class StableDiffusion:
         for chunk in frames.split(batch):
             x = chunk.to(self.device, self.dtype) * 2 - 1
             latents.append(self.vae.encode(x).mean * self.vae.config.scaling_factor)
-        return torch.cat(latents)
+        # contiguous: convolutions may hand back channels-last strides, and a saved-and-reloaded inversion
+        # must denoise bit for bit like the one in memory
+        return torch.cat(latents).contiguous()
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:
