@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from .attention import RunInfo
 from .context import CONTEXTS, context_processor
-from .pipeline import StableDiffusion, check_frames
+from .pipeline import StableDiffusion, check_encodable
 from .sampling import NoiseFn, Progress, ddim_inversion_loop, ddim_sample_loop, predict_noise
 
 SELF_ATTENTION = r"attn1$"
@@ -89,7 +89,7 @@ def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 
     the 1-frame context by running that many frames per UNet call; the other contexts need every frame in
     one call. `options` go to the context (for "stem": num_bases, iters, tau, scope, chunk).
     """
-    check_frames(frames)
+    check_encodable(frames)
     settings = InversionSettings(prompt, steps, context, guidance, layers, seed, options)
     _check_settings(settings, batch)
     x = sd.encode_frames(frames)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.nn.functional import conv2d
 
 from .attention import RunInfo
+from .frames import check_frames
 
 if TYPE_CHECKING:
     from .pipeline import StableDiffusion
@@ -107,16 +108,8 @@ def _ssim_frame(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor) -> torch
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
-    for label, x in (("a", a), ("b", b)):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name}: {label} must be a torch.Tensor (F, 3, H, W), got {type(x).__name__}")
-        if x.ndim != 4 or x.shape[1] != 3 or min(x.shape) == 0:
-            raise ValueError(
-                f"{name}: {label} must have shape (F, 3, H, W) with F, H, W >= 1, got {tuple(x.shape)};"
-                " add a frame axis with x[None] or move channels first with x.permute(0, 3, 1, 2)"
-            )
-        if not x.is_floating_point():
-            raise ValueError(f"{name}: {label} must be floating point in [0, 1], got {x.dtype}; use x.float() / 255")
+    check_frames(a, f"{name}: a")
+    check_frames(b, f"{name}: b")
     if a.shape != b.shape:
         raise ValueError(f"{name}: a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.device != b.device:

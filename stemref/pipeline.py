@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .clip import CLIPTextModel
+from .frames import check_frames
 from .scheduler import DDIMScheduler
 from .tokenizer import CLIPTokenizer
 from .unet import UNet2DConditionModel
@@ -47,7 +48,7 @@ class StableDiffusion:
     @torch.no_grad()
     def encode_frames(self, frames: torch.Tensor, batch: int = 8) -> torch.Tensor:
         """Frames (F, 3, H, W) in [0, 1] -> scaled posterior means (F, 4, H/8, W/8), `batch` frames at a time."""
-        check_frames(frames)
+        check_encodable(frames)
         latents = []
         for chunk in frames.split(batch):
             x = chunk.to(self.device, self.dtype) * 2 - 1
@@ -66,12 +67,9 @@ class StableDiffusion:
         return torch.cat(frames)
 
 
-def check_frames(frames: torch.Tensor) -> None:
-    if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[1] != 3:
-        shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
-        raise ValueError(f"frames must be a (F, 3, H, W) tensor in [0, 1]; got {shape}")
+def check_encodable(frames: torch.Tensor) -> None:
+    """Frames the VAE can encode: the stemref convention, with sides that are multiples of 8."""
+    check_frames(frames)
     H, W = frames.shape[-2:]
     if H % 8 or W % 8:
         raise ValueError(f"frame size {W}×{H} is not a multiple of 8; resize or crop it (stemref.video.read_video does)")
-    if not frames.is_floating_point():
-        raise ValueError(f"frames must be floats in [0, 1], got {frames.dtype}; divide uint8 frames by 255")

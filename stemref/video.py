@@ -54,6 +54,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .frames import check_frames
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 # suffix -> (container format, codec, pixel format, codec options) for the PyAV writers
@@ -282,15 +284,7 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float = 8) -
 
 def _to_uint8(frames: torch.Tensor, path: Path) -> np.ndarray:
     """Validate (F, 3, H, W) frames and quantise them to (F, H, W, 3) uint8 (clamped, rounded)."""
-    if not isinstance(frames, torch.Tensor):
-        raise ValueError(f"{path}: frames must be a torch.Tensor (F, 3, H, W), got {type(frames).__name__}")
-    if frames.ndim != 4 or frames.shape[1] != 3 or min(frames.shape) == 0:
-        raise ValueError(
-            f"{path}: frames must have shape (F, 3, H, W) with F, H, W >= 1, got {tuple(frames.shape)};"
-            " add a frame axis with x[None] or move channels first with x.permute(0, 3, 1, 2)"
-        )
-    if not frames.is_floating_point():
-        raise ValueError(f"{path}: frames must be floating point in [0, 1], got {frames.dtype}; use x.float() / 255")
+    check_frames(frames, f"{path}: frames")
     values = frames.detach().to("cpu", torch.float32)
     if not torch.isfinite(values).all():
         raise ValueError(f"{path}: frames contain NaN or infinite values; check the computation that produced them")
