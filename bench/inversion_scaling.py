@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from stemref.context import DEFAULT_CHUNK
+
 CONTEXTS = ("1-frame", "2-frame", "all-frame", "stem")
 TARGET_FRAMES, TARGET_SIZE, TARGET_GIB = 128, 512, 24.0  # the bar
 FP16_WEIGHT_BYTES = 859_520_964 * 2  # SD1.5 UNet parameters in fp16: 1.72 GB
@@ -231,7 +233,7 @@ def fit_line(points: list[dict], key: str) -> tuple[float, float]:
 def print_report(a: argparse.Namespace, results: dict, skipped: dict, device_name: str, torch_version: str,
                  load: tuple[float, float]) -> None:
     contexts = [c for c in CONTEXTS if c in a.contexts]
-    stem_opts = f"K={a.num_bases}, chunk={a.chunk or 'all tokens'}"
+    stem_opts = f"K={a.num_bases}, chunk={a.chunk} tokens"
     print(f"One inversion UNet forward (SD1.5 size, random weights), {a.size}×{a.size} px "
           f"({a.size // 8}×{a.size // 8} latent), {a.dtype}, {device_name}, torch {torch_version}")
     print(f"stem: {stem_opts}; all-frame: {a.all_frame_chunk} query frame(s) per attention call; "
@@ -301,16 +303,6 @@ def print_extrapolation(a: argparse.Namespace, stem: list[dict]) -> None:
           f"= {activations / GiB:,.1f} GiB activations + {FP16_WEIGHT_BYTES / GiB:.1f} GiB weights = "
           f"**{total / GiB:,.1f} GiB** → {'fits within' if total < TARGET_GIB * GiB else 'exceeds'} "
           f"{TARGET_GIB:.0f} GiB")
-    if a.chunk is None:
-        # Unchunked, the E-step holds three fp32 (h, T, K) matrices (logits, their shifted/scaled copy, the
-        # softmax) over all T = F·h·w tokens of the finest level: they grow with F, and fp16 does not halve them.
-        tokens = TARGET_FRAMES * (TARGET_SIZE // 8) ** 2
-        em = 3 * 8 * tokens * a.num_bases * 4
-        print(f"- caveat: this run's EM was unchunked, so the per-frame cost above includes its fp32 (h, T, K) "
-              f"responsibilities, which fp16 does not halve: at the finest level of {TARGET_FRAMES} frames "
-              f"{TARGET_SIZE}² they are 3 × 8 heads × {tokens:,} tokens × {a.num_bases} bases × 4 B = "
-              f"{em / GiB:.1f} GiB, so add up to half of that (≈ {(total + em / 2) / GiB:.1f} GiB), or measure "
-              f"with --chunk")
 
 
 def main() -> None:
@@ -321,8 +313,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32, 64], help="video lengths F to measure")
     parser.add_argument("--contexts", nargs="+", choices=CONTEXTS, default=list(CONTEXTS))
     parser.add_argument("--num-bases", type=int, default=256, help="STEM's K")
-    parser.add_argument("--chunk", type=int, default=None, help="STEM's token chunk for the EM and the attention "
-                        "(default: all tokens at once)")
+    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="STEM's token chunk for the EM and the "
+                        f"attention (default: stemref's {DEFAULT_CHUNK})")
     parser.add_argument("--all-frame-chunk", type=int, default=1, help="all-frame: query frames per attention call")
     parser.add_argument("--repeats", type=int, default=1, help="timed forwards per run (memory is from the first)")
     parser.add_argument("--max-seconds", type=float, default=600, help="limit per run, process start included")
