@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .attention import RunInfo
@@ -62,9 +62,16 @@ class Inversion:
         """One .safetensors file: the latents, and the settings as JSON in its metadata."""
         path = Path(path)
         meta = {"format": FORMAT, "timesteps": self.timesteps, "settings": asdict(self.settings)}
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"cannot save the inversion to {path}: folder {path.parent} does not exist; "
+                                    "create it first")
         tmp = path.with_name(f".{path.name}.partial")
-        save_file({"latents": self.latents.contiguous().cpu()}, tmp, metadata={"stemref": json.dumps(meta)})
-        tmp.replace(path)
+        try:
+            save_file({"latents": self.latents.contiguous().cpu()}, tmp, metadata={"stemref": json.dumps(meta)})
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a failed save (disk full, path is a folder) leaves nothing behind
+            raise
         return path
 
     @classmethod
@@ -72,7 +79,11 @@ class Inversion:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no inversion file at {path}; make one with `python -m stemref.invert`")
-        with safe_open(str(path), framework="pt") as f:
+        try:
+            f = safe_open(str(path), framework="pt")
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a stemref inversion file ({FORMAT}): not safetensors ({e})") from e
+        with f:
             raw = (f.metadata() or {}).get("stemref")
             if raw is None or json.loads(raw).get("format") != FORMAT:
                 raise ValueError(f"{path} is not a stemref inversion file ({FORMAT})")
