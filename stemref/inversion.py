@@ -103,10 +103,12 @@ def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 
     check_encodable(frames)
     settings = InversionSettings(prompt, steps, context, guidance, layers, seed, options)
     _check_settings(settings, batch)
-    x = sd.encode_frames(frames)
-    with sd.unet.attention(_chooser(sd, settings)):
-        path = ddim_inversion_loop(sd.scheduler, x, _noise_fn(sd, settings, batch), steps, progress)
+    # everything that can refuse the settings runs before the (slow) VAE encode
     timesteps = sd.scheduler.timesteps(steps).flip(0).tolist()  # ascending
+    chooser, eps_fn = _chooser(sd, settings), _noise_fn(sd, settings, batch)
+    x = sd.encode_frames(frames)
+    with sd.unet.attention(chooser):
+        path = ddim_inversion_loop(sd.scheduler, x, eps_fn, steps, progress)
     return Inversion(torch.stack(path), timesteps, settings)  # (S + 1, F, 4, h, w)
 
 
