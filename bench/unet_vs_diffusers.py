@@ -5,14 +5,16 @@
 
 Random full-size SD1.5 UNet weights are written once to a temporary safetensors file; each
 implementation then runs in its own fresh process (so neither inherits the other's allocations), loads
-that file, and runs the same inputs. CPU memory is the growth of the process's peak RSS during the
-first forward; GPU memory is torch.cuda.max_memory_allocated above the loaded weights. Both use the
-default SDPA attention.
+that file, and runs the same inputs. After one warm-up forward (which pages in memory-mapped weights), CPU memory is the growth of
+resident memory during the next forward (sampled every millisecond by a thread reading /proc/self/statm, because the process's
+lifetime peak is set while loading); GPU memory is torch.cuda.max_memory_allocated above the loaded
+weights. Both use the default SDPA attention.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -21,9 +23,34 @@ import time
 from pathlib import Path
 
 
-def measure(impl: str, folder: str, device: str, dtype_name: str, size: int, batch: int, repeats: int) -> dict:
-    import resource
+class RSSPeak:
+    """Highest resident memory seen while the block runs, sampled every millisecond (Linux)."""
 
+    def __enter__(self):
+        import threading
+
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.start = self.peak = self._rss()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _watch(self) -> None:
+        while not self.done.wait(0.001):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def measure(impl: str, folder: str, device: str, dtype_name: str, size: int, batch: int, repeats: int) -> dict:
     import torch
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype_name]
@@ -51,17 +78,18 @@ def measure(impl: str, folder: str, device: str, dtype_name: str, size: int, bat
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     with torch.inference_mode():
+        out = forward(x, 500, context)  # warm-up: pages in memory-mapped weights, picks kernels
+        sync()
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        else:
-            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        out = forward(x, 500, context)
-        sync()
-        if device.startswith("cuda"):
+            out = forward(x, 500, context)
+            sync()
             peak = torch.cuda.max_memory_allocated() - base
         else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+            with RSSPeak() as rss:
+                out = forward(x, 500, context)
+            peak = rss.peak - rss.start
         times = []
         for _ in range(repeats):
             sync()
@@ -79,7 +107,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (latent = size / 8)")
     parser.add_argument("--batch", type=int, default=2, help="2 = one image with classifier-free guidance")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per process (median)")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per side, in ABBA order")
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -93,16 +122,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
         UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8).save_pretrained(folder)
-        results = {}
-        for impl in ("diffusers", "stemref"):
+        runs = {"diffusers": [], "stemref": []}
+        # ABBA order over the rounds, so a machine that speeds up or slows down favours neither side
+        order = [impl for r in range(args.rounds) for impl in (("diffusers", "stemref"), ("stemref", "diffusers"))[r % 2]]
+        for impl in order:
             cmd = [sys.executable, __file__, "--child", impl, folder, "--device", args.device, "--dtype", args.dtype,
                    "--size", str(args.size), "--batch", str(args.batch), "--repeats", str(args.repeats)]
             line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            results[impl] = json.loads(line)
-    d, s = results["diffusers"], results["stemref"]
+            runs[impl].append(json.loads(line))
+    # per side, the fastest round's median time and the smallest round's peak: the least disturbed measurement
+    d, s = ({"seconds": min(r["seconds"] for r in rs), "peak_bytes": min(r["peak_bytes"] for r in rs),
+             "checksum": rs[0]["checksum"]} for rs in (runs["diffusers"], runs["stemref"]))
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(f"UNet forward, SD1.5 size, random weights, batch {args.batch}, {args.size}×{args.size} px, {args.dtype}, {device}")
-    print(f"torch {torch.__version__}, diffusers {__import__('diffusers').__version__}, median of {args.repeats}\n")
+    print(f"torch {torch.__version__}, diffusers {__import__('diffusers').__version__}, median of {args.repeats} forwards, best of {args.rounds} processes per side\n")
     print("| | diffusers | stemref | stemref / diffusers |")
     print("|---|---|---|---|")
     print(f"| forward time (s) | {d['seconds']:.3f} | {s['seconds']:.3f} | {s['seconds'] / d['seconds']:.2f}× |")
