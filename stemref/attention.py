@@ -36,7 +36,7 @@ Dimension legend:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -117,14 +117,3 @@ def name_attention_layers(model: nn.Module) -> dict[str, Attention]:
     for name, layer in layers.items():
         layer.name = name
     return layers
-
-
-def is_self_attention(name: str) -> bool:
-    return name.endswith("attn1")
-
-
-def is_cross_attention(name: str) -> bool:
-    return name.endswith("attn2")
-
-
-ProcessorChoice = Callable[[str], "Processor | None"]
