@@ -139,3 +139,28 @@ def test_attention_layers_are_named(tiny_sd):
     assert len(names) == 32 and sum(n.endswith("attn1") for n in names) == 16
     assert "up_blocks.1.attentions.0.transformer_blocks.0.attn1" in names
     assert all(layer.name == name for name, layer in tiny_sd.unet.attention_layers.items())
+
+
+def test_set_attention_reaches_exactly_the_chosen_layers_and_restores(tiny_sd):
+    """Processors see the per-call facts passed to the UNet, only chosen layers are swapped, and the
+    context manager puts the previous processors back."""
+    from stemref.attention import sdpa
+
+    calls = []
+
+    def recording(q, k, v, call):
+        calls.append((call.name, call.is_cross, call.info.frames, call.info.step, call.info.hw))
+        return sdpa(q, k, v, call)
+
+    chosen = lambda name: recording if name.startswith("up_blocks.1") and name.endswith("attn1") else None
+    x, context = inputs((4, 4, 16, 16), 32, torch.float64)
+    with torch.no_grad():
+        plain = tiny_sd.unet(x, 10, context)
+        with tiny_sd.unet.attention(chosen):
+            swapped = tiny_sd.unet(x, 10, context, stemref.RunInfo(frames=2, step=7))
+        after = tiny_sd.unet(x, 10, context)
+    expected = [f"up_blocks.1.attentions.{j}.transformer_blocks.0.attn1" for j in range(3)]
+    assert [c[0] for c in calls] == expected
+    assert all(c[1:] == (False, 2, 7, (4, 4)) for c in calls)  # level 1 going up: 16 / 4 = 4
+    assert all(layer.processor is sdpa for layer in tiny_sd.unet.attention_layers.values())
+    assert torch.equal(swapped, plain) and torch.equal(after, plain)
