@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from .attention import RunInfo
 from .context import CONTEXTS, context_processor
+from .files import atomic_path
 from .pipeline import StableDiffusion, check_encodable
 from .sampling import NoiseFn, Progress, ddim_inversion_loop, ddim_sample_loop, predict_noise
 
@@ -65,13 +66,8 @@ class Inversion:
         if not path.parent.is_dir():
             raise FileNotFoundError(f"cannot save the inversion to {path}: folder {path.parent} does not exist; "
                                     "create it first")
-        tmp = path.with_name(f".{path.name}.partial")
-        try:
+        with atomic_path(path) as tmp:
             save_file({"latents": self.latents.contiguous().cpu()}, tmp, metadata={"stemref": json.dumps(meta)})
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a failed save (disk full, path is a folder) leaves nothing behind
-            raise
         return path
 
     @classmethod

@@ -44,7 +44,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     path = Path(path).expanduser()
     if not path.exists():
         raise WeightsError(f"weights not found at {path}. {GET_WEIGHTS}")
-    if path.suffix.lower() in PICKLE_SUFFIXES or (path.is_dir() and _only_pickles(path)):
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         raise WeightsError(f"{path} holds pickled weights, which stemref never loads (unpickling can run code). {GET_WEIGHTS}")
     if path.is_dir():
         unet_sd, vae_sd, text_sd, configs, tokenizer = _read_folder(path)
@@ -77,11 +77,6 @@ def check_sd1(unet_sd: dict[str, torch.Tensor], text_sd: dict[str, torch.Tensor]
                           "(SD2 uses 1024, SDXL 2048; SD1.x 768). stemref implements SD1.x only.")
     if any(k.startswith(("model.", "transformer.resblocks")) for k in text_sd):
         raise NotSD1Error("not an SD1.x checkpoint: the text encoder is OpenCLIP (SD2). stemref implements SD1.x only.")
-
-
-def _only_pickles(folder: Path) -> bool:
-    files = [p for p in folder.rglob("*") if p.is_file()]
-    return any(p.suffix in PICKLE_SUFFIXES for p in files) and not any(p.suffix == ".safetensors" for p in files)
 
 
 def _read_folder(root: Path):

@@ -43,9 +43,7 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
@@ -54,6 +52,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .files import atomic_path
 from .frames import check_frames
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -274,7 +273,7 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float = 8) -
     if path.is_dir():
         raise ValueError(f"{path}: is a folder; give a file name such as {path / ('video' + suffix)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         if suffix == ".gif":
             _write_gif(tmp, pixels, fps)
         else:
@@ -290,19 +289,6 @@ def _to_uint8(frames: torch.Tensor, path: Path) -> np.ndarray:
         raise ValueError(f"{path}: frames contain NaN or infinite values; check the computation that produced them")
     quantised = (values.clamp(0, 1) * 255).round().to(torch.uint8)
     return quantised.permute(0, 2, 3, 1).contiguous().numpy()  # (F, H, W, 3)
-
-
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; rename it onto `path` on success, delete it on any error."""
-    # a hidden name in the same folder: the final rename stays on one file system, so it is atomic
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _write_pyav(tmp: Path, pixels: np.ndarray, fps: float, fmt: str, codec: str, pix_fmt: str, options: dict) -> None:
@@ -340,7 +326,7 @@ def save_frames(folder: str | os.PathLike, frames: torch.Tensor) -> list[Path]:
     paths = []
     for index, frame in enumerate(pixels):
         path = folder / f"{index:05d}.png"
-        with _atomic_path(path) as tmp:
+        with atomic_path(path) as tmp:
             Image.fromarray(frame).save(tmp, format="PNG")
         paths.append(path)
     return paths

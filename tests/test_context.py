@@ -11,7 +11,7 @@ import torch
 
 from stemref.attention import AttnCall, RunInfo
 from stemref.context import AllFrames, EMAttention, SparseCausal, context_processor, per_frame
-from test_em import naive_em, naive_init
+from test_em import naive_em
 
 H, N, D = 2, 6, 8
 

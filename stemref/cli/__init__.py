@@ -38,15 +38,6 @@ def load_model(args: argparse.Namespace) -> StableDiffusion:
         raise UserError(str(e)) from e
 
 
-def temporary_path(path: Path) -> Path:
-    """Where to write `path` before renaming it into place, so a failed run leaves no partial file."""
-    return path.with_name(f".{path.stem}.partial{path.suffix}")
-
-
-def finish(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-
-
 @contextmanager
 def output_folder(path: Path, overwrite: bool = False) -> Iterator[Path]:
     """`with output_folder(out) as tmp:` write into tmp; it becomes `out` only when the block succeeds.

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import UserError, add_model_arguments, finish, load_model, progress_printer, run, temporary_path
+from . import UserError, add_model_arguments, load_model, progress_printer, run
+from ..files import atomic_path
 from ..sampling import txt2img
 
 
@@ -37,9 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                         progress=progress_printer("denoising"))
         pixels = (image[0].permute(1, 2, 0) * 255).round().byte().cpu().numpy()  # (H, W, 3)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_path(args.out)
-        Image.fromarray(pixels).save(tmp, format=Image.registered_extensions()[args.out.suffix.lower()])
-        finish(tmp, args.out)
+        with atomic_path(args.out) as tmp:
+            Image.fromarray(pixels).save(tmp, format=Image.registered_extensions()[args.out.suffix.lower()])
         print(f"wrote {args.out}", file=sys.stderr)
 
     return run(body)
