@@ -13,13 +13,19 @@ from pathlib import Path
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write; rename it onto `path` on success, delete it on any error.
 
-    The temporary name is hidden and ends in `.part`, so writers must name their format explicitly.
+    The temporary name is hidden and ends in `.part`, so writers must name their format explicitly. An
+    OSError about the temporary file (disk full, permission denied) is raised again naming `path` instead.
     """
     # same folder: the final rename stays on one file system, so it is atomic
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is not None and str(tmp) in str(e.filename):
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

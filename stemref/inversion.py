@@ -12,7 +12,6 @@ Dimension legend: S steps, F frames, h × w latent grid (H/8 × W/8).
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from .context import CONTEXTS, context_processor
 from .files import atomic_path
 from .frames import check_finite
 from .pipeline import StableDiffusion, check_encodable
-from .sampling import NoiseFn, Progress, ddim_inversion_loop, ddim_sample_loop, predict_noise
+from .sampling import NoiseFn, Progress, check_guidance, ddim_inversion_loop, ddim_sample_loop, predict_noise
 
 SELF_ATTENTION = r"attn1$"
 NON_FINITE_HINT = "half precision can overflow: try --dtype fp32 (dtype=torch.float32), or check the weights"
@@ -171,8 +170,7 @@ def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = N
 
 
 def _check_settings(s: InversionSettings, batch: int | None) -> None:
-    if not isinstance(s.guidance, (int, float)) or isinstance(s.guidance, bool) or not math.isfinite(s.guidance):
-        raise ValueError(f"guidance must be a finite number (1 inverts with the prompt only), got {s.guidance!r}")
+    check_guidance(s.guidance)
     if s.context not in CONTEXTS:
         raise ValueError(f"unknown context {s.context!r}; choose one of {', '.join(CONTEXTS)}")
     if batch is not None and s.context != "1-frame":

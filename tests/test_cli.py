@@ -10,8 +10,10 @@ input exits with code 2, one message, and no output at all.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import runpy
 import subprocess
 import sys
@@ -24,6 +26,7 @@ import torch
 from PIL import Image
 
 import stemref
+from stemref.cli import MARKER
 from stemref.cli import invert as invert_cli
 from stemref.cli import txt2img as txt2img_cli
 from stemref.inversion import Inversion, invert, reconstruct
@@ -50,6 +53,14 @@ def clip(tmp_path_factory) -> Path:
     noise = torch.rand(4, 3, 64, 80, generator=torch.Generator().manual_seed(0))
     frames = torch.stack([torch.stack([(x + 0.1 * i) % 1, y, 1 - x]) for i in range(4)]) * 0.8 + 0.2 * noise
     return write_video(tmp_path_factory.mktemp("clip") / "clip.mkv", frames, fps=24)
+
+
+def error_line(err: str) -> str:
+    """The one error message of a failed command: its own line, the last, after any ended progress line."""
+    lines = err.split("\n")
+    assert lines[-1] == "" and lines[-2].startswith("error: ")
+    assert sum("error" in line for line in lines) == 1
+    return lines[-2]
 
 
 def nothing_written(parent: Path) -> bool:
@@ -83,7 +94,7 @@ def test_txt2img_bad_input_exits_2_without_output(tiny_root, tmp_path, capsys, a
                 "--out", str(tmp_path / "fox.png"), "--device", "cpu", "--dtype", "fp32"]
     assert txt2img_cli.main([*defaults, *(a.format(tmp=tmp_path) for a in args)]) == 2  # the last value wins
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert message in error_line(err)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -103,7 +114,7 @@ def stem_run(tiny_root, clip, tmp_path_factory) -> Path:
 
 def test_invert_writes_all_files(stem_run):
     assert sorted(p.name for p in stem_run.iterdir()) == [
-        "inversion.safetensors", "metrics.json", "reconstruction.mp4", "side_by_side.mp4"]
+        MARKER, "inversion.safetensors", "metrics.json", "reconstruction.mp4", "side_by_side.mp4"]
     assert [p.name for p in stem_run.parent.iterdir()] == ["mallard"]  # no hidden partial folder left
     for name, width in (("reconstruction.mp4", 64), ("side_by_side.mp4", 128)):  # 80×64 read as 64×48
         with av.open(str(stem_run / name)) as container:
@@ -145,16 +156,16 @@ def test_invert_metrics(stem_run, library_stem):
 
 def test_invert_refuses_non_empty_out_unless_overwrite(tiny_root, clip, tmp_path, capsys):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "stale.txt").write_text("from an earlier run")
     args = [str(clip), "--prompt", PROMPT, "--context", "1-frame", "--weights", str(tiny_root), "--out", str(out),
             *FAST, "--steps", "1", "--frames", "2"]
+    assert invert_cli.main(args) == 0
+    (out / "stale.txt").write_text("left in an earlier run's folder")
     assert invert_cli.main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert [p.name for p in out.iterdir()] == ["stale.txt"]
+    assert (out / "stale.txt").is_file()
     assert invert_cli.main([*args, "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [  # replaced whole: stale.txt is gone
-        "inversion.safetensors", "metrics.json", "reconstruction.mp4", "side_by_side.mp4"]
+        MARKER, "inversion.safetensors", "metrics.json", "reconstruction.mp4", "side_by_side.mp4"]
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # neither the partial nor the old folder is left
 
 
@@ -169,7 +180,7 @@ def test_compare_writes_four_contexts_and_table(tiny_root, clip, tmp_path):
                             "--weights", str(tiny_root), "--out", str(out), *FAST, "--steps", "1", "--frames", "2"])
     assert code == 0
     contexts = ["1-frame", "2-frame", "all-frame", "stem"]
-    assert sorted(p.name for p in out.iterdir()) == sorted([*contexts, "compare.json", "compare.md"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, *contexts, "compare.json", "compare.md"])
     rows = json.loads((out / "compare.json").read_text())
     assert [row["context"] for row in rows] == contexts
     for row in rows:
@@ -215,26 +226,30 @@ def test_invert_bad_input_exits_2_without_output(tiny_root, clip, tmp_path, caps
     defaults = ["--prompt", PROMPT, "--weights", str(tiny_root), "--out", str(parent / "run"), *FAST]
     assert invert_cli.main([*defaults, *(a.format(**paths) for a in args)]) == 2  # the last value wins
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert message in error_line(err)
     assert not parent.exists()  # not even the parent folder the run would have created
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.mp4"]
 
 
-def test_failure_mid_run_leaves_nothing(tiny_root, clip, tmp_path, monkeypatch):
-    """A crash after some files were written (here: the second video) removes the whole partial folder."""
+@pytest.mark.parametrize("error, message", [(errno.ENOSPC, "the disk is full"), (errno.EACCES, "permission denied")])
+def test_failure_mid_run_leaves_nothing(tiny_root, clip, tmp_path, monkeypatch, capsys, error, message):
+    """A disk failing after some files were written (here: at the second video) removes the whole partial
+    folder, and the one-line message names the file the user asked for, not the internal partial folder."""
     calls = []
 
     def failing_write(path, frames, fps=8):
         calls.append(Path(path).name)
         if len(calls) == 2:
-            raise OSError("disk full")
+            raise OSError(error, os.strerror(error), str(path))
         return write_video(path, frames, fps)
 
     monkeypatch.setattr(invert_cli, "write_video", failing_write)
-    with pytest.raises(OSError, match="disk full"):
-        invert_cli.main([str(clip), "--prompt", PROMPT, "--context", "1-frame", "--weights", str(tiny_root),
-                         "--out", str(tmp_path / "run"), *FAST, "--steps", "1", "--frames", "2"])
+    code = invert_cli.main([str(clip), "--prompt", PROMPT, "--context", "1-frame", "--weights", str(tiny_root),
+                            "--out", str(tmp_path / "run"), *FAST, "--steps", "1", "--frames", "2"])
+    assert code == 1
     assert calls == ["reconstruction.mp4", "side_by_side.mp4"]
+    line = error_line(capsys.readouterr().err)
+    assert message in line and str(tmp_path / "run" / "side_by_side.mp4") in line and ".partial" not in line
     assert list(tmp_path.iterdir()) == []
 
 

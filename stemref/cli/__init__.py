@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import NotSD1Error
 from ..loading import WeightsError, load
 from ..pipeline import StableDiffusion
+from ..scheduler import DDIMScheduler
+from ..config import DDIMConfig, NotSD1Error
 from ..tokenizer import TokenizerFilesError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -64,7 +65,7 @@ def run(main: Callable[[], None], failures: tuple[type[BaseException], ...] = ()
     with _sigterm_as_interrupt():
         try:
             main()
-        except (UserError, ValueError) as e:  # ValueError: the library's bad-input errors
+        except (UserError, ValueError, FileNotFoundError) as e:  # the library's bad-input errors
             return _fail(str(e), EXIT_USAGE)
         except OSError as e:
             return _fail(describe_os_error(e), EXIT_FAILURE)
@@ -330,6 +331,22 @@ def check_prompt(text: str, flag: str = "--prompt") -> None:
                         "or set a UTF-8 locale (e.g. LANG=C.UTF-8)") from e
 
 
+def checked(flag: str, check: Callable[[object], object], value: object) -> None:
+    """A library check of one argument's value, its ValueError reported as a user error naming the flag."""
+    try:
+        check(value)
+    except ValueError as e:
+        raise UserError(f"{flag}: {e}") from e
+
+
+def check_steps(steps: int, flag: str = "--steps") -> None:
+    """Refuse a step count SD1.x's 1000-step schedule cannot take, before any slow work."""
+    try:
+        DDIMScheduler(DDIMConfig()).timesteps(steps)
+    except ValueError as e:
+        raise UserError(f"{flag} {steps}: {e}") from e
+
+
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
@@ -356,7 +373,8 @@ class progress_printer:  # noqa: N801 (a function to its callers: progress=progr
         line = f"\r{self.label}: {done}/{total} {self.unit}s"
         if done:
             per = elapsed / done
-            line += f", {per:.2f} s/{self.unit}, ETA {_duration(per * (total - done))}"
+            line += f", {per:.2f} s/{self.unit}, " + (f"ETA {_duration(per * (total - done))}" if done < total
+                                                      else f"{_duration(elapsed)} in all")
         print(f"{line:<79}", end="", file=sys.stderr, flush=True)
         self.open = True
         if done >= total:

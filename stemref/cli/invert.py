@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -25,7 +26,8 @@ from pathlib import Path
 import av
 import torch
 
-from . import UserError, add_model_arguments, load_model, output_folder, progress_printer, run
+from . import (UserError, add_model_arguments, check_model_arguments, check_prompt, check_steps, load_model,
+               model_inputs, output_folder, progress_printer, run, warn)
 from ..context import CONTEXTS
 from ..inversion import invert, reconstruct
 from ..metrics import LAST_DECODER_SELF_ATTENTION, psnr, ssim, temporal_consistency, unet_features
@@ -33,6 +35,8 @@ from ..pipeline import StableDiffusion
 from ..video import read_video, side_by_side, write_video
 
 DEFAULT_FPS = 8.0  # for image folders, which carry no frame rate
+STEM_BASES = 256
+HEAVY_SIZE, HEAVY_BASES = 1024, 4096  # above these, warn that the run will take very long or run out of memory
 FEATURE_TIMESTEP = 1  # unet_features' default: clean latents at the first DDIM timestep
 LABELS = {"1-frame": "DDIM inversion (1-frame)", "2-frame": "DDIM inversion (2-frame)",
           "all-frame": "DDIM inversion (all-frame)", "stem": "STEM inversion"}
@@ -47,20 +51,37 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         _check_arguments(args)
         contexts = CONTEXTS if args.compare else (args.context,)
-        with output_folder(args.out, args.overwrite) as tmp:
-            frames = read_video(args.video, args.start, args.stride, args.frames, args.size, args.square)
+        # --compare keeps the contexts that finished when interrupted, for a rerun with the same arguments
+        resume = json.loads(json.dumps({k: v for k, v in vars(args).items() if k != "overwrite"}, default=str))
+        with output_folder(args.out, args.overwrite, [args.video, *model_inputs(args)],
+                           resume=resume if args.compare else None) as tmp:
+            with progress_printer("reading video", "frame") as report:
+                frames = read_video(args.video, args.start, args.stride, args.frames, args.size, args.square,
+                                    progress=report)
+            if len(frames) < args.frames:
+                warn(f"{args.video} has only {len(frames)} frames from --start {args.start} at --stride "
+                     f"{args.stride}; using {len(frames)}, not --frames {args.frames}")
             fps = args.fps or _source_fps(args.video, args.stride)
-            sd = load_model(args)
+            with progress_printer("loading weights", "part") as report:
+                sd = load_model(args, progress=report)
             sd.encode_prompt(args.prompt)  # an over-long prompt fails here, before minutes of inversion
             input_consistency = _consistency(sd, frames, args.prompt)
             rows = []
             for context in contexts:
                 folder = tmp / context if args.compare else tmp
+                if args.compare and (folder / "metrics.json").is_file():  # finished before an interruption
+                    rows.append(json.loads((folder / "metrics.json").read_text()))
+                    print(f"{context}: kept from the interrupted run", file=sys.stderr)
+                    continue
+                if args.compare:
+                    shutil.rmtree(folder, ignore_errors=True)  # an unfinished context starts over
                 folder.mkdir(exist_ok=True)
                 rows.append(_invert_and_reconstruct(sd, frames, context, args, folder, fps, input_consistency))
             if args.compare:
                 (tmp / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
                 (tmp / "compare.md").write_text(compare_table(rows, args.video))
+        H, W = frames.shape[-2:]
+        print(f"{len(frames)} frames of {W}×{H}, {args.steps} steps", file=sys.stderr)
         for row in rows:
             print(f"{row['context']}: PSNR {row['psnr']:.3f} dB, SSIM {row['ssim']:.4f}", file=sys.stderr)
         print(f"wrote {args.out}", file=sys.stderr)
@@ -69,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stemref.invert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m stemref.invert", description=__doc__.split("\n\nEverything")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("video", type=Path, help="video file (mp4, mov, webm, mkv, gif) or folder of images")
     parser.add_argument("--prompt", required=True, help="a caption of the source video (the inversion prompt)")
     which = parser.add_mutually_exclusive_group()
@@ -82,20 +104,26 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=512, help="longer side in pixels, a multiple of 8 (default 512)")
     parser.add_argument("--square", action="store_true", help="resize the shorter side to --size and crop a square")
     parser.add_argument("--seed", type=int, default=0, help="seeds STEM's random initial bases (default 0)")
-    parser.add_argument("--num-bases", type=int, default=None, help="STEM's K (default 256)")
+    parser.add_argument("--num-bases", type=int, default=None, help=f"STEM's K (default {STEM_BASES})")
     parser.add_argument("--scope", type=int, default=None,
                         help="frames per set of STEM bases (default: the whole video; 8 reproduces the official code)")
     parser.add_argument("--batch", type=int, default=None,
-                        help="frames per UNet call, 1-frame context only (with --compare: its 1-frame run)")
+                        help="frames per UNet call, 1-frame context only (with --compare: its 1-frame run; default: all)")
     parser.add_argument("--fps", type=float, default=None, help="frame rate of the written videos (default: the input's, divided by --stride)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (its files: see above)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if an earlier stemref run wrote it (never another folder)")
     add_model_arguments(parser)
     return parser
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    """Refuse bad settings before reading the video or loading weights."""
+    """Refuse bad settings before reading the video or loading weights; warn about very heavy ones."""
+    if not args.video.exists():
+        raise UserError(f"{args.video}: no such file or folder; check the path (relative paths start at {Path.cwd()})")
+    check_prompt(args.prompt)
+    check_steps(args.steps)
+    check_model_arguments(args)
     if args.size % 8 or args.size < 64:
         raise UserError(f"--size {args.size}: use a multiple of 8 that is at least 64 (SD works on 8× smaller "
                         "latents), such as 256 or 512")
@@ -119,6 +147,11 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise UserError(f"{flag} must be at least 1, got {value}")
         if not args.compare and args.context != "stem":
             raise UserError(f"{flag} is a STEM option; use it with --context stem (or --compare)")
+    if args.size > HEAVY_SIZE:
+        warn(f"--size {args.size}: SD1.5 was trained at 512 px; each frame costs about {(args.size / 512) ** 2:.0f}× "
+             "the time of a 512 px frame, and attention over all frames much more memory: expect hours")
+    if (args.num_bases or 0) > HEAVY_BASES:
+        warn(f"--num-bases {args.num_bases}: STEM uses {STEM_BASES}; the EM's time and memory grow with K")
 
 
 def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: str, args: argparse.Namespace,
@@ -129,10 +162,12 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
     batch = args.batch if context == "1-frame" else None
     _reset_peak_memory(sd.device)
     started = _clock(sd.device)
-    inversion = invert(sd, frames, args.prompt, args.steps, context, seed=args.seed, batch=batch,
-                       progress=progress_printer(f"{context} inversion"), **options)
+    with progress_printer(f"{context} inversion") as report:
+        inversion = invert(sd, frames, args.prompt, args.steps, context, seed=args.seed, batch=batch,
+                           progress=report, **options)
     inverted = _clock(sd.device)
-    recon = reconstruct(sd, inversion, batch=batch, progress=progress_printer(f"{context} reconstruction")).cpu()
+    with progress_printer(f"{context} reconstruction") as report:
+        recon = reconstruct(sd, inversion, batch=batch, progress=report).cpu()
     finished = _clock(sd.device)
     peak, measure = _peak_memory(sd.device)
 
