@@ -370,15 +370,19 @@ class progress_printer:  # noqa: N801 (a function to its callers: progress=progr
 
     def __call__(self, done: int, total: int) -> None:
         elapsed = time.monotonic() - self.started
-        line = f"\r{self.label}: {done}/{total} {self.unit}s"
+        text = f"{self.label}: {done}/{total} {self.unit}s"
         if done:
             per = elapsed / done
-            line += f", {per:.2f} s/{self.unit}, " + (f"ETA {_duration(per * (total - done))}" if done < total
+            text += f", {per:.2f} s/{self.unit}, " + (f"ETA {_duration(per * (total - done))}" if done < total
                                                       else f"{_duration(elapsed)} in all")
-        print(f"{line:<79}", end="", file=sys.stderr, flush=True)
-        self.open = True
+        self.show(text)
         if done >= total:
             self.end()
+
+    def show(self, text: str) -> None:
+        """Redraw the line with any text (the downloader shows bytes and rates)."""
+        print(f"\r{text:<79}", end="", file=sys.stderr, flush=True)
+        self.open = True
 
     def end(self) -> None:
         if self.open:
