@@ -10,11 +10,15 @@ input exits with code 2, one message, and no output at all.
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import math
 import os
 import runpy
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,12 +30,16 @@ import torch
 from PIL import Image
 
 import stemref
+import stemref.context
+import stemref.inversion
+import stemref.sampling
+import stemref.download as download_module
 from stemref.cli import MARKER
 from stemref.cli import invert as invert_cli
 from stemref.cli import txt2img as txt2img_cli
 from stemref.inversion import Inversion, invert, reconstruct
 from stemref.sampling import txt2img
-from stemref.video import read_video, write_video
+from stemref.video import read_video, save_frames, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a mallard swimming in a pond"
@@ -295,3 +303,224 @@ def test_example_invert_reconstruct(tiny_root, clip, tmp_path, monkeypatch, caps
 def test_examples_hint_at_missing_weights(tmp_path, monkeypatch, name, argv):
     with pytest.raises(SystemExit, match="python -m stemref.download"):
         run_example(name, [str(tmp_path / "nowhere"), *argv], monkeypatch)
+
+
+# ---------------------------------------------------------------------------------------------------
+# issue 6: no data loss, arguments checked before work, one-line errors, no silent wrong results
+# ---------------------------------------------------------------------------------------------------
+
+
+def invert_args(video: Path, out: Path, weights: Path, *extra: str) -> list[str]:
+    return [str(video), "--prompt", PROMPT, "--context", "1-frame", "--weights", str(weights), "--out", str(out),
+            *FAST, "--steps", "1", "--frames", "2", *extra]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def user_clips(tiny_root, tmp_path) -> Path:
+    """A user's folder: extracted frames (PNG) and the weights, side by side."""
+    clips = tmp_path / "clips"
+    frames = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    save_frames(clips / "frames", frames)
+    shutil.copytree(tiny_root, clips / "weights")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "thesis.tex").write_text("years of work")
+    return clips
+
+
+@pytest.mark.parametrize("out, message", [
+    ("clips/frames", "is the input"),  # --out equal to the input frame folder
+    ("clips", "contains the input"),  # --out holding the frames and the weights
+    ("clips/weights", "is the input"),
+    ("home", "not written by stemref"),  # a folder of the user's that holds no input
+])
+def test_overwrite_never_deletes_what_stemref_did_not_write(user_clips, tmp_path, capsys, out, message):
+    before = snapshot(tmp_path)
+    code = invert_cli.main(invert_args(user_clips / "frames", tmp_path / out, user_clips / "weights", "--overwrite"))
+    assert code == 2
+    assert message in error_line(capsys.readouterr().err)
+    assert snapshot(tmp_path) == before
+
+
+def test_txt2img_out_equal_to_the_weights_file_is_refused(tmp_path, capsys):
+    weights = tmp_path / "model.png"  # a single-file checkpoint under an image name, to reach the check
+    weights.write_bytes(b"weights")
+    code = txt2img_cli.main(["--weights", str(weights), "--prompt", "a fox", "--out", str(weights), "--overwrite"])
+    assert code == 2 and "is the input" in error_line(capsys.readouterr().err)
+    assert weights.read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_exit_with_their_codes_and_leave_nothing(tiny_root, clip, tmp_path, monkeypatch, capsys,
+                                                                     signum, code):
+    def interrupted_reconstruct(*args, **kwargs):
+        os.kill(os.getpid(), signum)  # delivered to this (the main) thread before the next line runs
+        raise AssertionError("the signal did not interrupt")
+
+    monkeypatch.setattr(invert_cli, "reconstruct", interrupted_reconstruct)
+    assert invert_cli.main(invert_args(clip, tmp_path / "results" / "run", tiny_root)) == code
+    err = capsys.readouterr().err
+    assert err.endswith("\ninterrupted; partial output was removed\n")  # on its own line, after the progress
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_stale_partial_folders_of_killed_runs_are_removed(tiny_root, clip, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    marker = {"written_by": "stemref", "host": host, "resume": None}
+    folders = {".run.00000000.partial": {**marker, "pid": int(dead.stdout)},  # killed: removed
+               ".old.11111111.partial": {**marker, "pid": os.getppid()},  # a run still going: kept
+               ".mine.22222222.partial": None}  # no marker, not stemref's: kept
+    for name, info in folders.items():
+        (tmp_path / name).mkdir()
+        if info:
+            (tmp_path / name / MARKER).write_text(json.dumps(info))
+    assert invert_cli.main(invert_args(clip, tmp_path / "run", tiny_root)) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mine.22222222.partial", ".old.11111111.partial", "run"]
+
+
+def test_compare_resumes_the_contexts_that_finished(tiny_root, clip, tmp_path, monkeypatch, capsys):
+    real, ran = invert_cli._invert_and_reconstruct, []
+
+    def interrupted_at_all_frame(sd, frames, context, *args):
+        ran.append(context)
+        if context == "all-frame" and len(ran) == 3:
+            raise KeyboardInterrupt
+        return real(sd, frames, context, *args)
+
+    monkeypatch.setattr(invert_cli, "_invert_and_reconstruct", interrupted_at_all_frame)
+    out = tmp_path / "compare"
+    args = [str(clip), "--prompt", PROMPT, "--compare", "--num-bases", "8", "--weights", str(tiny_root),
+            "--out", str(out), *FAST, "--steps", "1", "--frames", "2"]
+    assert invert_cli.main(args) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    kept = tmp_path / ".compare.resume"
+    assert sorted(p.name for p in kept.iterdir()) == [MARKER, "1-frame", "2-frame", "all-frame"]
+    assert not (kept / "all-frame" / "metrics.json").exists()  # unfinished: the rerun starts it over
+    first = snapshot(kept / "1-frame")
+    assert invert_cli.main(args) == 0
+    assert ran == ["1-frame", "2-frame", "all-frame", "all-frame", "stem"]  # the rerun did only what was left
+    assert snapshot(out / "1-frame") == first
+    assert [row["context"] for row in json.loads((out / "compare.json").read_text())] == list(stemref.context.CONTEXTS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "2000"], "--steps 2000"),
+    (["--device", "cuda"], "--device cpu"),
+    (["--prompt", "a duck \udcff"], "--prompt is not valid UTF-8"),
+    (["--out", "{file}/run"], "is a file"),
+    (["--config", "{file}"], "--config"),
+])
+def test_invert_checks_every_argument_before_reading_or_loading(tiny_root, clip, tmp_path, monkeypatch, capsys,
+                                                               args, message):
+    def too_late(*args, **kwargs):
+        raise AssertionError("reached a slow stage with a bad argument")
+
+    monkeypatch.setattr(invert_cli, "read_video", too_late)
+    monkeypatch.setattr(invert_cli, "load_model", too_late)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only torch, even on a GPU machine
+    (tmp_path / "file").write_text("a file")
+    args = [a.format(file=tmp_path / "file") for a in args]
+    assert invert_cli.main([*invert_args(clip, tmp_path / "out", tiny_root), *args]) == 2
+    assert message in error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--guidance", "nan"], "guidance must be a finite number"),
+    (["--steps", "0"], "--steps 0"),
+    (["--size", "64", "60"], "multiples of 8"),
+    (["--negative-prompt", "\udcff"], "--negative-prompt is not valid UTF-8"),
+    (["--out", "{tmp}/existing.png"], "exists; choose another name or pass --overwrite"),
+    (["--out", "{tmp}/folder.png"], "is a folder"),
+])
+def test_txt2img_checks_every_argument_before_loading(tiny_root, tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.setattr(txt2img_cli, "load_model", lambda *a, **k: pytest.fail("loaded with a bad argument"))
+    (tmp_path / "existing.png").write_bytes(b"an earlier image")
+    (tmp_path / "folder.png").mkdir()
+    args = [a.format(tmp=tmp_path) for a in args]
+    code = txt2img_cli.main(["--weights", str(tiny_root), "--prompt", "a fox", "--out", str(tmp_path / "fox.png"),
+                             "--device", "cpu", *args])
+    assert code == 2 and message in error_line(capsys.readouterr().err)
+    assert snapshot(tmp_path) == {"existing.png": b"an earlier image"}
+
+
+def test_txt2img_replaces_an_existing_file_only_with_overwrite(tiny_root, tmp_path):
+    out = tmp_path / "fox.png"
+    out.write_bytes(b"an earlier image")
+    args = ["--weights", str(tiny_root), "--prompt", "a fox", "--steps", "1", "--size", "64", "--out", str(out),
+            "--device", "cpu", "--overwrite"]
+    assert txt2img_cli.main(args) == 0
+    assert Image.open(out).size == (64, 64)
+
+
+def test_a_short_clip_is_used_whole_and_the_count_reported(tiny_root, clip, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert invert_cli.main([*invert_args(clip, out, tiny_root), "--frames", "10"]) == 0
+    err = capsys.readouterr().err
+    assert "has only 4 frames" in err and "using 4, not --frames 10" in err
+    assert "4 frames of 64×48" in err
+    assert json.loads((out / "metrics.json").read_text())["frames"] == 4
+
+
+@pytest.mark.parametrize("command", ["invert", "txt2img"])
+def test_non_finite_results_are_refused_not_written(tiny_root, clip, tmp_path, monkeypatch, capsys, command):
+    """fp16 overflow gives NaN noise predictions; before, invert saved NaN latents and txt2img a black PNG."""
+    def nan_noise(sd, x, *args):
+        return torch.full_like(x, float("nan"))
+
+    monkeypatch.setattr(stemref.inversion, "predict_noise", nan_noise)
+    monkeypatch.setattr(stemref.sampling, "predict_noise", nan_noise)
+    if command == "invert":
+        code = invert_cli.main(invert_args(clip, tmp_path / "run", tiny_root))
+    else:
+        code = txt2img_cli.main(["--weights", str(tiny_root), "--prompt", "a fox", "--steps", "1", "--size", "64",
+                                 "--out", str(tmp_path / "fox.png"), "--device", "cpu"])
+    assert code == 2
+    line = error_line(capsys.readouterr().err)
+    assert "NaN or infinite" in line and "--dtype fp32" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_config_with_wrong_types_is_one_line(tiny_root, clip, tmp_path, capsys):
+    weights = shutil.copytree(tiny_root, tmp_path / "sd")
+    config = json.loads((weights / "unet" / "config.json").read_text())
+    (weights / "unet" / "config.json").write_text(json.dumps({**config, "layers_per_block": "2"}))
+    assert invert_cli.main(invert_args(clip, tmp_path / "run", weights)) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "unet/config.json" in line and "layers_per_block" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sd"]
+
+
+def test_output_files_all_get_the_same_permissions(stem_run):
+    modes = {p.name: p.stat().st_mode & 0o777 for p in stem_run.iterdir()}
+    assert len(set(modes.values())) == 1, modes
+
+
+@pytest.mark.parametrize("module, outputs", [
+    (invert_cli, ["inversion.safetensors", "reconstruction.mp4", "side_by_side.mp4", "metrics.json", "compare.md"]),
+    (txt2img_cli, [".png"]),
+    (download_module, ["weights/README.md"]),
+])
+def test_help_lists_defaults_and_outputs(module, outputs, monkeypatch, capsys):
+    parsers = []
+    real_parse = argparse.ArgumentParser.parse_args
+
+    def keep(self, *args, **kwargs):
+        parsers.append(self)
+        return real_parse(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", keep)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in outputs)
+    for action in parsers[0]._actions:  # every option that has a default says what it is
+        if action.option_strings and not action.required and action.nargs != 0:
+            assert "default" in (action.help or ""), action.option_strings

@@ -125,7 +125,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, type=Path,
                         help="diffusers SD1.5 folder or original .safetensors file (get one: python -m stemref.download)")
     parser.add_argument("--config", type=Path, default=None,
-                        help="for a single .safetensors file of another size: a diffusers folder with its config.json files")
+                        help="for a single .safetensors file of another size: a diffusers folder with its config.json files "
+                             "(default: SD1.5's configs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on GPU, fp32 on CPU")
