@@ -55,7 +55,7 @@ def safetensors_problem(path: Path) -> str | None:
     with open(path, "rb") as f:
         prefix = f.read(8)
         n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        header = f.read(min(n, MAX_HEADER)) if 0 < n <= MAX_HEADER else b""
+        header = f.read(min(n, MAX_HEADER)) if 0 < n <= MAX_HEADER else f.read(32)
     if header[:1] == b"{" and 8 + n > size:
         return f"a safetensors file cut short (its header alone needs {8 + n} bytes, it has {size}): incomplete"
     try:
@@ -69,6 +69,6 @@ def safetensors_problem(path: Path) -> str | None:
         return f"a safetensors file of the wrong length (its header promises {8 + n + end} bytes, it has {size}): " \
                "incomplete or damaged"
     for magic, what in FOREIGN_FORMATS:
-        if prefix.lstrip().startswith(magic):
+        if (prefix + header).lstrip().startswith(magic):
             return what
     return f"not a safetensors file ({size} bytes that do not start with a safetensors header)"
