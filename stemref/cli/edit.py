@@ -8,7 +8,8 @@
         OUT/metrics.json           frame count, temporal consistency of the source and of each edit, timings
 
 Settings come from, in rising priority: the defaults, `--config FILE.toml` (each option under its long name
-with underscores, e.g. `pnp_attn = 0.5`; `target` is a list) and the command line.
+with underscores, e.g. `pnp_attn = 0.5`; `target` is a list; relative paths are relative to the file) and
+the command line.
 
 The inversion (and any other costly preparation shared by all targets) is cached under --cache, keyed by
 everything it depends on (the frames, prompt, steps, context and its options, seed, weights, dtype): a
@@ -108,6 +109,7 @@ COMMON = (
     Option("negative", str, None, "negative prompt of the edit (default: the method's)"),
     Option("seed", int, 1, "seeds every random choice (STEM's initial bases, keyframes)"),
     Option("fps", float, None, "frame rate of the written videos (default: the input's, divided by --stride)"),
+    Option("format", str, "mp4", "written videos: mp4 (H.264, plays everywhere) or mkv (lossless FFV1)", ("mp4", "mkv")),
     Option("weights", Path, DEFAULT_WEIGHTS, "SD1.5 diffusers folder or .safetensors file; downloaded here if missing"),
     Option("offline", bool, False, "never download: fail with the download command when --weights is missing"),
     Option("hub_url", str, DEFAULT_BASE_URL, "Hugging Face hub (or mirror) to download missing weights from"),
@@ -275,7 +277,7 @@ def _typed(o: Option, value: Any, path: Path) -> Any:
     if o.type is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if o.type is Path and isinstance(value, str):
-        return Path(value)
+        return path.parent / Path(value).expanduser()  # relative to the TOML file, not to where the command runs
     if not isinstance(value, o.type) or isinstance(value, bool):
         raise bad
     return value
@@ -410,13 +412,14 @@ def read_frames(s: dict[str, Any]) -> torch.Tensor:
 def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: float) -> None:
     s, sd, frames = job.settings, job.sd, job.frames
     fps = s["fps"] or source_fps(Path(s["video"]), s["stride"])
-    names = [f"edit-{i + 1:02d}-{_slug(t)}.mp4" for i, t in enumerate(s["target"])]
+    suffix = "." + s["format"]
+    names = [f"edit-{i + 1:02d}-{_slug(t)}{suffix}" for i, t in enumerate(s["target"])]
     with job.progress("writing videos", unit="file") as report:
-        write_video(folder / "source.mp4", frames, fps)
+        write_video(folder / f"source{suffix}", frames, fps)
         for i, (name, edited) in enumerate(zip(names, edits)):
             write_video(folder / name, edited, fps)
             report(i + 1, len(edits) + 1)
-        write_video(folder / "side_by_side.mp4", side_by_side(frames, *edits), fps)
+        write_video(folder / f"side_by_side{suffix}", side_by_side(frames, *edits), fps)
         report(len(edits) + 1, len(edits) + 1)
     (folder / "config.toml").write_text(to_toml(s))
     with job.progress("metrics", unit="video") as report:
@@ -430,7 +433,7 @@ def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: fl
     peak, measure = peak_memory(sd.device)
     metrics = {
         "frames": len(frames), "size": list(frames.shape[-2:]), "fps": fps, "method": s["method"],
-        "source": {"prompt": s["source"], "file": "source.mp4", "consistency": source_consistency},
+        "source": {"prompt": s["source"], "file": f"source{suffix}", "consistency": source_consistency},
         "edits": rows,
         "consistency_measure": "mean cosine similarity of consecutive frames' last-decoder-layer UNet features",
         "seconds": {"inversion": job.timings.get("inversion"), "total": clock(sd.device) - started},
