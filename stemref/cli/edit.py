@@ -126,6 +126,8 @@ TOKENFLOW = (
     Option("pnp_attn", float, 0.5, "TokenFlow: fraction of steps with self-attention q/k injection"),
     Option("pnp_conv", float, 0.8, "TokenFlow: fraction of steps with ResNet feature injection"),
     Option("freeu", bool, True, "FreeU with STEM's settings (b1 1.2, b2 1.4, s1 0.9, s2 0.2)"),
+    Option("blend", str, "official", "TokenFlow: how a frame mixes two keyframes: the official sigmoid of distances "
+           "to batch centres, or linear in the distances to the sampled keyframes", tokenflow.BLENDS),
 )
 
 
@@ -163,7 +165,8 @@ def tokenflow_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
     with job.progress(f"TokenFlow: {_short(target)}") as report:
         latents = tokenflow.edit_latents(job.sd, inversion, target, negative_prompt=s["negative"],
                                          guidance=s["guidance"], batch=s["batch"], pnp_attn=s["pnp_attn"],
-                                         pnp_conv=s["pnp_conv"], freeu=s["freeu"], seed=s["seed"], progress=report)
+                                         pnp_conv=s["pnp_conv"], freeu=s["freeu"], seed=s["seed"], blend=s["blend"],
+                                         progress=report)
     return decode(job, latents)
 
 
