@@ -359,6 +359,15 @@ def test_keyframe_blend_variant_runs_and_differs(tiny_sd, inversion):
     assert variant.shape == official.shape and not torch.allclose(variant, official)
 
 
+def test_negative_prompt_is_inert_at_guidance_one(tiny_sd, inversion):
+    """notes §6.8: at guidance 1 the unconditional branch cancels (up to rounding); it never enters the update."""
+    a = tokenflow.edit_latents(tiny_sd, inversion, TARGET, guidance=1.0, batch=2, negative_prompt="")
+    b = tokenflow.edit_latents(tiny_sd, inversion, TARGET, guidance=1.0, batch=2, negative_prompt="blurry")
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    c = tokenflow.edit_latents(tiny_sd, inversion, TARGET, guidance=7.5, batch=2, negative_prompt="blurry")
+    assert not torch.allclose(a, c)
+
+
 def test_deterministic_and_seeded(tiny_sd, inversion):
     a = tokenflow.edit_latents(tiny_sd, inversion, TARGET, batch=2, seed=3, freeu=True)
     b = tokenflow.edit_latents(tiny_sd, inversion, TARGET, batch=2, seed=3, freeu=True)
