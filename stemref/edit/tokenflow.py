@@ -87,7 +87,8 @@ class KeyframeAttention:
         source = sdpa(q[:K], k[:K], v[:K], call)  # (K, h, N, d)
         edited = self.extended(q[K:], k[K:], v[K:], call)  # (2K, h, N, d): each branch its own video
         out = torch.cat([source, edited])  # (3K, h, N, d)
-        self.cache[call.name] = KeyframeFeatures(call.x[:K], out.view(3, K, *out.shape[1:]))
+        # a copy of the source rows: a view would keep all three branches' inputs alive until the step ends
+        self.cache[call.name] = KeyframeFeatures(call.x[:K].clone(), out.view(3, K, *out.shape[1:]))
         return out
 
 
