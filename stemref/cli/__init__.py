@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
+from ..config import DDIMConfig, NotSD1Error
 from ..loading import WeightsError, load
 from ..pipeline import StableDiffusion
 from ..scheduler import DDIMScheduler
-from ..config import DDIMConfig, NotSD1Error
 from ..tokenizer import TokenizerFilesError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}  # fp64: exact CPU checks

@@ -19,25 +19,22 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
-import av
 import torch
 
 from . import (UserError, add_model_arguments, check_model_arguments, check_prompt, check_steps, load_model,
                model_inputs, output_folder, progress_printer, run, warn)
+from .measure import FEATURE_TIMESTEP, clock, consistency, peak_memory, reset_peak_memory, source_fps
 from ..context import CONTEXTS
 from ..inversion import invert, reconstruct
-from ..metrics import LAST_DECODER_SELF_ATTENTION, psnr, ssim, temporal_consistency, unet_features
+from ..metrics import LAST_DECODER_SELF_ATTENTION, psnr, ssim
 from ..pipeline import StableDiffusion
 from ..video import read_video, side_by_side, write_video
 
-DEFAULT_FPS = 8.0  # for image folders, which carry no frame rate
 STEM_BASES = 256
 HEAVY_SIZE, HEAVY_BASES = 1024, 4096  # above these, warn that the run will take very long or run out of memory
-FEATURE_TIMESTEP = 1  # unet_features' default: clean latents at the first DDIM timestep
 LABELS = {"1-frame": "DDIM inversion (1-frame)", "2-frame": "DDIM inversion (2-frame)",
           "all-frame": "DDIM inversion (all-frame)", "stem": "STEM inversion"}
 # STEM supplement, Table A3: mean of 5 videos, real SD1.5 weights (PSNR dB, SSIM)
@@ -61,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             if len(frames) < args.frames:
                 warn(f"{args.video} has only {len(frames)} frames from --start {args.start} at --stride "
                      f"{args.stride}; using {len(frames)}, not --frames {args.frames}")
-            fps = args.fps or _source_fps(args.video, args.stride)
+            fps = args.fps or source_fps(args.video, args.stride)
             with progress_printer("loading weights", "part") as report:
                 sd = load_model(args, progress=report)
             sd.encode_prompt(args.prompt)  # an over-long prompt fails here, before minutes of inversion
-            input_consistency = _consistency(sd, frames, args.prompt)
+            input_consistency = consistency(sd, frames, args.prompt)
             rows = []
             for context in contexts:
                 folder = tmp / context if args.compare else tmp
@@ -160,16 +157,16 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
     options = {} if context != "stem" else {key: value for key, value in
                                             (("num_bases", args.num_bases), ("scope", args.scope)) if value}
     batch = args.batch if context == "1-frame" else None
-    _reset_peak_memory(sd.device)
-    started = _clock(sd.device)
+    reset_peak_memory(sd.device)
+    started = clock(sd.device)
     with progress_printer(f"{context} inversion") as report:
         inversion = invert(sd, frames, args.prompt, args.steps, context, seed=args.seed, batch=batch,
                            progress=report, **options)
-    inverted = _clock(sd.device)
+    inverted = clock(sd.device)
     with progress_printer(f"{context} reconstruction") as report:
         recon = reconstruct(sd, inversion, batch=batch, progress=report).cpu()
-    finished = _clock(sd.device)
-    peak, measure = _peak_memory(sd.device)
+    finished = clock(sd.device)
+    peak, measure = peak_memory(sd.device)
 
     inversion.save(folder / "inversion.safetensors")
     write_video(folder / "reconstruction.mp4", recon, fps)
@@ -179,7 +176,7 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
         "psnr": psnr(recon, frames),
         "ssim": ssim(recon, frames),
         # cosine similarity of consecutive frames' last-decoder-layer features (metrics.temporal_consistency)
-        "consistency": {"reconstruction": _consistency(sd, recon, args.prompt), "input": input_consistency},
+        "consistency": {"reconstruction": consistency(sd, recon, args.prompt), "input": input_consistency},
         "seconds": {"inversion": inverted - started, "reconstruction": finished - inverted},
         "peak_memory_bytes": peak,
         "peak_memory_measure": measure,
@@ -193,11 +190,6 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
     }
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
-
-
-def _consistency(sd: StableDiffusion, frames: torch.Tensor, prompt: str) -> float | None:
-    """Temporal consistency of a video's UNet features (None for a single frame: nothing to compare)."""
-    return temporal_consistency(unet_features(sd, frames, prompt, t=FEATURE_TIMESTEP)) if len(frames) > 1 else None
 
 
 def compare_table(rows: list[dict], video: Path) -> str:
@@ -238,42 +230,6 @@ def _number(value: float | None, digits: int) -> str:
 
 def _bytes(n: int | None) -> str:
     return "–" if n is None else f"{n / 2**30:.2f} GiB"
-
-
-def _source_fps(path: Path, stride: int) -> float:
-    """The clip's frame rate over the stride, so the outputs play at the input's speed; 8 for image folders."""
-    if path.is_dir():
-        return DEFAULT_FPS
-    try:
-        with av.open(str(path)) as container:
-            rate = container.streams.video[0].average_rate
-    except (av.FFmpegError, IndexError):
-        return DEFAULT_FPS
-    return min(float(rate) / stride, 1000.0) if rate else DEFAULT_FPS
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # GPU work is asynchronous: wait for it before reading the clock
-    return time.perf_counter()
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_memory(device: torch.device) -> tuple[int | None, str]:
-    """(bytes, what was measured) for the inversion and reconstruction just run."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated during the run"
-    try:
-        import resource  # Unix only
-    except ImportError:
-        return None, "not measured on this platform"
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes; the peak cannot be reset, so later --compare rows include earlier ones
-    return (peak if sys.platform == "darwin" else peak * 1024), "peak resident memory of the process so far"
 
 
 if __name__ == "__main__":
