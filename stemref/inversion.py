@@ -131,12 +131,13 @@ def _checked(latents: torch.Tensor, meta: dict, path: Path) -> Inversion:
 
 def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 50, context: str = "stem",
            guidance: float = 1.0, layers: str = SELF_ATTENTION, seed: int = 0, batch: int | None = None,
-           progress: Progress | None = None, **options) -> Inversion:
+           progress: Progress | None = None, vae_progress: Progress | None = None, **options) -> Inversion:
     """DDIM-invert `frames` (F, 3, H, W) in [0, 1] under `context` in the layers matching `layers`.
 
     `guidance` 1 (the default, as STEM and TokenFlow invert) uses the prompt only. `batch` bounds memory for
     the 1-frame context by running that many frames per UNet call; the other contexts need every frame in
-    one call. `options` go to the context (for "stem": num_bases, iters, tau, scope, chunk).
+    one call. `options` go to the context (for "stem": num_bases, iters, tau, scope, chunk). `progress`
+    follows the DDIM steps, `vae_progress` the frames through the VAE encoder.
     """
     check_encodable(frames)
     settings = InversionSettings(prompt, steps, context, guidance, layers, seed, options)
@@ -144,7 +145,7 @@ def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 
     # everything that can refuse the settings runs before the (slow) VAE encode
     timesteps = sd.scheduler.timesteps(steps).flip(0).tolist()  # ascending
     eps_fn, chooser = _noise_fn(sd, settings, batch), _chooser(sd, settings, frames)
-    x = sd.encode_frames(frames)
+    x = sd.encode_frames(frames, progress=vae_progress)
     with sd.unet.attention(chooser):
         path = ddim_inversion_loop(sd.scheduler, x, eps_fn, steps, progress)
     latents = torch.stack(path)  # (S + 1, F, 4, h, w)
@@ -153,8 +154,11 @@ def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 
 
 
 def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = None,
-                progress: Progress | None = None) -> torch.Tensor:
-    """Denoise x_T back to frames (F, 3, H, W) with the inversion's prompt, guidance and context."""
+                progress: Progress | None = None, vae_progress: Progress | None = None) -> torch.Tensor:
+    """Denoise x_T back to frames (F, 3, H, W) with the inversion's prompt, guidance and context.
+
+    `progress` follows the DDIM steps, `vae_progress` the frames through the VAE decoder.
+    """
     s = inversion.settings
     _check_settings(s, batch)
     # the stored timesteps, not settings.steps, define the path (they agree for every file invert wrote)
@@ -166,7 +170,7 @@ def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = N
         x = ddim_sample_loop(sd.scheduler, inversion.x_T.to(sd.device, sd.dtype), _noise_fn(sd, s, batch), steps,
                              progress=progress)
     check_finite(x, "the reconstructed latents", NON_FINITE_HINT)
-    return sd.decode_latents(x)
+    return sd.decode_latents(x, progress=vae_progress)
 
 
 def _check_settings(s: InversionSettings, batch: int | None) -> None:

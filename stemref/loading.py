@@ -28,7 +28,7 @@ from .vae import AutoencoderKL
 GET_WEIGHTS = ("Get SD1.5 in safetensors form with `python -m stemref.download --to weights/sd15` "
                "(see weights/README.md), then pass that folder.")
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
-CONFIG_HINT = "Models of other sizes need their config.json files: load(file, config=FOLDER), or --config FOLDER."
+CONFIG_HINT = "Models of other sizes need their config.json files: load(file, config=FOLDER), or --model-config FOLDER."
 # The stock SD1.5 VAE ships its bottleneck attention under pre-2023 diffusers names.
 LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 

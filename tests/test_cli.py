@@ -414,7 +414,7 @@ def test_compare_resumes_the_contexts_that_finished(tiny_root, clip, tmp_path, m
     (["--device", "cuda"], "--device cpu"),
     (["--prompt", "a duck \udcff"], "--prompt is not valid UTF-8"),
     (["--out", "{file}/run"], "is a file"),
-    (["--config", "{file}"], "--config"),
+    (["--model-config", "{file}"], "--model-config"),
 ])
 def test_invert_checks_every_argument_before_reading_or_loading(tiny_root, clip, tmp_path, monkeypatch, capsys,
                                                                args, message):
@@ -524,3 +524,24 @@ def test_help_lists_defaults_and_outputs(module, outputs, monkeypatch, capsys):
     for action in parsers[0]._actions:  # every option that has a default says what it is
         if action.option_strings and not action.required and action.nargs != 0:
             assert "default" in (action.help or ""), action.option_strings
+
+
+def test_progress_shows_rate_and_eta_and_ends_its_line_before_any_message(monkeypatch, capsys):
+    import stemref.cli as cli
+
+    clock = iter([0.0, 10.0, 12.0, 100.0, 102.0])  # created, two reports (the first after 10 s); again, one report
+    monkeypatch.setattr(cli, "time", type("Clock", (), {"monotonic": staticmethod(lambda: next(clock))}))
+    with pytest.raises(RuntimeError):
+        with cli.progress_printer("denoising") as report:
+            report(1, 4)
+            report(2, 4)
+            raise RuntimeError("stopped mid-stage")
+    print("error: a message", file=sys.stderr)
+    err = capsys.readouterr().err
+    assert err.endswith(" \nerror: a message\n")  # the progress line was ended before the message
+    lines = [line.rstrip() for line in err.split("\r")]
+    assert lines[1] == "denoising: 1/4 steps, 10.00 s/step, ETA 0:30"
+    assert lines[2].split(" \n") == ["denoising: 2/4 steps, 2.00 s/step, ETA 0:04".ljust(78), "error: a message"]
+    with cli.progress_printer("writing", "file") as report:
+        report(1, 1)
+    assert capsys.readouterr().err.split("\r")[1].rstrip(" \n") == "writing: 1/1 files, 2.00 s/file, 0:02 in all"

@@ -454,3 +454,18 @@ def test_reconstruct_checks_its_batch(tiny_sd):
     inv = stemref.invert(tiny_sd, video(2), PROMPT, steps=1, context="all-frame")
     with pytest.raises(ValueError, match="only the 1-frame context"):
         stemref.reconstruct(tiny_sd, inv, batch=1)
+
+
+def test_vae_and_steps_report_progress(tiny_sd):
+    calls = {"encode": [], "steps": [], "decode": []}
+
+    def log(name):
+        return lambda done, total: calls[name].append((done, total))
+
+    frames = video(3)
+    torch.testing.assert_close(tiny_sd.encode_frames(frames, batch=2, progress=log("encode")),
+                               tiny_sd.encode_frames(frames), rtol=0, atol=1e-12)  # batches change only rounding
+    inv = stemref.invert(tiny_sd, frames, PROMPT, steps=2, context="all-frame", progress=log("steps"),
+                         vae_progress=log("encode"))
+    stemref.reconstruct(tiny_sd, inv, progress=log("steps"), vae_progress=log("decode"))
+    assert calls == {"encode": [(2, 3), (3, 3), (3, 3)], "steps": [(1, 2), (2, 2)] * 2, "decode": [(3, 3)]}

@@ -319,7 +319,7 @@ def test_a_config_that_is_not_json_is_refused(tiny_root, tmp_path):
 def test_messages_advise_the_config_flag_that_exists(tiny_root, tmp_path):
     root = shutil.copytree(tiny_root, tmp_path / "sd")
     (root / "unet" / "config.json").unlink()  # SD1.5's default widths do not fit the tiny weights
-    with pytest.raises(stemref.WeightsError, match="--config FOLDER"):
+    with pytest.raises(stemref.WeightsError, match="--model-config FOLDER"):
         stemref.load(root)
 
 

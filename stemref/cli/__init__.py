@@ -124,7 +124,7 @@ def describe_os_error(e: OSError) -> str:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, type=Path,
                         help="diffusers SD1.5 folder or original .safetensors file (get one: python -m stemref.download)")
-    parser.add_argument("--config", type=Path, default=None,
+    parser.add_argument("--model-config", type=Path, default=None,
                         help="for a single .safetensors file of another size: a diffusers folder with its config.json files "
                              "(default: SD1.5's configs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -150,23 +150,23 @@ def check_model_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--device {args.device}: stemref runs on cpu, cuda or mps")
     if not Path(args.weights).expanduser().exists():
         load(args.weights)  # raises the loader's message (how to get weights); cheap when the path is missing
-    if getattr(args, "config", None) is not None and not args.config.is_dir():
-        raise UserError(f"--config {args.config}: give a diffusers folder holding unet/config.json etc.")
+    if getattr(args, "model_config", None) is not None and not args.model_config.is_dir():
+        raise UserError(f"--model-config {args.model_config}: give a diffusers folder holding unet/config.json etc.")
 
 
 def load_model(args: argparse.Namespace, progress: Callable[[int, int], None] | None = None) -> StableDiffusion:
     check_model_arguments(args)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if str(args.device).startswith("cuda") else torch.float32)
     try:
-        return load(args.weights, dtype=dtype, device=args.device, config=getattr(args, "config", None),
+        return load(args.weights, dtype=dtype, device=args.device, config=getattr(args, "model_config", None),
                     progress=progress)
     except (WeightsError, NotSD1Error, TokenizerFilesError) as e:
         raise UserError(str(e)) from e
 
 
 def model_inputs(args: argparse.Namespace) -> list[Path]:
-    """The files an output must never replace: the weights (and --config)."""
-    return [p for p in (args.weights, getattr(args, "config", None)) if p is not None]
+    """The files an output must never replace: the weights (and --model-config)."""
+    return [p for p in (args.weights, getattr(args, "model_config", None)) if p is not None]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -367,15 +367,19 @@ class progress_printer:  # noqa: N801 (a function to its callers: progress=progr
     def __init__(self, label: str, unit: str = "step"):
         self.label, self.unit = label, unit
         self.started = time.monotonic()
+        self.first: tuple[float, int] | None = None  # (time, done) of the first report
         self.open = False
 
     def __call__(self, done: int, total: int) -> None:
-        elapsed = time.monotonic() - self.started
+        now = time.monotonic()
+        self.first = self.first or (now, done)
+        since, before = self.first
+        # the rate from the first report on: the time before it may include another stage (a VAE encode)
+        per = (now - since) / (done - before) if done > before else (now - self.started) / max(done, 1)
         text = f"{self.label}: {done}/{total} {self.unit}s"
         if done:
-            per = elapsed / done
             text += f", {per:.2f} s/{self.unit}, " + (f"ETA {_duration(per * (total - done))}" if done < total
-                                                      else f"{_duration(elapsed)} in all")
+                                                      else f"{_duration(now - self.started)} in all")
         self.show(text)
         if done >= total:
             self.end()
@@ -391,7 +395,6 @@ class progress_printer:  # noqa: N801 (a function to its callers: progress=progr
             self.open = False
 
     def __enter__(self) -> "progress_printer":
-        self.started = time.monotonic()
         return self
 
     def __exit__(self, *exc) -> None:

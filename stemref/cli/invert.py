@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             with progress_printer("loading weights", "part") as report:
                 sd = load_model(args, progress=report)
             sd.encode_prompt(args.prompt)  # an over-long prompt fails here, before minutes of inversion
-            input_consistency = consistency(sd, frames, args.prompt)
+            with progress_printer("input consistency", "frame") as report:
+                input_consistency = consistency(sd, frames, args.prompt, report)
             rows = []
             for context in contexts:
                 folder = tmp / context if args.compare else tmp
@@ -159,15 +160,19 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
     batch = args.batch if context == "1-frame" else None
     reset_peak_memory(sd.device)
     started = clock(sd.device)
-    with progress_printer(f"{context} inversion") as report:
+    with progress_printer(f"{context} VAE encode", "frame") as encoding, \
+            progress_printer(f"{context} inversion") as stepping:
         inversion = invert(sd, frames, args.prompt, args.steps, context, seed=args.seed, batch=batch,
-                           progress=report, **options)
+                           progress=stepping, vae_progress=encoding, **options)
     inverted = clock(sd.device)
-    with progress_printer(f"{context} reconstruction") as report:
-        recon = reconstruct(sd, inversion, batch=batch, progress=report).cpu()
+    with progress_printer(f"{context} reconstruction") as stepping, \
+            progress_printer(f"{context} VAE decode", "frame") as decoding:
+        recon = reconstruct(sd, inversion, batch=batch, progress=stepping, vae_progress=decoding).cpu()
     finished = clock(sd.device)
     peak, measure = peak_memory(sd.device)
 
+    with progress_printer(f"{context} consistency", "frame") as report:
+        recon_consistency = consistency(sd, recon, args.prompt, report)
     inversion.save(folder / "inversion.safetensors")
     write_video(folder / "reconstruction.mp4", recon, fps)
     write_video(folder / "side_by_side.mp4", side_by_side(frames, recon), fps)
@@ -176,7 +181,7 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
         "psnr": psnr(recon, frames),
         "ssim": ssim(recon, frames),
         # cosine similarity of consecutive frames' last-decoder-layer features (metrics.temporal_consistency)
-        "consistency": {"reconstruction": consistency(sd, recon, args.prompt), "input": input_consistency},
+        "consistency": {"reconstruction": recon_consistency, "input": input_consistency},
         "seconds": {"inversion": inverted - started, "reconstruction": finished - inverted},
         "peak_memory_bytes": peak,
         "peak_memory_measure": measure,
