@@ -545,3 +545,39 @@ def test_progress_shows_rate_and_eta_and_ends_its_line_before_any_message(monkey
     with cli.progress_printer("writing", "file") as report:
         report(1, 1)
     assert capsys.readouterr().err.split("\r")[1].rstrip(" \n") == "writing: 1/1 files, 2.00 s/file, 0:02 in all"
+
+
+def test_an_unwritable_out_is_refused_before_any_work(tiny_root, clip, tmp_path, monkeypatch, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # tests may run as root, who may write anywhere: the folder is made unwritable by answering for the OS
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    monkeypatch.setattr(invert_cli, "read_video", lambda *a, **k: pytest.fail("read the video for an unwritable --out"))
+    assert invert_cli.main(invert_args(clip, locked / "run", tiny_root)) == 2
+    assert f"no permission to write in {locked}" in error_line(capsys.readouterr().err)
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, warning", [
+    (["--size", "2048"], "--size 2048: SD1.5 was trained at 512 px"),
+    (["--context", "stem", "--num-bases", "10000"], "--num-bases 10000: STEM uses 256"),
+])
+def test_obviously_heavy_runs_are_warned_about_before_work(tiny_root, clip, tmp_path, monkeypatch, capsys, args,
+                                                          warning):
+    def stop(*a, **k):
+        raise KeyboardInterrupt  # the warning is all this test needs
+
+    monkeypatch.setattr(invert_cli, "read_video", stop)
+    assert invert_cli.main([*invert_args(clip, tmp_path / "run", tiny_root), *args]) == 130
+    assert capsys.readouterr().err.startswith(f"warning: {warning}")
+
+
+def test_out_of_memory_is_one_line(tiny_root, clip, tmp_path, monkeypatch, capsys):
+    def exhausted(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(invert_cli, "invert", exhausted)
+    assert invert_cli.main(invert_args(clip, tmp_path / "run", tiny_root)) == 1
+    assert "out of memory; use a smaller --size" in error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []

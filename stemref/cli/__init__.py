@@ -69,8 +69,8 @@ def run(main: Callable[[], None], failures: tuple[type[BaseException], ...] = ()
             return _fail(str(e), EXIT_USAGE)
         except OSError as e:
             return _fail(describe_os_error(e), EXIT_FAILURE)
-        except MemoryError:
-            return _fail("out of memory; use a smaller --size or fewer --frames", EXIT_FAILURE)
+        except (MemoryError, torch.OutOfMemoryError):
+            return _fail("out of memory; use a smaller --size, fewer --frames, or fp16 on a GPU", EXIT_FAILURE)
         except failures as e:
             return _fail(str(e), EXIT_FAILURE)
         except KeyboardInterrupt as e:
