@@ -26,7 +26,8 @@ CLIP_SCORE_SCALE = 100  # papers print cosine similarities × 100
 @torch.no_grad()
 def clip_score(frames: torch.Tensor, prompt: torch.Tensor) -> float:
     """100 × the mean cosine similarity between each frame's embedding (F, P) and a prompt's (P,)."""
-    frames, prompt = _unit(frames, "clip_score: frames"), _unit_prompt(prompt, frames, "clip_score")
+    frames = _unit(frames, "clip_score: frames")
+    prompt = _unit_prompt(prompt, frames, "clip_score")
     return (CLIP_SCORE_SCALE * (frames @ prompt).mean()).item()
 
 
@@ -35,7 +36,7 @@ def frame_accuracy(frames: torch.Tensor, target: torch.Tensor, source: torch.Ten
     """Fraction of frames (F, P) whose embedding is strictly closer (cosine) to `target` (P,) than to `source` (P,)."""
     frames = _unit(frames, "frame_accuracy: frames")
     target, source = (_unit_prompt(p, frames, f"frame_accuracy: {name}") for name, p in (("target", target), ("source", source)))
-    return (frames @ target > frames @ source).float().mean().item()
+    return (frames @ target > frames @ source).sum().item() / frames.shape[0]
 
 
 @torch.no_grad()
