@@ -26,14 +26,22 @@ class UserError(Exception):
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, type=Path,
                         help="diffusers SD1.5 folder or original .safetensors file (get one: python -m stemref.download)")
+    add_device_arguments(parser)
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on GPU, fp32 on CPU")
 
 
+def chosen_dtype(args: argparse.Namespace) -> torch.dtype:
+    """--dtype, else fp16 on a GPU and fp32 on the CPU."""
+    return DTYPES[args.dtype] if args.dtype else (torch.float16 if str(args.device).startswith("cuda") else torch.float32)
+
+
 def load_model(args: argparse.Namespace) -> StableDiffusion:
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if str(args.device).startswith("cuda") else torch.float32)
     try:
-        return load(args.weights, dtype=dtype, device=args.device)
+        return load(args.weights, dtype=chosen_dtype(args), device=args.device)
     except (WeightsError, NotSD1Error) as e:
         raise UserError(str(e)) from e
 
