@@ -16,10 +16,11 @@ How each method plugs in (all through `UNet2DConditionModel.set_attention`):
   K bases by EM, and lets every frame's queries attend to the bases.
 - 1-frame / 2-frame / all-frame DDIM inversion: processors that rebuild k, v from the frame itself,
   from the first and previous frames, or from every frame, using `call.info.frames`.
-- TokenFlow: keyframe extended attention is a frame-context processor; PnP Q/K injection copies the
-  source branch's q, k rows over the edited branches' rows (the branch layout is in RunInfo); the
-  propagation of block outputs is block-level and uses a forward hook on `BasicTransformerBlock`,
-  which receives the same RunInfo as a keyword argument.
+- TokenFlow: keyframe extended attention is a processor (per-frame for the source branch, all-frame
+  across the keyframes for the edited branches); plug-and-play injection copies the source branch's
+  q, k over the edited branches' in the layers named by `RunInfo.inject`; token propagation is a
+  processor that computes no attention at all: it matches the layer's input tokens (`AttnCall.x`)
+  to the keyframes' and gathers their attention outputs.
 - FateZero: a processor that computes probabilities explicitly, stores them under (name, step)
   during inversion and fuses them during editing; `call.info.hw` reshapes maps to the latent grid.
 - EI²'s FFAM: a processor on self-attention that reweights the attention with frame-level terms.
@@ -50,6 +51,9 @@ class RunInfo:
     frames: int = 1  # frames per branch: the batch holds B = branches * frames rows
     step: int | None = None  # index into the sampler's timesteps (0 = first call of the loop)
     hw: tuple[int, int] | None = None  # latent grid at this layer, filled in by Transformer2DModel
+    # Plug-and-play injection: layers (ResNets, by checkpoint name: their residual; attention layers: their
+    # q and k) in which branch 0, the source video, hands its features to every other branch in this call.
+    inject: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class AttnCall:
     name: str  # checkpoint prefix, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
     is_cross: bool
     info: RunInfo
+    x: torch.Tensor | None = None  # the layer's input tokens (B, N, C) before the projections
 
 
 class Processor(Protocol):
@@ -76,10 +81,19 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def split_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
-    """(B·F, h, N, d) rows laid out branch-major -> (B, F, h, N, d)."""
+    """(B·F, ...) rows laid out branch-major -> (B, F, ...), e.g. (B·F, h, N, d) -> (B, F, h, N, d)."""
     if x.shape[0] % frames:
         raise ValueError(f"batch of {x.shape[0]} rows is not a whole number of {frames}-frame videos")
-    return x.view(x.shape[0] // frames, frames, *x.shape[1:])  # (B, F, h, N, d)
+    return x.view(x.shape[0] // frames, frames, *x.shape[1:])  # (B, F, ...)
+
+
+def from_source(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """Plug-and-play injection: every branch's rows replaced by branch 0's (the source video's).
+
+    (branches·F, ...) branch-major rows -> the same shape, each branch a copy of branch 0.
+    """
+    xf = split_frames(x, frames)  # (branches, F, ...)
+    return xf[:1].expand_as(xf).reshape(x.shape)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +121,7 @@ class Attention(nn.Module):
         q = split_heads(self.to_q(x), self.heads)  # (B, h, N, d)
         k = split_heads(self.to_k(source), self.heads)  # (B, h, M, d)
         v = split_heads(self.to_v(source), self.heads)  # (B, h, M, d)
-        out = self.processor(q, k, v, AttnCall(self.name, context is not None, info))
+        out = self.processor(q, k, v, AttnCall(self.name, context is not None, info, x))
         return self.to_out[0](merge_heads(out))  # (B, N, C)
 
 

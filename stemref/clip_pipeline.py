@@ -37,7 +37,7 @@ def clip_pixels(frames: torch.Tensor, size: int = 224) -> torch.Tensor:
     longer side to int(size · long / short) (truncated, as transformers computes it), a centre crop whose
     odd pixel goes to the bottom/right, then CLIP's mean and std.
     """
-    check_frames(frames, "clip_pixels: frames")
+    check_frames(frames, "clip_pixels: frames", values=True)
     H, W = frames.shape[-2:]
     long_side = int(size * max(H, W) / min(H, W))
     h, w = (size, long_side) if H <= W else (long_side, size)

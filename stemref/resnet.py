@@ -8,9 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import RunInfo, from_source
+
 
 class ResnetBlock2D(nn.Module):
-    """GroupNorm → SiLU → conv, twice, with the time embedding added in between (UNet only)."""
+    """GroupNorm → SiLU → conv, twice, with the time embedding added in between (UNet only).
+
+    In the UNet, a ResNet named in `RunInfo.inject` takes its residual (after conv2, before the shortcut
+    is added) from the source branch in every branch: plug-and-play feature injection (TokenFlow, PnP).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int, eps: float):
         super().__init__()
@@ -20,12 +26,15 @@ class ResnetBlock2D(nn.Module):
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.name = ""  # the checkpoint prefix, set once by the UNet that owns this block
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None, info: RunInfo | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, C, 1, 1) broadcast over H, W
         h = self.conv2(F.silu(self.norm2(h)))
+        if info is not None and self.name in info.inject:
+            h = from_source(h, info.frames)
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h
 

@@ -5,7 +5,10 @@
 
 Every Transformer2DModel holds one BasicTransformerBlock: self-attention (attn1), cross-attention
 to the prompt (attn2), feed-forward. All 32 attention layers are `Attention` modules whose core can be
-swapped by name with `set_attention`; that is how every video method in stemref plugs in.
+swapped by name with `set_attention`; that is how every video method in stemref plugs in. Two more
+named extensions take part in a forward: `RunInfo.inject` (plug-and-play injection from the source branch,
+in the ResNets and attention layers it names) and the `freeu` argument (FreeU re-weighting of the
+decoder's backbone and skip features, freeu.py).
 
 Dimension legend:
   B  batch rows (for video: branches × frames, branch-major)
@@ -25,6 +28,7 @@ from torch import nn
 
 from .attention import Attention, Processor, RunInfo, name_attention_layers
 from .config import UNetConfig
+from .freeu import FreeU
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 
@@ -132,7 +136,7 @@ class DownBlock(nn.Module):
     def forward(self, x, temb, context, info) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for j, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
+            x = resnet(x, temb, info)
             if self.attentions:
                 x = self.attentions[j](x, context, info)
             skips.append(x)
@@ -152,9 +156,9 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList([Transformer2DModel(ch, cfg.heads, cfg.cross_attention_dim, groups)])
 
     def forward(self, x, temb, context, info) -> torch.Tensor:
-        x = self.resnets[0](x, temb)
+        x = self.resnets[0](x, temb, info)
         x = self.attentions[0](x, context, info)
-        return self.resnets[1](x, temb)
+        return self.resnets[1](x, temb, info)
 
 
 class UpBlock(nn.Module):
@@ -174,9 +178,13 @@ class UpBlock(nn.Module):
             [Transformer2DModel(out_ch, cfg.heads, cfg.cross_attention_dim, groups) for _ in range(n)] if has_attn else [])
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)] if upsample else [])
 
-    def forward(self, x, skips: list[torch.Tensor], temb, context, info) -> torch.Tensor:
+    def forward(self, x, skips: list[torch.Tensor], temb, context, info, freeu: FreeU | None = None,
+                top_channels: int = 0) -> torch.Tensor:
         for j, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)  # (B, C + C_skip, H, W) -> (B, C, H, W)
+            skip = skips.pop()
+            if freeu is not None:
+                x, skip = freeu(x, skip, top_channels)
+            x = resnet(torch.cat([x, skip], dim=1), temb, info)  # (B, C + C_skip, H, W) -> (B, C, H, W)
             if self.attentions:
                 x = self.attentions[j](x, context, info)
         for up in self.upsamplers:
@@ -202,10 +210,16 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chans[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
         self.attention_layers = name_attention_layers(self)
+        for name, m in self.named_modules():
+            if isinstance(m, ResnetBlock2D):
+                m.name = name
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float, context: torch.Tensor,
-                info: RunInfo = RunInfo()) -> torch.Tensor:
-        """Predict the noise ε in `x` (B, 4, H, W) at timestep `t`, conditioned on `context` (B, L, D)."""
+                info: RunInfo = RunInfo(), freeu: FreeU | None = None) -> torch.Tensor:
+        """Predict the noise ε in `x` (B, 4, H, W) at timestep `t`, conditioned on `context` (B, L, D).
+
+        `freeu` re-weighs the decoder's features (freeu.py); None runs the plain UNet.
+        """
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
         temb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(x.dtype))  # (B, E)
         x = self.conv_in(x)
@@ -215,7 +229,7 @@ class UNet2DConditionModel(nn.Module):
             skips.extend(block_skips)
         x = self.mid_block(x, temb, context, info)
         for block in self.up_blocks:
-            x = block(x, skips, temb, context, info)
+            x = block(x, skips, temb, context, info, freeu, self.config.block_out_channels[-1])
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
     def set_attention(self, choose: Callable[[str], Processor | None]) -> dict[str, Processor]:

@@ -229,7 +229,8 @@ def test_clip_pixels_accepts_float64_and_half_frames():
 
 @pytest.mark.parametrize("bad, match", [(torch.rand(3, 40, 40), r"\(F, 3, H, W\)"),
                                         (torch.randint(0, 255, (1, 3, 8, 8), dtype=torch.uint8), "floating point"),
-                                        (torch.full((1, 3, 8, 8), float("nan")), "NaN")])
+                                        (torch.full((1, 3, 8, 8), float("nan")), "NaN"),
+                                        (torch.full((1, 3, 8, 8), 255.0), r"in \[0, 1\].*divide 8-bit frames by 255")])
 def test_clip_pixels_refuses_bad_frames(bad, match):
     with pytest.raises(ValueError, match=match):
         clip_pixels(bad)
