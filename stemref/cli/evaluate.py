@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import UserError, add_device_arguments, chosen_dtype, run
+from . import UserError, add_device_arguments, check_device, chosen_dtype, run
 from ..clip_metrics import clip_metrics
 from ..loading import DEFAULT_CLIP, WeightsError, load_clip
 from ..video import read_video
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         _check_arguments(args)
+        check_device(args)
         try:
             clip = load_clip(args.clip, dtype=chosen_dtype(args), device=args.device)
         except WeightsError as e:
@@ -76,6 +77,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} must be at least 1, got {value}")
     if args.start < 0:
         raise UserError(f"--start must be 0 or more, got {args.start}")
+    for video in (args.edited, args.source_video):
+        if not video.exists():
+            raise UserError(f"{video}: no such file or folder; check the path (relative paths start at {Path.cwd()})")
 
 
 def table(scores: dict, clip: Path, frames: int) -> str:
