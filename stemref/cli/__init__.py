@@ -33,7 +33,7 @@ from ..loading import WeightsError, load
 from ..pipeline import StableDiffusion
 from ..tokenizer import TokenizerFilesError
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}  # fp64: exact CPU checks
 MARKER = ".stemref-output"  # written into every output folder; --overwrite replaces only folders holding it
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what shells report for a process ended by SIGTERM
