@@ -1,7 +1,9 @@
-"""`python -m stemref.download`: fetch SD1.5's diffusers folder from the Hugging Face hub, and nothing else.
+"""`python -m stemref.download`: fetch SD1.5's diffusers folder, or a CLIP for the metrics, from the Hugging Face hub.
 
+`--model` picks what (MODELS): SD1.5 (`sd15_files(variant)`), or OpenAI's CLIP ViT-L/14 or ViT-B/32 (their
+config.json and model.safetensors only: never the pickled or TF/Flax copies beside them).
 Standard library only (urllib). `download_files` fetches any list of repository files with these steps
-(`download` is it for `sd15_files(variant)`); for each file:
+(`download` is it for a model's files); for each file:
 
 1. HEAD `{base_url}/{repo}/resolve/{revision}/{path}` to learn the size and sha256 before any body moves,
    so a complete file on disk is skipped without a GET. The hub answers the big LFS files (the weights)
@@ -48,6 +50,13 @@ DEFAULT_BASE_URL = "https://huggingface.co"
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_TO = Path("weights/sd15")
 VARIANTS = ("fp16", "fp32")
+CLIP_FILES = ["config.json", "model.safetensors"]
+# --model: (hub repository, its files (None: SD1.5's for the variant), default folder)
+MODELS = {
+    "sd15": (DEFAULT_REPO, None, DEFAULT_TO),
+    "clip-vit-large-patch14": ("openai/clip-vit-large-patch14", CLIP_FILES, Path("weights/clip-vit-large-patch14")),
+    "clip-vit-base-patch32": ("openai/clip-vit-base-patch32", CLIP_FILES, Path("weights/clip-vit-base-patch32")),
+}
 CHUNK = 1 << 20  # bytes per read: large enough for speed, small enough for a lively progress line
 MAX_REDIRECTS = 10
 TIMEOUT_S = 60.0  # per connection attempt and per read, not for a whole file
@@ -94,15 +103,17 @@ def sd15_files(variant: str = "fp16") -> list[str]:
 
 def download(to: str | Path, variant: str = "fp16", base_url: str = DEFAULT_BASE_URL, repo: str = DEFAULT_REPO,
              revision: str = "main", progress: Callable[[Progress], None] | None = None, token: str | None = None,
-             timeout: float = TIMEOUT_S, pins: dict[str, str] | None = None) -> Path:
-    """Fetch SD1.5 into the folder `to` (created if needed) and return it; complete files are kept as they are.
+             timeout: float = TIMEOUT_S, files: list[str] | None = None, pins: dict[str, str] | None = None) -> Path:
+    """Fetch SD1.5 (or the repository paths `files`) into the folder `to` (created if needed) and return it;
+    complete files are kept as they are.
 
     `token` is sent as `Authorization: Bearer` to base_url's host only. `pins` maps repository paths to the
     sha256 they must have (for a known revision, or a mirror that sends no hashes). Raises ValueError for
     bad arguments and DownloadError when a file cannot be fetched or verified; no unverified file ever gets
     its final name.
     """
-    return download_files(to, sd15_files(variant), base_url, repo, revision, progress, token, timeout, pins)
+    files = sd15_files(variant) if files is None else files
+    return download_files(to, files, base_url, repo, revision, progress, token, timeout, pins)
 
 
 def download_files(to: str | Path, paths: list[str], base_url: str = DEFAULT_BASE_URL, repo: str = DEFAULT_REPO,
@@ -451,27 +462,36 @@ def _stderr_progress(line: progress_printer) -> Callable[[Progress], None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stemref.download",
-                                     description="Fetch the files of Stable Diffusion 1.5 that stemref needs "
-                                                 "(the diffusers layout: see weights/README.md).")
-    parser.add_argument("--to", type=Path, default=DEFAULT_TO, help=f"folder to fill (default {DEFAULT_TO})")
-    parser.add_argument("--variant", choices=VARIANTS, default="fp16", help="fp16 is half the size (default fp16)")
+                                     description="Fetch the files of Stable Diffusion 1.5 (or of a CLIP) that stemref "
+                                                 "needs (see weights/README.md).")
+    parser.add_argument("--model", choices=MODELS, default="sd15",
+                        help="sd15 (default), or a CLIP for the editing metrics (python -m stemref.evaluate)")
+    parser.add_argument("--to", type=Path, default=None, help="folder to fill (default weights/<model>)")
+    parser.add_argument("--variant", choices=VARIANTS, default=None, help="sd15 only: fp16 (default) is half the size")
     parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help=f"hub or mirror address (default {DEFAULT_BASE_URL})")
-    parser.add_argument("--repo", default=DEFAULT_REPO, help=f"repository id (default {DEFAULT_REPO})")
+    parser.add_argument("--repo", default=None, help="hub repository (default: the model's)")
     parser.add_argument("--revision", default="main", help="branch, tag or commit (default main)")
     parser.add_argument("--token", default=None, help="hub access token (default: $HF_TOKEN)")
     args = parser.parse_args(argv)
+    if args.variant is not None and args.model != "sd15":
+        parser.error(f"--variant applies to sd15 only; {args.model} has one safetensors file")
+    repo, files, to = MODELS[args.model]
     token = args.token or os.environ.get("HF_TOKEN") or None
 
     def body():
         try:
             with progress_printer("download") as line:
-                folder = download(args.to, args.variant, args.base_url, args.repo, args.revision,
-                                  progress=_stderr_progress(line), token=token)
+                folder = download(args.to or to, args.variant or "fp16", args.base_url, args.repo or repo,
+                                  args.revision, progress=_stderr_progress(line), token=token, files=files)
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the .part files stay for the next run
             raise Interrupted(getattr(e, "exit_code", EXIT_INTERRUPTED), "run the same command again to resume") from e
-        print(f"SD1.5 ({args.variant}) is in {folder}\nTry it:\n  python -m stemref.txt2img --weights "
-              f"{shlex.quote(str(folder))} --prompt \"a photograph of an astronaut riding a horse\"",
-              file=sys.stderr)
+        if args.model != "sd15":
+            print(f"CLIP ({args.model}) is in {folder}\nScore an edit with it:\n  python -m stemref.evaluate EDITED "
+                  f"--source-video SOURCE --prompt \"...\" --source-prompt \"...\" --clip {shlex.quote(str(folder))}",
+                  file=sys.stderr)
+            return
+        print(f"SD1.5 ({args.variant or 'fp16'}) is in {folder}\nTry it:\n  python -m stemref.txt2img --weights "
+              f"{shlex.quote(str(folder))} --prompt \"a photograph of an astronaut riding a horse\"", file=sys.stderr)
 
     return run(body, failures=(DownloadError,))
 

@@ -34,9 +34,9 @@ def stderr_lines(capsys) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def first_run(tiny_root, tmp_path_factory):
+def first_run(tiny_root, tiny_clip_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("edit")
-    assert edit(tmp, tiny_root, "run", "--target", "a cat on a hill") == 0
+    assert edit(tmp, tiny_root, "run", "--target", "a cat on a hill", "--clip", str(tiny_clip_dir)) == 0
     return tmp
 
 
@@ -53,6 +53,11 @@ def test_outputs_exist_and_decode(first_run):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["frames"] == 5 and [e["target"] for e in metrics["edits"]] == ["a bear on a hill", "a cat on a hill"]
     assert all(0 < e["consistency"] <= 1 for e in metrics["edits"])
+    # CLIP metrics (tiny random CLIP): the source against its caption, each edit against its target and source
+    assert set(metrics["source"]["clip"]) == {"clip_score", "frame_accuracy", "clip_consistency"}
+    assert metrics["source"]["clip"]["frame_accuracy"] is None
+    for e in metrics["edits"]:
+        assert 0 <= e["clip"]["frame_accuracy"] <= 1 and -100 <= e["clip"]["clip_score"] <= 100
     config = tomllib.loads((out / "config.toml").read_text())
     assert config["target"] == ["a bear on a hill", "a cat on a hill"] and config["steps"] == 2
     assert config["dtype"] == "fp32" and "out" not in config
@@ -61,8 +66,13 @@ def test_outputs_exist_and_decode(first_run):
 
 def test_second_run_reuses_the_inversion(first_run, tiny_root, capsys):
     capsys.readouterr()
-    assert edit(first_run, tiny_root, "again", "--target", "a dog on a hill") == 0
-    assert any(line.startswith("inversion: reusing") for line in stderr_lines(capsys))
+    assert edit(first_run, tiny_root, "again", "--target", "a dog on a hill", "--clip", str(first_run / "no")) == 0
+    lines = stderr_lines(capsys)
+    assert any(line.startswith("inversion: reusing") for line in lines)
+    # no CLIP weights: said once, with the way to get them, and the metrics go without CLIP
+    notes = [line for line in lines if "CLIP metrics skipped" in line]
+    assert len(notes) == 1 and "python -m stemref.download --model clip-vit-large-patch14" in notes[0]
+    assert "clip" not in json.loads((first_run / "again" / "metrics.json").read_text())["source"]
 
 
 def test_damaged_cache_entry_is_recomputed(first_run, tiny_root, capsys):

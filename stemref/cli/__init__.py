@@ -6,7 +6,8 @@
   end; `--overwrite` replaces only a folder that stemref wrote (it holds the MARKER file), never one that
   holds or is an input, and stale partial folders of killed runs are removed by the next run;
 - `check_output_file` for commands that write one file; `progress_printer` for every slow stage;
-- `add_model_arguments` / `check_model_arguments` / `load_model`: --weights, --device, --dtype.
+- `add_model_arguments` / `check_model_arguments` / `load_model`: --weights, --device, --dtype
+  (`add_device_arguments` / `check_device` / `chosen_dtype` for commands that load no SD weights).
 """
 from __future__ import annotations
 
@@ -127,13 +128,31 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-config", type=Path, default=None,
                         help="for a single .safetensors file of another size: a diffusers folder with its config.json files "
                              "(default: SD1.5's configs)")
+    add_device_arguments(parser)
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on GPU, fp32 on CPU")
 
 
+def chosen_dtype(args: argparse.Namespace) -> torch.dtype:
+    """--dtype, else fp16 on a GPU and fp32 elsewhere."""
+    return DTYPES[args.dtype] if args.dtype else (torch.float16 if str(args.device).startswith("cuda") else torch.float32)
+
+
 def check_model_arguments(args: argparse.Namespace) -> None:
     """Refuse an unusable --device or a missing --weights before any slow work."""
+    check_device(args)
+    if not Path(args.weights).expanduser().exists():
+        load(args.weights)  # raises the loader's message (how to get weights); cheap when the path is missing
+    if getattr(args, "model_config", None) is not None and not args.model_config.is_dir():
+        raise UserError(f"--model-config {args.model_config}: give a diffusers folder holding unet/config.json etc.")
+
+
+def check_device(args: argparse.Namespace) -> None:
+    """Refuse a --device this PyTorch cannot use."""
     try:
         device = torch.device(args.device)
     except (RuntimeError, ValueError) as e:
@@ -148,17 +167,13 @@ def check_model_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--device {args.device}: MPS is not available here; use --device cpu")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device {args.device}: stemref runs on cpu, cuda or mps")
-    if not Path(args.weights).expanduser().exists():
-        load(args.weights)  # raises the loader's message (how to get weights); cheap when the path is missing
-    if getattr(args, "model_config", None) is not None and not args.model_config.is_dir():
-        raise UserError(f"--model-config {args.model_config}: give a diffusers folder holding unet/config.json etc.")
 
 
 def load_model(args: argparse.Namespace, progress: Callable[[int, int], None] | None = None) -> StableDiffusion:
     check_model_arguments(args)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if str(args.device).startswith("cuda") else torch.float32)
     try:
-        return load(args.weights, dtype=dtype, device=args.device, config=getattr(args, "model_config", None),
+        return load(args.weights, dtype=chosen_dtype(args), device=args.device,
+                    config=getattr(args, "model_config", None),
                     progress=progress)
     except (WeightsError, NotSD1Error, TokenizerFilesError) as e:
         raise UserError(str(e)) from e

@@ -44,6 +44,8 @@ from ..edit import tokenflow
 from ..edit.cache import Cache, default_root, key_of, tensor_digest, weights_fingerprint
 from ..inversion import FORMAT as INVERSION_FORMAT
 from ..inversion import Inversion, invert
+from ..clip_metrics import clip_metrics
+from ..loading import DEFAULT_CLIP, WeightsError, load_clip
 from ..pipeline import StableDiffusion
 from ..video import read_video, side_by_side, write_video
 
@@ -115,6 +117,8 @@ COMMON = (
     Option("hub_url", str, DEFAULT_BASE_URL, "Hugging Face hub (or mirror) to download missing weights from"),
     Option("device", str, "cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, mps"),
     Option("dtype", str, None, "model precision (default: fp16 on GPU, fp32 on CPU)", tuple(DTYPES)),
+    Option("clip", Path, DEFAULT_CLIP, "CLIP folder (transformers layout) for the CLIP metrics in metrics.json; "
+           "skipped with a note when absent"),
     Option("cache", Path, None, f"cache folder for inversions (default: {default_root()})"),
     Option("reuse", bool, True, "read and write the cache (--no-reuse: always recompute, store nothing)"),
     Option("out", Path, None, "output folder (default: out/<video name>, or the first out/<video name>-N not taken)"),
@@ -433,17 +437,43 @@ def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: fl
             rows.append({"target": target, "file": name, "consistency": consistency(sd, edited, target),
                          "seconds": job.timings["edits"][i]})
             report(i + 2, len(edits) + 1)
+    scores = clip_scores(job, edits)
+    if scores is not None:
+        source_scores, *edit_scores = scores
+        for row, score in zip(rows, edit_scores):
+            row["clip"] = score
     peak, measure = peak_memory(sd.device)
     metrics = {
         "frames": len(frames), "size": list(frames.shape[-2:]), "fps": fps, "method": s["method"],
-        "source": {"prompt": s["source"], "file": f"source{suffix}", "consistency": source_consistency},
+        "source": {"prompt": s["source"], "file": f"source{suffix}", "consistency": source_consistency,
+                   **({"clip": source_scores} if scores is not None else {})},
         "edits": rows,
         "consistency_measure": "mean cosine similarity of consecutive frames' last-decoder-layer UNet features",
+        "clip_measure": "clip_score: 100 × mean cosine of frame and prompt; frame_accuracy: share of frames closer "
+                        "to the target than to the source prompt; clip_consistency: mean cosine of consecutive "
+                        f"frames (CLIP at {s['clip']})" if scores is not None else None,
         "seconds": {"inversion": job.timings.get("inversion"), "total": clock(sd.device) - started},
         "peak_memory_bytes": peak, "peak_memory_measure": measure,
         "device": str(sd.device), "dtype": str(sd.dtype).removeprefix("torch."),
     }
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def clip_scores(job: Job, edits: list[torch.Tensor]) -> list[dict] | None:
+    """CLIP metrics of the source and of each edit, or None (said once) when no CLIP weights are there."""
+    s = job.settings
+    try:
+        clip = load_clip(s["clip"], device=job.sd.device)
+    except WeightsError as e:
+        job.say(f"note: CLIP metrics skipped: {e}")
+        return None
+    with job.progress("CLIP metrics", unit="video") as report:
+        scores = [clip_metrics(clip, job.frames, s["source"])]
+        report(1, len(edits) + 1)
+        for i, (target, edited) in enumerate(zip(s["target"], edits)):
+            scores.append(clip_metrics(clip, edited, target, source_prompt=s["source"]))
+            report(i + 2, len(edits) + 1)
+    return scores
 
 
 def to_toml(s: dict[str, Any]) -> str:
