@@ -127,7 +127,7 @@ def download_files(to: str | Path, paths: list[str], base_url: str = DEFAULT_BAS
         raise ValueError(f"revision={revision!r}: give a branch, tag or commit such as 'main'")
     pins = {path: sha.lower() for path, sha in (pins or {}).items()}
     if bad := [path for path, sha in pins.items() if not SHA256_HEX.fullmatch(sha)]:
-        raise ValueError(f"pins: {', '.join(bad)} must map to a 64-digit hex sha256")
+        raise ValueError(f"pins (--pin): {', '.join(bad)} must map to a sha256 of 64 hex digits")
     folder = Path(to)
     _check_folder(folder)
     client = _Client(origin=_origin(base_url), token=token, timeout=timeout)
@@ -218,8 +218,8 @@ def _fetch(client: _Client, hints: _Hints, url: str, dest: Path, name: str, pin:
             if expected.sha256 is None and name.endswith(".safetensors"):
                 raise DownloadError(f"{url}: the server gave no sha256 for these weights (the hub sends one in its "
                                     f"LFS headers; this server or mirror does not), and stemref does not accept "
-                                    f"unverified weights. Use --base-url {DEFAULT_BASE_URL}, or pin the file's "
-                                    f"sha256 (download(..., pins={{path: sha256}})).")
+                                    f"unverified weights. Use --base-url {DEFAULT_BASE_URL}, or give the file's "
+                                    f"sha256 with --pin {name}=SHA256 (download(..., pins={{path: sha256}})).")
             _stream(response, part, mode, offset, expected.size, name, url, report)
         _verify(part, expected, url, name)
         os.replace(part, dest)
@@ -472,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo", default=None, help="hub repository (default: the model's)")
     parser.add_argument("--revision", default="main", help="branch, tag or commit (default main)")
     parser.add_argument("--token", default=None, help="hub access token (default: $HF_TOKEN)")
+    parser.add_argument("--pin", action="append", default=[], metavar="PATH=SHA256",
+                        help="the sha256 a file must have, e.g. for a mirror that sends none; repeat per file "
+                             "(default: the hub's own)")
     args = parser.parse_args(argv)
     if args.variant is not None and args.model != "sd15":
         parser.error(f"--variant applies to sd15 only; {args.model} has one safetensors file")
@@ -479,10 +482,14 @@ def main(argv: list[str] | None = None) -> int:
     token = args.token or os.environ.get("HF_TOKEN") or None
 
     def body():
+        if bad := [pin for pin in args.pin if "=" not in pin]:
+            raise ValueError(f"--pin {bad[0]}: give PATH=SHA256, e.g. unet/config.json=<64 hex digits>")
+        pins = dict(pin.split("=", 1) for pin in args.pin)
         try:
             with progress_printer("download") as line:
                 folder = download(args.to or to, args.variant or "fp16", args.base_url, args.repo or repo,
-                                  args.revision, progress=_stderr_progress(line), token=token, files=files)
+                                  args.revision, progress=_stderr_progress(line), token=token, files=files,
+                                  pins=pins)
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the .part files stay for the next run
             raise Interrupted(getattr(e, "exit_code", EXIT_INTERRUPTED), "run the same command again to resume") from e
         if args.model != "sd15":

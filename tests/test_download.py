@@ -404,6 +404,17 @@ def test_pinned_sha256_verifies_weights_from_a_server_without_hashes(hub, tmp_pa
         assert (tmp_path / path).read_bytes() == hub.files[path], path
 
 
+def test_pin_flag_verifies_weights_from_a_server_without_hashes(hub, tmp_path, capsys):
+    hub.no_sha = True
+    assert cli(hub, tmp_path) == 1
+    assert f"--pin {UNET16}=SHA256" in capsys.readouterr().err
+    pins = [f"--pin={path}={sha256(hub.files[path])}" for path in SD15_FP16 if path.endswith(".safetensors")]
+    assert cli(hub, tmp_path, *pins) == 0
+    assert (tmp_path / UNET16).read_bytes() == hub.files[UNET16]
+    assert cli(hub, tmp_path, "--pin", f"{UNET16}=abc") == 2
+    assert "64 hex digits" in capsys.readouterr().err
+
+
 def test_a_wrong_pin_fails_and_leaves_nothing(hub, tmp_path):
     with pytest.raises(DownloadError, match=f"sha256 mismatch .*{VAE16}.*expected {'1' * 64}"):
         fetch(hub, tmp_path, pins={VAE16: "1" * 64})
