@@ -112,7 +112,8 @@ def _checked(latents: torch.Tensor, meta: dict, path: Path) -> Inversion:
         raise bad(f"timesteps must be a list of integers, got {timesteps!r:.80}")
     if timesteps != sorted(set(timesteps)) or timesteps[0] < 0:
         raise bad("timesteps must be distinct, ascending and non-negative")
-    if latents.ndim != 5 or latents.shape[0] != len(timesteps) + 1 or not latents.is_floating_point():
+    if latents.ndim != 5 or latents.shape[0] != len(timesteps) + 1 or latents.shape[2] != 4 \
+            or not latents.is_floating_point():
         raise bad(f"latents of shape {tuple(latents.shape)} ({latents.dtype}) do not hold the "
                   f"{len(timesteps) + 1} floating (F, 4, h, w) latents its {len(timesteps)} timesteps need")
     names = {f.name for f in fields(InversionSettings)}
