@@ -573,6 +573,16 @@ def test_obviously_heavy_runs_are_warned_about_before_work(tiny_root, clip, tmp_
     assert capsys.readouterr().err.startswith(f"warning: {warning}")
 
 
+def test_txt2img_warns_about_a_huge_size_before_loading(tiny_root, tmp_path, monkeypatch, capsys):
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(txt2img_cli, "load_model", stop)
+    code = txt2img_cli.main(["--weights", str(tiny_root), "--prompt", "a fox", "--size", "512", "2048",
+                             "--out", str(tmp_path / "fox.png"), "--device", "cpu"])
+    assert code == 130 and capsys.readouterr().err.startswith("warning: --size 2048: SD1.5 was trained at 512 px")
+
+
 def test_out_of_memory_is_one_line(tiny_root, clip, tmp_path, monkeypatch, capsys):
     def exhausted(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

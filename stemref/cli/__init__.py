@@ -35,6 +35,7 @@ from ..scheduler import DDIMScheduler
 from ..tokenizer import TokenizerFilesError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}  # fp64: exact CPU checks
+HEAVY_SIDE = 1024  # pixels; above this, warn before work that the run will take very long or run out of memory
 MARKER = ".stemref-output"  # written into every output folder; --overwrite replaces only folders holding it
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what shells report for a process ended by SIGTERM
@@ -365,6 +366,13 @@ def check_steps(steps: int, flag: str = "--steps") -> None:
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def warn_if_large(side: int, flag: str = "--size") -> None:
+    """SD1.5 was trained at 512 px: far above, every step costs many times more time and memory."""
+    if side > HEAVY_SIDE:
+        warn(f"{flag} {side}: SD1.5 was trained at 512 px; each frame costs about {(side / 512) ** 2:.0f}× the time "
+             "of a 512 px frame, and attention over all frames much more memory: expect hours")
 
 
 # ---------------------------------------------------------------------------------------------------

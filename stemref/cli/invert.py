@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import (UserError, add_model_arguments, check_model_arguments, check_prompt, check_steps, load_model,
-               model_inputs, output_folder, progress_printer, run, warn)
+               model_inputs, output_folder, progress_printer, run, warn, warn_if_large)
 from .measure import FEATURE_TIMESTEP, clock, consistency, peak_memory, reset_peak_memory, source_fps
 from ..context import CONTEXTS
 from ..inversion import invert, reconstruct
@@ -34,7 +34,7 @@ from ..pipeline import StableDiffusion
 from ..video import read_video, side_by_side, write_video
 
 STEM_BASES = 256
-HEAVY_SIZE, HEAVY_BASES = 1024, 4096  # above these, warn that the run will take very long or run out of memory
+HEAVY_BASES = 4096  # above this, warn that the EM will take very long or run out of memory
 LABELS = {"1-frame": "DDIM inversion (1-frame)", "2-frame": "DDIM inversion (2-frame)",
           "all-frame": "DDIM inversion (all-frame)", "stem": "STEM inversion"}
 # STEM supplement, Table A3: mean of 5 videos, real SD1.5 weights (PSNR dB, SSIM)
@@ -145,9 +145,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise UserError(f"{flag} must be at least 1, got {value}")
         if not args.compare and args.context != "stem":
             raise UserError(f"{flag} is a STEM option; use it with --context stem (or --compare)")
-    if args.size > HEAVY_SIZE:
-        warn(f"--size {args.size}: SD1.5 was trained at 512 px; each frame costs about {(args.size / 512) ** 2:.0f}× "
-             "the time of a 512 px frame, and attention over all frames much more memory: expect hours")
+    warn_if_large(args.size)
     if (args.num_bases or 0) > HEAVY_BASES:
         warn(f"--num-bases {args.num_bases}: STEM uses {STEM_BASES}; the EM's time and memory grow with K")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import (UserError, add_model_arguments, checked, check_model_arguments, check_output_file, check_prompt, check_steps,
-               load_model, model_inputs, progress_printer, run)
+from . import (UserError, add_model_arguments, check_model_arguments, check_output_file, check_prompt, check_steps,
+               checked, load_model, model_inputs, progress_printer, run, warn_if_large)
 from ..files import atomic_path
 from ..sampling import check_guidance, check_size, txt2img
 
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         size = args.size[0] if len(args.size) == 1 else tuple(args.size)
         checked("--size", check_size, size)
         checked("--guidance", check_guidance, args.guidance)
+        warn_if_large(max(args.size))
         check_steps(args.steps)
         check_prompt(args.prompt)
         check_prompt(args.negative_prompt, "--negative-prompt")
