@@ -468,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="sd15 (default), or a CLIP for the editing metrics (python -m stemref.evaluate)")
     parser.add_argument("--to", type=Path, default=None, help="folder to fill (default weights/<model>)")
     parser.add_argument("--variant", choices=VARIANTS, default=None, help="sd15 only: fp16 (default) is half the size")
-    parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help=f"hub or mirror address (default {DEFAULT_BASE_URL})")
+    parser.add_argument("--base-url", default=DEFAULT_BASE_URL,
+                        help=f"hub or mirror address (default {DEFAULT_BASE_URL})")
     parser.add_argument("--repo", default=None, help="hub repository (default: the model's)")
     parser.add_argument("--revision", default="main", help="branch, tag or commit (default main)")
     parser.add_argument("--token", default=None, help="hub access token (default: $HF_TOKEN)")

@@ -165,8 +165,8 @@ def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = N
     # the stored timesteps, not settings.steps, define the path (they agree for every file invert wrote)
     steps = len(inversion.timesteps)
     if sd.scheduler.timesteps(steps).flip(0).tolist() != inversion.timesteps:
-        raise ValueError(f"the inversion's timesteps {inversion.timesteps[:3]}… are not this scheduler's {steps}-step "
-                         "DDIM path; reconstruct with the scheduler (weights) it was inverted with")
+        raise ValueError(f"the inversion's timesteps {inversion.timesteps[:3]}… are not this scheduler's "
+                         f"{steps}-step DDIM path; reconstruct with the scheduler (weights) it was inverted with")
     with sd.unet.attention(_chooser(sd, s)):
         x = ddim_sample_loop(sd.scheduler, inversion.x_T.to(sd.device, sd.dtype), _noise_fn(sd, s, batch), steps,
                              progress=progress)

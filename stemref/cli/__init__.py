@@ -127,8 +127,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, type=Path,
                         help="diffusers SD1.5 folder or original .safetensors file (get one: python -m stemref.download)")
     parser.add_argument("--model-config", type=Path, default=None,
-                        help="for a single .safetensors file of another size: a diffusers folder with its config.json files "
-                             "(default: SD1.5's configs)")
+                        help="for a single .safetensors file of another size: a diffusers folder with its "
+                             "config.json files (default: SD1.5's configs)")
     add_device_arguments(parser)
 
 

@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--scope", type=int, default=None,
                         help="frames per set of STEM bases (default: the whole video; 8 reproduces the official code)")
     parser.add_argument("--batch", type=int, default=None,
-                        help="frames per UNet call, 1-frame context only (with --compare: its 1-frame run; default: all)")
+                        help="frames per UNet call, 1-frame context only (with --compare: its 1-frame run; "
+                             "default: all)")
     parser.add_argument("--fps", type=float, default=None, help="frame rate of the written videos (default: the input's, divided by --stride)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (its files: see above)")
     parser.add_argument("--overwrite", action="store_true",
