@@ -261,6 +261,16 @@ def test_failure_mid_run_leaves_nothing(tiny_root, clip, tmp_path, monkeypatch, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_errors_name_the_output_not_the_partial_folder(tiny_root, clip, tmp_path, monkeypatch, capsys):
+    def refusing_write(path, frames, fps=8):
+        raise ValueError(f"{path}: cannot write this video")
+
+    monkeypatch.setattr(invert_cli, "write_video", refusing_write)
+    assert invert_cli.main(invert_args(clip, tmp_path / "run", tiny_root)) == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"{tmp_path / 'run' / 'reconstruction.mp4'}: cannot write" in line and ".partial" not in line
+
+
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "stemref.invert", "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
