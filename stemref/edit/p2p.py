@@ -38,22 +38,27 @@ def word_positions(tokenizer: CLIPTokenizer, prompt: str, word: str | int, strip
     """Token positions (1 … 75; 0 is SOT) of every occurrence of `word` (a string, or the index of a word).
 
     Words are the prompt split on single spaces, as prompt-to-prompt's get_word_inds: "a  dog" has an empty
-    word, and "countryside," is not "countryside" unless `strip_punctuation`. A word is found by walking the
-    prompt's tokens and counting the characters each one decodes to.
+    word, and "countryside," is not "countryside". A word's tokens are found by walking the prompt's tokens
+    and counting the characters each one decodes to. `strip_punctuation` compares words without leading and
+    trailing punctuation and leaves out the tokens of that punctuation ("countryside," -> the one token of
+    "countryside").
     """
     words = prompt.split(" ")
-    clean = (lambda w: w.strip(string.punctuation)) if strip_punctuation else (lambda w: w)
-    places = [word] if isinstance(word, int) else [i for i, w in enumerate(words) if clean(w) == clean(word)]
+    core = (lambda w: w.strip(string.punctuation)) if strip_punctuation else (lambda w: w)
+    places = [word] if isinstance(word, int) else [i for i, w in enumerate(words) if core(w) == core(word)]
     if not places:
         return []
     out, length, place = [], 0, 0
     for position, token in enumerate(token_texts(tokenizer, prompt), start=1):
         if place == len(words):
             break
-        length += len(token)
+        w = words[place]
+        start, length = length, length + len(token)
         if place in places:
-            out.append(position)
-        if length >= len(words[place]):
+            core_start, core_end = len(w) - len(w.lstrip(string.punctuation)), len(w.rstrip(string.punctuation))
+            if not strip_punctuation or (start < core_end and length > core_start):
+                out.append(position)
+        if length >= len(w):
             place, length = place + 1, 0
     return out
 
