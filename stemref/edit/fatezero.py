@@ -234,6 +234,12 @@ def probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores, dim=-1, dtype=compute_dtype(q)).to(q.dtype)
 
 
+def frame_maps(q: torch.Tensor, k: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Self-attention maps of frames that attend to the frames index[f]: q (n, h, N, d), k (U, h, N, d),
+    index (n, m) into k's rows -> (n, h, N, m·N)."""
+    return probabilities(q, gather_frames(k[None], index)[0])
+
+
 def _layer_contexts(sd: StableDiffusion, inv: InversionSettings) -> dict[str, Processor]:
     """Each attention layer's processor as the inversion ran it: the context where `inv.layers` matches."""
     generator = torch.Generator(sd.device).manual_seed(inv.seed)
@@ -431,8 +437,8 @@ class Fusion:
         outs = []
         for f in range(0, frames, chunk):
             rows = slice(f, f + chunk)
-            p_src = probabilities(q_src[rows], gather_frames(k_src[None], source_index[rows])[0])  # (n, h, N, m·N)
-            p_edit = probabilities(q[rows], gather_frames(k[None], index[rows])[0])
+            p_src = frame_maps(q_src[rows], k_src, source_index[rows])  # (n, h, N, m·N)
+            p_edit = frame_maps(q[rows], k, index[rows])
             p = p2p.fuse_self(p_src, p_edit, None if mask is None else mask[rows])
             outs.append(p @ gather_frames(v[None], index[rows])[0])  # (n, h, N, dv)
         return torch.cat(outs)
