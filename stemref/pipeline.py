@@ -68,8 +68,8 @@ class StableDiffusion:
 
 
 def check_encodable(frames: torch.Tensor) -> None:
-    """Frames the VAE can encode: the stemref convention, with sides that are multiples of 8."""
-    check_frames(frames)
+    """Frames the VAE can encode: the stemref convention (finite, in [0, 1]), with sides that are multiples of 8."""
+    check_frames(frames, values=True)
     H, W = frames.shape[-2:]
     if H % 8 or W % 8:
         raise ValueError(f"frame size {W}×{H} is not a multiple of 8; resize or crop it (stemref.video.read_video does)")
