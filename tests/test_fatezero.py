@@ -8,6 +8,7 @@ levels attend to the middle frame, its 32-wide levels within their own frame.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -392,3 +393,52 @@ def test_bad_settings_are_refused(tiny_sd, inversions):
         edit(tiny_sd, inv, SOURCE, TARGET, blend_latents=True)
     with pytest.raises(ValueError, match="window"):
         edit(tiny_sd, inv, SOURCE, TARGET, self_window=1.5)
+
+
+# ---- the command line --------------------------------------------------------------------------------------
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "examples" / "configs").glob("fatezero-*.toml"))
+
+
+def test_example_configs_are_complete_fatezero_settings(tmp_path):
+    from stemref.cli import edit as edit_cli
+
+    assert len(CONFIGS) == 3
+    clip = tmp_path / "clip.mkv"
+    clip.write_bytes(b"")
+    for config in CONFIGS:
+        s = edit_cli.resolve_settings(edit_cli.build_parser(), [str(clip), "--config", str(config)])
+        assert s["method"] == "fatezero" and s["inversion"] == "fatezero"
+        settings = FateZeroSettings(**edit_cli.fatezero_settings(s))
+        assert settings.max_tokens == 1024 and settings.fix_shift is False  # official behaviour
+    local = edit_cli.resolve_settings(edit_cli.build_parser(), [str(clip), "--config", str(CONFIGS[1])])
+    assert edit_cli.fatezero_settings(local)["blend_words"] == (["silver", "jeep"], ["Porsche", "car"])
+
+
+def test_command_edits_with_fatezero(tiny_root, tmp_path):
+    from stemref.cli import edit as edit_cli
+    from stemref.video import write_video
+
+    clip = write_video(tmp_path / "clip.mkv", video(3), fps=8)
+    out = tmp_path / "out"
+    code = edit_cli.main([str(clip), "--method", "fatezero", "--source", SOURCE, "--target", TARGET,
+                          "--target", "watercolor painting of " + SOURCE, "--reweight", "watercolor=10",
+                          "--inversion", "fatezero", "--min-channels", "64", "--blend-source", "cat",
+                          "--blend-self-attention", "--store-memory", "0", "--weights", str(tiny_root),
+                          "--steps", "2", "--size", "64", "--device", "cpu", "--no-reuse", "--out", str(out)])
+    assert code == 0
+    assert {p.name for p in out.iterdir()} >= {"edit-01-a-dog-on-the-grass.mp4", "side_by_side.mp4", "config.toml"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--reweight", "watercolor"], "WORD=NUMBER"),
+    (["--self-window", "1.5"], "fraction of the steps"),
+    (["--blend-latents"], "need blend_words"),
+])
+def test_command_refuses_bad_fatezero_settings(tiny_root, tmp_path, capsys, args, message):
+    from stemref.cli import edit as edit_cli
+
+    clip = tmp_path / "clip.mkv"
+    clip.write_bytes(b"x")
+    code = edit_cli.main([str(clip), "--method", "fatezero", "--source", SOURCE, "--target", TARGET, *args,
+                          "--weights", str(tiny_root), "--out", str(tmp_path / "out")])
+    assert code == 2 and message in capsys.readouterr().err and not (tmp_path / "out").exists()

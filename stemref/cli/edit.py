@@ -39,7 +39,7 @@ from . import (DTYPES, UserError, check_model_arguments, check_output_folder, ch
 from .measure import clock, consistency, peak_memory, reset_peak_memory, source_fps
 from ..context import CONTEXTS
 from ..download import DEFAULT_BASE_URL, DownloadError, download
-from ..edit import tokenflow
+from ..edit import fatezero, tokenflow
 from ..edit.cache import Cache, default_root, key_of, tensor_digest, weights_fingerprint
 from ..inversion import FORMAT as INVERSION_FORMAT
 from ..inversion import Inversion, invert
@@ -126,6 +126,35 @@ TOKENFLOW = (
     Option("freeu", bool, True, "FreeU with STEM's settings (b1 1.2, b2 1.4, s1 0.9, s2 0.2)"),
 )
 
+# FateZero: one official p2p_config entry; its key in brackets
+FATEZERO = (
+    Option("cross_window", float, 0.8, "FateZero: fraction of the steps whose cross-attention maps are fused "
+           "[cross_replace_steps]"),
+    Option("word_window", list, None, "FateZero: WORD=FRACTION, a target word's own cross window; repeatable"),
+    Option("self_window", float, 0.6, "FateZero: fraction of the steps whose self-attention maps are fused "
+           "[self_replace_steps]"),
+    Option("controller", str, "replace", "FateZero: replace (word swap; refine when the word counts differ) or "
+           "refine (token alignment) [is_replace_controller]", ("replace", "refine")),
+    Option("reweight", list, None, "FateZero: WORD=FACTOR, scale a target word's cross-attention [eq_params]; "
+           "repeatable"),
+    Option("blend_source", list, None, "FateZero: source words of the blend mask [blend_words[0]]; repeatable"),
+    Option("blend_target", list, None, "FateZero: target words of latent blending [blend_words[1]]; repeatable"),
+    Option("blend_self_attention", bool, False, "FateZero: keep the edit's self-attention inside the source words' "
+           "mask"),
+    Option("blend_latents", bool, False, "FateZero: reset the latents outside the source and target words' masks"),
+    Option("blend_threshold", float, 0.3, "FateZero: blend mask threshold [blend_th]"),
+    Option("fuse_all_layers", bool, False, "FateZero: fuse the 64² layers too (official: query length ≤ 1024)"),
+    Option("fix_shift", bool, False, "FateZero: keep the word-swap mapper aligned after a word whose token count "
+           "changes (corrects the official code)"),
+    Option("strip_punctuation", bool, False, "FateZero: find words with punctuation attached (corrects the "
+           "official code)"),
+    Option("st_attention", str, "mid", "FateZero's spatial-temporal attention, with --inversion fatezero: the middle "
+           "frame, or the previous and first frames", ("mid", "first+previous")),
+    Option("min_channels", int, 640, "FateZero: narrowest layer that attends to the middle frame [least_sc_channel]"),
+    Option("store_memory", int, 1024, "FateZero: MiB of attention store kept in memory; the rest goes to disk"),
+    Option("store_dir", Path, None, "FateZero: folder for the spilled attention store (default: a temporary one)"),
+)
+
 
 # ---------------------------------------------------------------------------------------------------
 # Methods
@@ -135,7 +164,8 @@ TOKENFLOW = (
 def cached_inversion(job: Job) -> Inversion:
     """The inversion of job.frames with the source prompt and the --inversion context, from the cache if there."""
     s = job.settings
-    options = {"num_bases": s["num_bases"], "scope": s["scope"]} if s["inversion"] == "stem" else {}
+    options = {"stem": {"num_bases": s["num_bases"], "scope": s["scope"]},
+               "fatezero": {"mode": s["st_attention"], "min_channels": s["min_channels"]}}.get(s["inversion"], {})
     description = {"kind": "inversion", "format": INVERSION_FORMAT, "frames": tensor_digest(job.frames),
                    "prompt": s["source"], "steps": s["steps"], "context": s["inversion"], "options": options,
                    "seed": s["seed"], "weights": weights_fingerprint(job.sd.unet, job.sd.vae, job.sd.text_encoder),
@@ -165,6 +195,40 @@ def tokenflow_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
     return decode(job, latents)
 
 
+def fatezero_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
+    s = job.settings
+    with job.progress(f"FateZero: {_short(target)}") as report:
+        latents = fatezero.edit_latents(job.sd, inversion, s["source"], target, guidance=s["guidance"],
+                                        negative_prompt=s["negative"], memory_budget=s["store_memory"] * 2**20,
+                                        store_dir=s["store_dir"], progress=report, **fatezero_settings(s))
+    return decode(job, latents)
+
+
+def fatezero_settings(s: dict[str, Any]) -> dict[str, Any]:
+    """The FateZeroSettings fields from the command's flat settings (WORD=NUMBER lists become dicts)."""
+    return dict(cross_window=s["cross_window"], word_windows=_word_numbers(s["word_window"], "word-window"),
+                self_window=s["self_window"], controller=s["controller"],
+                reweight=_word_numbers(s["reweight"], "reweight"),
+                blend_words=(s["blend_source"] or [], s["blend_target"] or [])
+                if s["blend_source"] or s["blend_target"] else None,
+                blend_self_attention=s["blend_self_attention"], blend_latents=s["blend_latents"],
+                blend_threshold=s["blend_threshold"], max_tokens=None if s["fuse_all_layers"] else 1024,
+                fix_shift=s["fix_shift"], strip_punctuation=s["strip_punctuation"])
+
+
+def _word_numbers(items: list[str] | None, flag: str) -> dict[str, float]:
+    out = {}
+    for item in items or []:
+        word, _, number = item.rpartition("=")
+        try:
+            out[word] = float(number)
+        except ValueError:
+            word = ""
+        if not word or not math.isfinite(out[word]):
+            raise UserError(f"--{flag} {item!r}: write WORD=NUMBER, e.g. --{flag} watercolor=10")
+    return out
+
+
 def decode(job: Job, latents: torch.Tensor) -> torch.Tensor:
     """VAE-decode (F, 4, h, w) latents, with progress per batch of 8 frames."""
     batches = list(latents.split(8))
@@ -179,6 +243,8 @@ def decode(job: Job, latents: torch.Tensor) -> torch.Tensor:
 METHODS: dict[str, Method] = {
     "tokenflow": Method("TokenFlow (STEM's editor): PnP injection, keyframe attention, token propagation, FreeU",
                         TOKENFLOW, cached_inversion, tokenflow_edit, tokenflow.DEFAULT_NEGATIVE),
+    "fatezero": Method("FateZero: inversion attention fused into the edit (prompt-to-prompt replace, refine, "
+                       "reweight, blend masks)", FATEZERO, cached_inversion, fatezero_edit),
 }
 
 
@@ -322,10 +388,30 @@ def check_settings(s: dict[str, Any]) -> None:
         raise UserError(f"--fps must be in (0, 1000], got {s['fps']}")
     if s["scope"] is not None and s["inversion"] != "stem":
         raise UserError("--scope is a STEM option; use it with --inversion stem")
+    if s["method"] == "fatezero":
+        check_fatezero(s)
     if not Path(s["video"]).exists():
         raise UserError(f"{s['video']}: no such video file or folder")
     if s["steps"] > 1000:
         raise UserError(f"--steps {s['steps']}: SD1.5 has 1000 timesteps; 50 is the usual setting")
+
+
+def check_fatezero(s: dict[str, Any]) -> None:
+    for name in ("cross_window", "self_window", "blend_threshold"):
+        if not math.isfinite(s[name]):
+            raise UserError(f"--{_flag(name)} must be a finite number, got {s[name]}")
+    for name in ("cross_window", "self_window"):
+        if not 0 <= s[name] <= 1:
+            raise UserError(f"--{_flag(name)} is a fraction of the steps, from 0 to 1; got {s[name]}")
+    for name in ("min_channels", "store_memory"):
+        if s[name] < (1 if name == "min_channels" else 0):
+            raise UserError(f"--{_flag(name)} must be at least {1 if name == 'min_channels' else 0}, got {s[name]}")
+    try:
+        fatezero.FateZeroSettings(**fatezero_settings(s))
+    except ValueError as e:
+        raise UserError(f"FateZero settings: {e}") from None
+    if s["store_dir"] is not None and Path(s["store_dir"]).exists() and any(Path(s["store_dir"]).iterdir()):
+        raise UserError(f"--store-dir {s['store_dir']} is not empty; name a new or empty folder")
 
 
 # ---------------------------------------------------------------------------------------------------

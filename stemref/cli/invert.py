@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         _check_arguments(args)
-        contexts = CONTEXTS if args.compare else (args.context,)
+        contexts = tuple(PAPER_TABLE_A3) if args.compare else (args.context,)
         with output_folder(args.out, args.overwrite) as tmp:
             frames = read_video(args.video, args.start, args.stride, args.frames, args.size, args.square)
             fps = args.fps or _source_fps(args.video, args.stride)

@@ -86,6 +86,7 @@ class FateZeroSettings:
     blend_latents: bool = False  # [blend_latents]
     blend_threshold: float = 0.3  # [blend_th[0]]
     guidance: float = 7.5  # [guidance_scale]
+    negative_prompt: str = ""  # the unconditional prompt (the official code: "")
     max_tokens: int | None = 1024  # fuse (and store) layers with at most this many queries; None: all layers
     chunk_frames: int = 8  # frames whose maps are formed at once in a fused layer (memory only)
     # corrected behaviour, off by default (p2p.py)
@@ -114,15 +115,21 @@ class FateZeroSettings:
 
 
 def edit(sd: StableDiffusion, frames_or_inversion: torch.Tensor | Inversion, source_prompt: str, target_prompt: str,
-         *, steps: int = 50, context: str = "stem", context_options: dict | None = None, seed: int = 0,
-         memory_budget: int = 2**30, store_dir: str | Path | None = None, keep_store: bool = False, progress: Progress | None = None,
-         **settings) -> torch.Tensor:
-    """Edit `frames` (F, 3, H, W) in [0, 1] (or a saved `Inversion` of them) from `source_prompt` to `target_prompt`.
+         **options) -> torch.Tensor:
+    """Edit `frames` (F, 3, H, W) in [0, 1] (or a saved `Inversion` of them); the edited frames (see edit_latents)."""
+    return sd.decode_latents(edit_latents(sd, frames_or_inversion, source_prompt, target_prompt, **options))
+
+
+def edit_latents(sd: StableDiffusion, frames_or_inversion: torch.Tensor | Inversion, source_prompt: str,
+                 target_prompt: str, *, steps: int = 50, context: str = "stem", context_options: dict | None = None,
+                 seed: int = 0, memory_budget: int = 2**30, store_dir: str | Path | None = None,
+                 keep_store: bool = False, progress: Progress | None = None, **settings) -> torch.Tensor:
+    """The edited latents x_0 (F, 4, h, w) of `frames` (F, 3, H, W) in [0, 1], or of a saved `Inversion` of them.
 
     `context` and `context_options` choose the self-attention context of inversion and edit (ignored for an
     Inversion, which names its own), `seed` seeds STEM's EM. `settings` are FateZeroSettings' fields. The
     attention store keeps up to `memory_budget` bytes in memory and spills the rest to `store_dir` (a
-    temporary folder by default), deleted at the end unless `keep_store`. Returns the edited frames.
+    temporary folder by default), deleted at the end unless `keep_store`.
     """
     unknown = sorted(set(settings) - {f.name for f in fields(FateZeroSettings)})
     if unknown:
@@ -145,8 +152,7 @@ def edit(sd: StableDiffusion, frames_or_inversion: torch.Tensor | Inversion, sou
             inversion = record_inversion(sd, frames, inv, plan, store, progress)
         else:
             replay_inversion(sd, inversion, plan, store, progress)
-        latents = denoise(sd, inversion, plan, store, progress)
-    return sd.decode_latents(latents)
+        return denoise(sd, inversion, plan, store, progress)
 
 
 # ---- what to fuse, where and when ----------------------------------------------------------------------------
@@ -511,7 +517,7 @@ def denoise(sd: StableDiffusion, inversion: Inversion, plan: Plan, store: Attent
     frames, size = x.shape[0], tuple(x.shape[-2:])
     fusion = Fusion(sd, plan, _layer_contexts(sd, inversion.settings), level_grid(size, plan.blend_level))
     cond = sd.encode_prompt(plan.target_prompt)
-    uncond = sd.encode_prompt("") if s.guidance != 1.0 else None
+    uncond = sd.encode_prompt(s.negative_prompt) if s.guidance != 1.0 else None
     blend = set(latent_blend_steps(steps)) if s.blend_latents else set()
     with sd.unet.attention(lambda name: fusion):
         for i, t in enumerate(plan.timesteps):
