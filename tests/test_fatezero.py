@@ -182,11 +182,9 @@ def test_store_holds_only_what_the_windows_fuse(tiny_sd, inversions):
     for t in timesteps:
         for name, tensors in store.resident[t].items():
             assert not name.startswith(("down_blocks.0.", "up_blocks.3."))  # 64 queries > max_tokens
-            q = tensors["q"]
-            assert q.shape[0] == 3 and q.shape[-2] <= 16
-            if name.endswith("attn1"):
-                wide = q.shape[1] * q.shape[-1] >= 64  # middle frame only: its keys alone are stored
-                assert tensors["k"].shape[0] == (1 if wide else 3)
+            # the layer's input tokens of the conditional branch; for cross-attention the source prompt's keys
+            assert tensors.keys() == ({"x", "k"} if name.endswith("attn2") else {"x"})
+            assert tensors["x"].shape[0] == 3 and tensors["x"].shape[1] <= 16
 
 
 @pytest.mark.parametrize("context", ["fatezero", "2-frame"])
@@ -206,7 +204,8 @@ def test_maps_recomputed_from_the_store_equal_maps_stored_directly(tiny_sd, inve
         else:
             wide = q.shape[1] * q.shape[-1] >= 64
             keys = torch.stack([kc[(frames - 1) // 2] if wide else kc[f] for f in range(frames)])
-        direct[(call.info.step, call.name)] = torch.softmax((qc @ keys.transpose(-1, -2)) * qc.shape[-1] ** -0.5, -1)
+        scores = qc.contiguous() @ keys.contiguous().transpose(-1, -2)
+        direct[(call.info.step, call.name)] = torch.softmax(scores * qc.shape[-1] ** -0.5, -1)
         return recorder(q, k, v, call)
 
     with AttentionStore() as store:
@@ -216,19 +215,21 @@ def test_maps_recomputed_from_the_store_equal_maps_stored_directly(tiny_sd, inve
             for j, t in enumerate(inv.timesteps):
                 eps_fn(inv.latents[j], t, j)
         checked = 0
+        fusion = fatezero.Fusion(tiny_sd, plan, {}, (2, 2))
         for (j, name), expected in direct.items():
-            t = inv.timesteps[j]
-            with store.read(t) as step:
-                q = step.get(name, "q")
-                if q is None:
+            i = STEPS - 1 - j  # the edit step that reads this entry
+            with store.read(plan.timesteps[i]) as step:
+                if step.get(name, "x") is None:
                     assert expected.shape[-2] > 16  # only the top level is not stored
                     continue
-                if name.endswith("attn2"):
-                    got = fatezero.probabilities(q, fatezero.Fusion(tiny_sd, plan, {}, (2, 2)).source_keys(name))
+                fusion.reader = (i, step)
+                is_cross = name.endswith("attn2")
+                q, k = fusion.source_qk(AttnCall(name, is_cross, RunInfo(frames=3, step=i)), expected)
+                if is_cross:
+                    got = fatezero.probabilities(q, k)
                 else:
                     context_ = fatezero._layer_contexts(tiny_sd, inv.settings)[name]
-                    index = fatezero.key_frames(context_, 3, q.shape[1] * q.shape[-1], q.device)
-                    got = fatezero.frame_maps(q, step.get(name, "k"), torch.searchsorted(index.unique(), index))
+                    got = fatezero.frame_maps(q, k, fatezero.key_frames(context_, 3, q.shape[1] * q.shape[-1], q.device))
             assert torch.equal(got, expected), name
             checked += 1
         assert checked == STEPS * 2 * 11  # 11 self and 11 cross layers below the top level (as SD1.5's), every step
@@ -268,16 +269,18 @@ def test_fusion_processor_against_naive(tiny_sd):
     """In a fused self layer, the conditional rows attend with the source maps; the unconditional rows do not."""
     g = torch.Generator().manual_seed(5)
     frames, name = 3, "mid_block.attentions.0.transformer_blocks.0.attn1"
-    q, k, v = (torch.randn(2 * frames, 2, 4, 32, generator=g, dtype=torch.float64) for _ in range(3))
-    q_src, k_src = (torch.randn(frames, 2, 4, 32, generator=g, dtype=torch.float64) for _ in range(2))
+    q, k, v = (torch.randn(2 * frames, 8, 4, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    x_src = torch.randn(frames, 4, 64, generator=g, dtype=torch.float64)  # the source's input tokens (F, N, C)
+    layer = tiny_sd.unet.attention_layers[name]
+    q_src, k_src = ((x_src @ w.weight.T).view(frames, 4, 8, 8).transpose(1, 2) for w in (layer.to_q, layer.to_k))
     context = SpatialTemporal("mid", min_channels=64)
     plan = Plan.make(tiny_sd, FateZeroSettings(self_window=1.0), STEPS, SOURCE, TARGET)
     fusion = fatezero.Fusion(tiny_sd, plan, {name: context}, (2, 2))
-    fusion.reader = (0, StepReader({name: {"q": q_src, "k": k_src[1:2]}}, None))  # middle frame's keys only
+    fusion.reader = (0, StepReader({name: {"x": x_src}}, None))
     out = fusion(q, k, v, AttnCall(name, False, RunInfo(frames=frames, step=0, hw=(2, 2))))
     c = frames + 1  # the conditional middle frame
     for f in range(frames):
-        p_src = torch.softmax(q_src[f] @ k_src[1].transpose(-1, -2) / math.sqrt(32), -1)
+        p_src = torch.softmax(q_src[f] @ k_src[1].transpose(-1, -2) / math.sqrt(8), -1)
         torch.testing.assert_close(out[frames + f], p_src @ v[c], rtol=0, atol=1e-12)
         torch.testing.assert_close(out[f], naive_attention(q[f], k[1], v[1]), rtol=0, atol=1e-12)
 
@@ -303,8 +306,8 @@ def test_full_windows_fuse_every_fused_layer_at_every_step(tiny_sd, inversions, 
     edit(tiny_sd, inversions[context], SOURCE, TARGET, self_window=1.0, cross_window=1.0, guidance=2.0, **TINY)
     fused = {n for n in tiny_sd.unet.attention_layers if not n.startswith(("down_blocks.0.", "up_blocks.3."))}
     assert set(reads) == fused
-    self_keys = {"q", "k", "mu"} if context == "stem" else {"q", "k"}
-    assert all(reads[n] == (self_keys if n.endswith("attn1") else {"q"}) for n in fused)
+    self_keys = {"x", "mu"} if context == "stem" else {"x"}
+    assert all(reads[n] == (self_keys if n.endswith("attn1") else {"x", "k"}) for n in fused)
 
 
 @pytest.mark.parametrize("context", ["fatezero", "2-frame"])

@@ -2,10 +2,10 @@
 
 The official FateZero keeps every post-softmax map of every fused layer and every step in host memory, about
 97 MB per frame per step at 512² in fp16, which is why eight frames need ≈ 39 GB. Maps are never stored here.
-A map softmax(q kᵀ/√d) is recomputed at edit time, bit for bit, from what it is made of: the queries q of
-every frame, the keys k of the frames the context attends to (for STEM: the keys and the K bases), and, for
-cross-attention, nothing but q, since its keys come from the fixed source prompt. The editor records only the
-layers and steps that its windows fuse.
+A map softmax(q kᵀ/√d) is recomputed at edit time, bit for bit, from what it is made of: the layer's input
+tokens x, from which the layer's own projections give q and k back (for STEM also the K key bases; for
+cross-attention the keys come from the fixed source prompt). The editor records only the layers and steps
+that its windows fuse.
 
 Memory: the store keeps whole steps in host memory up to `memory_budget` bytes; a step that does not fit is
 written to disk, one safetensors file per step, and read back memory-mapped one layer at a time. Files are
@@ -14,7 +14,7 @@ holds more than one tensor in host memory (safetensors' save_file would serialis
 The folder is removed when the store is closed, also on errors and Ctrl-C, unless `keep` asks to keep it:
 then every step is on disk with an index, and `AttentionStore.open` reads it back.
 
-A step's record: {layer name: {"q": (F, h, n, d), "k": (F', h, n, d), "mu": (G, h, K, d)}}, tensors in the
+A step's record: {layer name: {"x": (F, N, C), "mu": (G, h, K, d)}} (any names and shapes), tensors in the
 model dtype, keyed by the timestep t that inversion and edit share.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ INDEX = "store.json"
 FORMAT = "stemref.attention_store/1"
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
-Record = dict[str, dict[str, torch.Tensor]]  # layer name -> {"q": …, "k": …, "mu": …}
+Record = dict[str, dict[str, torch.Tensor]]  # layer name -> {"x": …, "mu": …}
 
 
 class AttentionStore:
@@ -59,6 +59,9 @@ class AttentionStore:
         self.on_disk: dict[int, Path] = {}
         self.pending: dict[int, Record] = {}
         self.resident_bytes = self.peak_resident_bytes = self.disk_bytes = 0
+        # bytes of the step being recorded (on the model's device) and the most the store ever held in
+        # memory at once, resident steps and the step being recorded together
+        self.pending_bytes = self.peak_bytes = 0
 
     # ---- recording -------------------------------------------------------------------------------------
     def add(self, t: int, name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -66,11 +69,14 @@ class AttentionStore:
         if t in self.resident or t in self.on_disk:
             raise ValueError(f"timestep {t} is already recorded in this store")
         self.pending.setdefault(t, {})[name] = {key: x.detach().contiguous() for key, x in tensors.items()}
+        self.pending_bytes += sum(x.numel() * x.element_size() for x in tensors.values())
+        self.peak_bytes = max(self.peak_bytes, self.resident_bytes + self.pending_bytes)
 
     def end_step(self, t: int) -> None:
         """Keep step t in host memory if it fits the budget, else write it to its own file."""
         record = self.pending.pop(t, {})
         size = record_bytes(record)
+        self.pending_bytes -= size
         if self.resident_bytes + size <= self.memory_budget:
             self.resident[t] = {name: {k: x.cpu() for k, x in ts.items()} for name, ts in record.items()}
             self.resident_bytes += size
@@ -96,7 +102,7 @@ class AttentionStore:
 
     @contextmanager
     def read(self, t: int) -> Iterator["StepReader"]:
-        """`with store.read(t) as step: step.get(name, "q")` -- one step, its file (if any) open memory-mapped."""
+        """`with store.read(t) as step: step.get(name, "x")` -- one step, its file (if any) open memory-mapped."""
         if t in self.resident:
             yield StepReader(self.resident[t], None)
         elif t in self.on_disk:

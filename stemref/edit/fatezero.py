@@ -32,16 +32,20 @@ so basis k summarises the same tokens (the same places of the same frames) in bo
 attend over the same key set. Where the edit leaves a token's features alone, μ_edit is μ_src after one more
 EM iteration; where it changes them, the bases carry the new features, and the fused map (A_src outside the
 mask) decides only *where* each query looks, as FateZero intends. The store holds q and k of every frame and
-μ_src (G, h, K, d) per EM scope; z̄ is recomputed at edit time. Outside the self window (and in the
+μ_src (G, h, K, d) per EM scope (and the tokens x that give q_src and k_src); z̄ is recomputed at edit time. Outside the self window (and in the
 unconditional branch) STEM runs as during inversion, with fresh bases.
 
-Store. Maps are recomputed from q and k, never stored (attention_store.py): at 512² in fp16 that is 20 MB per
-frame per step for FateZero's "mid" context (q of 11 self and 11 cross layers; keys of the middle frame only),
-30 MB for STEM or per-frame contexts, against the official 97 MB, and only the steps inside the windows are
-recorded. The store spills to disk beyond a memory budget. Given a saved `Inversion` instead of frames, the
-inversion's UNet calls are replayed on its latents to record the store (the same calls, so the same maps).
+Store. Maps are recomputed, never stored (attention_store.py). A layer's q and k are its own projections of
+its input tokens x (`AttnCall.x`), so the store keeps x of every frame of the conditional branch, once per
+layer and step, and recomputes q = to_q(x), k = to_k(x) at edit time: the maps come back bit for bit. The
+cross-attention keys come from the fixed source prompt and are not stored at all. At 512² in fp16 that is
+20 MB per frame per step (11 self- and 11 cross-attention layers below 64², any context; STEM adds K bases
+per layer and step, not per frame) against the official code's 97 MB of maps, and only the steps inside the
+windows are recorded. The store spills to disk beyond a memory budget. Given a saved `Inversion` instead of
+frames, the inversion's UNet calls are replayed on its latents to record the store (the same calls, so the
+same maps).
 
-Official quirks kept (../shared/notes/fatezero.md): inversion without CFG; 1-indexed-free windows int(s·N)
+Official quirks kept (../shared/notes/fatezero.md): inversion without CFG; windows int(s·N)
 for self and int(c·(N+1)) for cross; replace falls back to refine when the word counts differ; the blend mask
 is nearest-resized, per-frame normalised and only used with `blend_self_attention`; latent blending resets to
 the inversion latent one level noisier, for int(0.2N) < i+1 < int(0.8N). Not kept: FateZero's random VAE
@@ -235,8 +239,12 @@ def key_frames(context: Processor, frames: int, channels: int, device: torch.dev
 
 
 def probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ/√d) over the keys, the softmax in float32 (float64 for float64): (..., N, d), (..., M, d) -> (..., N, M)."""
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (..., N, M)
+    """softmax(q kᵀ/√d) over the keys, the softmax in float32 (float64 for float64): (..., N, d), (..., M, d) -> (..., N, M).
+
+    q and k are made contiguous first: a matrix product's rounding depends on its operands' memory layout, and
+    the source maps must come out the same however q and k were viewed (store, gather or head split).
+    """
+    scores = (q.contiguous() @ k.contiguous().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (..., N, M)
     return torch.softmax(scores, dim=-1, dtype=compute_dtype(q)).to(q.dtype)
 
 
@@ -270,7 +278,9 @@ class Recorder:
     """Inversion's processor for every layer: runs the layer's context and stores what the edit will fuse.
 
     Inversion step j runs at the timestep of edit step i = S − 1 − j; the store is keyed by that timestep.
-    Only the conditional (last) branch is stored.
+    Only the conditional (last) branch is stored: each layer's input tokens x (from which its own to_q and
+    to_k give back q and k exactly), the source prompt's keys of cross-attention layers (L tokens, stored as
+    computed rather than recomputed, so that they match to the last bit), and under STEM the key bases.
     """
 
     def __init__(self, plan: Plan, store: AttentionStore, contexts: dict[str, Processor]):
@@ -283,16 +293,16 @@ class Recorder:
         if not plan.records(call, q.shape[-2], i):
             return context(q, k, v, call)
         t = plan.timesteps[i]
-        if call.is_cross:
-            self.store.add(t, call.name, {"q": q[-frames:]})
+        x = call.x[-frames:]  # (F, N, C): q and k are recomputed from it with the layer's projections
+        if call.is_cross:  # the prompt's keys, one frame's: the same for every frame and tiny (L tokens)
+            self.store.add(t, call.name, {"x": x, "k": k[-1:]})
             return context(q, k, v, call)
-        if isinstance(context, EMAttention):
-            out, mu = stem_attention(context, q, k, v, frames)
-            self.store.add(t, call.name, {"q": q[-frames:], "k": k[-frames:], "mu": mu})
-            return out
-        used = key_frames(context, frames, q.shape[1] * q.shape[-1], q.device).unique()  # sorted
-        self.store.add(t, call.name, {"q": q[-frames:], "k": k[-frames:][used]})
-        return context(q, k, v, call)
+        if not isinstance(context, EMAttention):
+            self.store.add(t, call.name, {"x": x})
+            return context(q, k, v, call)
+        out, mu = stem_attention(context, q, k, v, frames)
+        self.store.add(t, call.name, {"x": x, "mu": mu})
+        return out
 
 
 def stem_attention(context: EMAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -376,11 +386,9 @@ class Fusion:
     def __init__(self, sd: StableDiffusion, plan: Plan, contexts: dict[str, Processor], blend_grid: tuple[int, int]):
         self.plan, self.contexts, self.layers = plan, contexts, sd.unet.attention_layers
         self.blend_grid = blend_grid  # the blend layers' token grid (h', w')
-        self.source_text = sd.encode_prompt(plan.source_prompt)  # (1, L, D)
         self.reader: tuple[int, StepReader] | None = None  # (edit step, its store entry), set by `denoise`
         self.target_sums: dict[str, torch.Tensor] = {}  # latent blending: running sums of target-word maps
         self._blend: tuple[int, torch.Tensor] | None = None  # (step, source blend map) cache
-        self._source_keys: dict[str, torch.Tensor] = {}
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
         i, frames, n = call.info.step, call.info.frames, q.shape[-2]
@@ -412,12 +420,10 @@ class Fusion:
             raise RuntimeError(f"the attention store has no {key} of {call.name} at step {call.info.step}")
         return x.to(like.device)
 
-    def source_keys(self, name: str) -> torch.Tensor:
-        """The source prompt's keys of a cross-attention layer (1, h, L, d): fixed, so never stored."""
-        if name not in self._source_keys:
-            layer = self.layers[name]
-            self._source_keys[name] = split_heads(layer.to_k(self.source_text), layer.heads)
-        return self._source_keys[name]
+    def source_qk(self, call: AttnCall, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The source's q (F, h, N, d) and k: (F, h, N, d) for self-attention, the source prompt's (1, h, L, d) for
+        cross-attention. q and self-attention k are the stored x through the layer's own projections."""
+        return source_qk(self.layers[call.name], self._step(call.info.step), call.name, call.is_cross, like.device)
 
     def _cross(self, q, k, v, call: AttnCall, fuse: bool, track: bool) -> torch.Tensor:
         c_edit = probabilities(q, k)  # (F, h, N, L)
@@ -427,7 +433,7 @@ class Fusion:
             self.target_sums[call.name] = self.target_sums.get(call.name, 0) + words
         c = c_edit
         if fuse:
-            c_src = probabilities(self._stored(call, "q", q), self.source_keys(call.name))
+            c_src = probabilities(*self.source_qk(call, q))
             c = p2p.fuse_cross(c_src, c_edit, plan.gate[i], mapper=plan.mapper, refine=plan.refine,
                                reweight=plan.reweight)
         return c @ v
@@ -435,15 +441,14 @@ class Fusion:
     def _self(self, q, k, v, call: AttnCall, context: Processor) -> torch.Tensor:
         frames, chunk = q.shape[0], self.plan.settings.chunk_frames
         mask = self._self_mask(call)  # (F, 1, N, 1) or None
-        q_src, k_src = self._stored(call, "q", q), self._stored(call, "k", q)
+        q_src, k_src = self.source_qk(call, q)
         if isinstance(context, EMAttention):
             return self._self_stem(q, k, v, q_src, k_src, self._stored(call, "mu", q), context, mask)
         index = key_frames(context, frames, q.shape[1] * q.shape[-1], q.device)  # (F, m)
-        source_index = torch.searchsorted(index.unique(), index)  # rows of the stored keys
         outs = []
         for f in range(0, frames, chunk):
             rows = slice(f, f + chunk)
-            p_src = frame_maps(q_src[rows], k_src, source_index[rows])  # (n, h, N, m·N)
+            p_src = frame_maps(q_src[rows], k_src, index[rows])  # (n, h, N, m·N)
             p_edit = frame_maps(q[rows], k, index[rows])
             p = p2p.fuse_self(p_src, p_edit, None if mask is None else mask[rows])
             outs.append(p @ gather_frames(v[None], index[rows])[0])  # (n, h, N, dv)
@@ -473,8 +478,8 @@ class Fusion:
     def source_blend_map(self, i: int) -> torch.Tensor:
         """(F, 1, h', w'): the source words' blend map at step i, from the stored 16² cross-attention queries."""
         if self._blend is None or self._blend[0] != i:
-            reader = self._step(i)
-            maps = [probabilities(reader.get(name, "q").to(self.source_text.device), self.source_keys(name))
+            reader, device = self._step(i), next(iter(self.layers.values())).to_q.weight.device
+            maps = [probabilities(*source_qk(self.layers[name], reader, name, True, device))
                     for name in sorted(self.plan.blend_layers)]
             self._blend = (i, p2p.blend_map(maps, self.plan.source_positions, self.blend_grid))
         return self._blend[1]
@@ -488,6 +493,20 @@ class Fusion:
         target = p2p.blend_mask(p2p.blend_map(sums, positions, self.blend_grid), size, s.blend_threshold,
                                 s.mask_resize)
         return source | target
+
+
+def source_qk(layer, reader: StepReader, name: str, is_cross: bool,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's source q and k from its store entry (see Fusion.source_qk)."""
+    x = reader.get(name, "x")
+    if x is None:
+        raise RuntimeError(f"the attention store has no entry of {name} at this step")
+    x = x.to(device)
+    q = split_heads(layer.to_q(x), layer.heads)
+    if not is_cross:
+        return q, split_heads(layer.to_k(x), layer.heads)
+    # the prompt's keys, one copy per frame as inversion had them (a broadcast product would round differently)
+    return q, reader.get(name, "k").to(device).expand(q.shape[0], -1, -1, -1)
 
 
 def bases_from_source(k_src: torch.Tensor, mu_src: torch.Tensor, k_edit: torch.Tensor, v_edit: torch.Tensor,
