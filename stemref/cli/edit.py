@@ -363,7 +363,8 @@ def check_settings(s: dict[str, Any]) -> None:
         check_prompt(text, flag)
         if not text.strip() and flag != "--negative":
             raise UserError(f"{flag} is empty; describe the video in a few words")
-    for name, low in (("steps", 1), ("stride", 1), ("start", 0), ("num_bases", 1), ("batch", 1)):
+    for name, low in (("steps", 1), ("stride", 1), ("start", 0), ("num_bases", 1), ("batch", 1), ("min_channels", 1),
+                      ("store_memory", 0)):
         if s[name] < low:
             raise UserError(f"--{_flag(name)} must be at least {low}, got {s[name]}")
     for name in ("frames", "scope"):
@@ -378,10 +379,10 @@ def check_settings(s: dict[str, Any]) -> None:
             raise UserError("--square crops to --size; it does not combine with --width/--height")
     elif s["size"] % 8 or s["size"] < 64:
         raise UserError(f"--size {s['size']}: use a multiple of 8 that is at least 64, such as 256 or 512")
-    for name in ("guidance", "pnp_attn", "pnp_conv"):
+    for name in ("guidance", "pnp_attn", "pnp_conv", "cross_window", "self_window", "blend_threshold"):
         if not math.isfinite(s[name]):
             raise UserError(f"--{_flag(name)} must be a finite number, got {s[name]}")
-    for name in ("pnp_attn", "pnp_conv"):
+    for name in ("pnp_attn", "pnp_conv", "cross_window", "self_window"):
         if not 0 <= s[name] <= 1:
             raise UserError(f"--{_flag(name)} is a fraction of the steps, from 0 to 1; got {s[name]}")
     if s["fps"] is not None and not 0 < s["fps"] <= 1000:
@@ -397,15 +398,7 @@ def check_settings(s: dict[str, Any]) -> None:
 
 
 def check_fatezero(s: dict[str, Any]) -> None:
-    for name in ("cross_window", "self_window", "blend_threshold"):
-        if not math.isfinite(s[name]):
-            raise UserError(f"--{_flag(name)} must be a finite number, got {s[name]}")
-    for name in ("cross_window", "self_window"):
-        if not 0 <= s[name] <= 1:
-            raise UserError(f"--{_flag(name)} is a fraction of the steps, from 0 to 1; got {s[name]}")
-    for name in ("min_channels", "store_memory"):
-        if s[name] < (1 if name == "min_channels" else 0):
-            raise UserError(f"--{_flag(name)} must be at least {1 if name == 'min_channels' else 0}, got {s[name]}")
+    """What FateZero's own settings refuse (word lists, blending without words), before the model loads."""
     try:
         fatezero.FateZeroSettings(**fatezero_settings(s))
     except ValueError as e:

@@ -101,7 +101,7 @@ class FateZeroSettings:
     def __post_init__(self):
         p2p.window_bounds(self.cross_window)
         p2p.window_bounds(self.self_window)
-        for word, window in self.word_windows.items():
+        for window in self.word_windows.values():
             p2p.window_bounds(window)
         if self.controller not in ("replace", "refine"):
             raise ValueError(f"controller must be 'replace' or 'refine', got {self.controller!r}")
