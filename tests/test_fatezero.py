@@ -210,7 +210,7 @@ def test_maps_recomputed_from_the_store_equal_maps_stored_directly(tiny_sd, inve
 
     with AttentionStore() as store:
         recorder = fatezero.Recorder(plan, store, fatezero._layer_contexts(tiny_sd, inv.settings))
-        eps_fn = fatezero._recording_eps(tiny_sd, inv.settings, 3, store, plan)
+        eps_fn = fatezero._recording_eps(tiny_sd, inv.settings, 3, store)
         with tiny_sd.unet.attention(lambda name: spy):
             for j, t in enumerate(inv.timesteps):
                 eps_fn(inv.latents[j], t, j)

@@ -327,7 +327,7 @@ def stem_attention(context: EMAttention, q: torch.Tensor, k: torch.Tensor, v: to
     return out.reshape(-1, *out.shape[2:]), torch.stack(bases)  # (B·F, h, N, dv), (G, h, K, d)
 
 
-def _recording_eps(sd: StableDiffusion, inv: InversionSettings, frames: int, store: AttentionStore, plan: Plan):
+def _recording_eps(sd: StableDiffusion, inv: InversionSettings, frames: int, store: AttentionStore):
     cond = sd.encode_prompt(inv.prompt)
     uncond = sd.encode_prompt("") if inv.guidance != 1.0 else None
 
@@ -343,7 +343,7 @@ def record_inversion(sd: StableDiffusion, frames: torch.Tensor, inv: InversionSe
     """DDIM-invert `frames` under the inversion's context, recording the store on the way."""
     recorder = Recorder(plan, store, _layer_contexts(sd, inv))
     x = sd.encode_frames(frames)
-    eps_fn = _recording_eps(sd, inv, x.shape[0], store, plan)
+    eps_fn = _recording_eps(sd, inv, x.shape[0], store)
     with sd.unet.attention(lambda name: recorder):
         path = ddim_inversion_loop(sd.scheduler, x, eps_fn, inv.steps, _phase(progress, 0, 2 * inv.steps))
     return Inversion(torch.stack(path), sd.scheduler.timesteps(inv.steps).flip(0).tolist(), inv)
@@ -366,7 +366,7 @@ def replay_inversion(sd: StableDiffusion, inversion: Inversion, plan: Plan, stor
     random = any(isinstance(c, EMAttention) for c in contexts.values())
     calls = range(needed[-1] + 1) if random else needed
     recorder = Recorder(plan, store, contexts)
-    eps_fn = _recording_eps(sd, inv, inversion.latents.shape[1], store, plan)
+    eps_fn = _recording_eps(sd, inv, inversion.latents.shape[1], store)
     with sd.unet.attention(lambda name: recorder):
         for j in calls:
             eps_fn(inversion.latents[j].to(sd.device, sd.dtype), ascending[j], j)
