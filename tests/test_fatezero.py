@@ -445,3 +445,31 @@ def test_command_refuses_bad_fatezero_settings(tiny_root, tmp_path, capsys, args
     code = edit_cli.main([str(clip), "--method", "fatezero", "--source", SOURCE, "--target", TARGET, *args,
                           "--weights", str(tiny_root), "--out", str(tmp_path / "out")])
     assert code == 2 and message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_stem_fusion_processor_against_naive(tiny_sd):
+    """STEM inside the self window: A_src = softmax(q_src μ_srcᵀ/√d) applied to the edit's value bases formed with
+    the source tokens' responsibilities; the unconditional rows run STEM as usual."""
+    g = torch.Generator().manual_seed(7)
+    frames, name, K, tau = 3, "mid_block.attentions.0.transformer_blocks.0.attn1", 4, 0.5
+    q, k, v = (torch.randn(2 * frames, 8, 4, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    x_src = torch.randn(frames, 4, 64, generator=g, dtype=torch.float64)
+    mu = torch.randn(1, 8, K, 8, generator=g, dtype=torch.float64)  # one EM scope: the whole video
+    layer = tiny_sd.unet.attention_layers[name]
+    q_src, k_src = ((x_src @ w.weight.T).view(frames, 4, 8, 8).transpose(1, 2) for w in (layer.to_q, layer.to_k))
+    em = context_processor("stem", generator=torch.Generator().manual_seed(0), num_bases=K, tau=tau)
+    twin = context_processor("stem", generator=torch.Generator().manual_seed(0), num_bases=K, tau=tau)
+    plan = Plan.make(tiny_sd, FateZeroSettings(self_window=1.0), STEPS, SOURCE, TARGET)
+    fusion = fatezero.Fusion(tiny_sd, plan, {name: em}, (2, 2))
+    fusion.reader = (0, StepReader({name: {"x": x_src, "mu": mu}}, None))
+    call_ = AttnCall(name, False, RunInfo(frames=frames, step=0, hw=(2, 2)))
+    out = fusion(q, k, v, call_)
+    video = lambda x: x.transpose(0, 1).reshape(8, frames * 4, 8)  # (F, h, N, d) -> (h, F·N, d)
+    logits = video(k_src) @ (mu[0] / (mu[0].norm(dim=-1, keepdim=True) + EPS)).transpose(-1, -2)
+    z = torch.softmax((logits - logits.amax(-1, keepdim=True)) / tau, -1)  # (h, F·N, K)
+    z_bar = z / (z.sum(-2, keepdim=True) + EPS)
+    nu_edit = z_bar.transpose(-1, -2) @ video(v[frames:])  # (h, K, d)
+    a_src = torch.softmax(video(q_src) @ mu[0].transpose(-1, -2) / math.sqrt(8), -1)  # (h, F·N, K)
+    expected = (a_src @ nu_edit).view(8, frames, 4, 8).transpose(0, 1)
+    torch.testing.assert_close(out[frames:], expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[:frames], twin(q[:frames], k[:frames], v[:frames], call_), rtol=0, atol=0)
