@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .clip import CLIPTextModel
-from .config import CLIPTextConfig, DDIMConfig, NotSD1Error, UNetConfig, VAEConfig
+from .clip import CLIPModel, CLIPTextModel
+from .clip_pipeline import CLIP
+from .config import CLIPConfig, CLIPTextConfig, DDIMConfig, NotSD1Error, UNetConfig, VAEConfig
 from .files import safetensors_problem
 from .convert_ldm import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, split_checkpoint
 from .pipeline import StableDiffusion
@@ -27,6 +28,9 @@ from .vae import AutoencoderKL
 
 GET_WEIGHTS = ("Get SD1.5 in safetensors form with `python -m stemref.download --to weights/sd15` "
                "(see weights/README.md), then pass that folder.")
+DEFAULT_CLIP = Path("weights/clip-vit-large-patch14")
+GET_CLIP = ("Get CLIP with `python -m stemref.download --model clip-vit-large-patch14` (or clip-vit-base-patch32, "
+            "FateZero's metric model) and pass its folder.")
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
 CONFIG_HINT = "Models of other sizes need their config.json files: load(file, config=FOLDER), or --config FOLDER."
 # The stock SD1.5 VAE ships its bottleneck attention under pre-2023 diffusers names.
@@ -70,6 +74,31 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     report(4, 4)
     return StableDiffusion(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
                            scheduler=DDIMScheduler(ddim_cfg))
+
+
+def load_clip(path: str | Path = DEFAULT_CLIP, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu") -> CLIP:
+    """Load CLIP from a transformers folder (config.json + model.safetensors), e.g. openai/clip-vit-large-patch14.
+
+    The folder's vocab.json and merges.txt are used when present; otherwise the OpenAI vocabulary that ships
+    with stemref, which is the one every OpenAI CLIP uses.
+    """
+    path = Path(path).expanduser()
+    config, weights = path / "config.json", path / "model.safetensors"
+    absent = [f.name for f in (config, weights) if not f.is_file()]
+    if absent:
+        raise WeightsError(f"no CLIP at {path} (missing {' and '.join(absent)}). {GET_CLIP}")
+    try:
+        cfg = CLIPConfig.from_json(config)
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise WeightsError(f"cannot read {config}: {e}") from e
+    # old hub files still carry the position_ids buffers, which are not weights
+    sd = {k: v for k, v in _read_safetensors(weights, GET_CLIP).items() if not k.endswith("position_ids")}
+    model = _build(CLIPModel, cfg, sd, "CLIP", dtype, device, f"Check {config}; {GET_CLIP}")
+    length = cfg.text.max_position_embeddings
+    has_vocab = (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
+    tokenizer = CLIPTokenizer.from_folder(path, length) if has_vocab else CLIPTokenizer.openai(length)
+    return CLIP(model, tokenizer)
 
 
 def check_sd1(unet_sd: dict[str, torch.Tensor], text_sd: dict[str, torch.Tensor]) -> None:
@@ -152,21 +181,22 @@ def _read_weights(folder: Path, stem: str) -> dict[str, torch.Tensor]:
     raise WeightsError(f"no {stem}.safetensors (or .fp16.safetensors) in {folder}. {GET_WEIGHTS}")
 
 
-def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(file: Path, hint: str = GET_WEIGHTS) -> dict[str, torch.Tensor]:
+    """The file's tensors; every failure is a WeightsError ending in `hint` (how to get good weights)."""
     try:
         problem = safetensors_problem(file)
     except PermissionError as e:
         raise WeightsError(f"cannot read {file}: permission denied; fix its permissions (chmod u+r) or copy it") from e
     except IsADirectoryError as e:
-        raise WeightsError(f"{file} is a folder, not a .safetensors file. {GET_WEIGHTS}") from e
+        raise WeightsError(f"{file} is a folder, not a .safetensors file. {hint}") from e
     if problem:
-        raise WeightsError(f"{file} is {problem}; stemref loads only whole safetensors files. {GET_WEIGHTS}")
+        raise WeightsError(f"{file} is {problem}; stemref loads only whole safetensors files. {hint}")
     try:
         return load_file(str(file))
     except OSError as e:
-        raise WeightsError(f"cannot read {file}: {e.strerror or e}. {GET_WEIGHTS}") from e
+        raise WeightsError(f"cannot read {file}: {e.strerror or e}. {hint}") from e
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise WeightsError(f"cannot read {file} as safetensors ({e}); the file may be incomplete. {GET_WEIGHTS}") from e
+        raise WeightsError(f"cannot read {file} as safetensors ({e}); the file may be incomplete. {hint}") from e
 
 
 def _read_single_file(file: Path, ema: bool, config_root: Path | None):
@@ -220,19 +250,21 @@ def _normalise_vae_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _build(cls, cfg, sd: dict[str, torch.Tensor], what: str, dtype: torch.dtype, device) -> nn.Module:
+def _build(cls, cfg, sd: dict[str, torch.Tensor], what: str, dtype: torch.dtype, device,
+           fix: str | None = None) -> nn.Module:
+    """`cls(cfg)` holding `sd`, whose keys and shapes must match exactly; `fix` ends the errors (default: SD1.x's)."""
     with torch.device("meta"):
         model = cls(cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
-        raise WeightsError(f"{what} weights do not fit SD1.x: {_keys('missing', missing)}{_keys('unexpected', unexpected)}"
-                           f"Is it SD1.x? {CONFIG_HINT}")
+        raise WeightsError(f"{what} weights do not fit {cls.__name__ if fix else 'SD1.x'}: {_keys('missing', missing)}"
+                           f"{_keys('unexpected', unexpected)}{fix or f'Is it SD1.x? {CONFIG_HINT}'}")
     wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
     if wrong:
         raise WeightsError(f"{what} weights have other shapes than its config: {'; '.join(wrong[:5])}"
-                           f"{' …' if len(wrong) > 5 else ''}. Check {what}/config.json. {CONFIG_HINT}")
+                           f"{' …' if len(wrong) > 5 else ''}. {fix or f'Check {what}/config.json. {CONFIG_HINT}'}")
     # Convert tensor by tensor, dropping each file tensor as soon as it is copied: the peak stays near
     # one copy of the weights rather than two.
     converted = {k: sd.pop(k).to(device=device, dtype=dtype) for k in list(sd)}

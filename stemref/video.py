@@ -279,7 +279,7 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float = 8) -
         )
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 1000:
         raise ValueError(f"{path}: fps must be a number in (0, 1000], got {fps!r}")
-    pixels = _to_uint8(frames, path)  # (F, H, W, 3)
+    pixels = to_uint8(frames, path)  # (F, H, W, 3)
     height, width = pixels.shape[1:3]
     if suffix in (".mp4", ".mov") and (height % 2 or width % 2):
         raise ValueError(
@@ -298,7 +298,7 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float = 8) -
     return path
 
 
-def _to_uint8(frames: torch.Tensor, path: Path) -> np.ndarray:
+def to_uint8(frames: torch.Tensor, path: Path | str) -> np.ndarray:
     """Validate (F, 3, H, W) frames and quantise them to (F, H, W, 3) uint8 (clamped, rounded)."""
     check_frames(frames, f"{path}: frames")
     values = frames.detach().to("cpu", torch.float32)
@@ -336,7 +336,7 @@ def save_frames(folder: str | os.PathLike, frames: torch.Tensor) -> list[Path]:
     Returns the paths written, in frame order.
     """
     folder = Path(folder)
-    pixels = _to_uint8(frames, folder)  # (F, H, W, 3)
+    pixels = to_uint8(frames, folder)  # (F, H, W, 3)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder}: exists and is not a folder; give a folder path for the PNG frames")
     folder.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@
   end; `--overwrite` replaces only a folder that stemref wrote (it holds the MARKER file), never one that
   holds or is an input, and stale partial folders of killed runs are removed by the next run;
 - `check_output_file` for commands that write one file; `progress_printer` for every slow stage;
-- `add_model_arguments` / `check_model_arguments` / `load_model`: --weights, --device, --dtype.
+- `add_model_arguments` / `check_model_arguments` / `load_model`: --weights, --device, --dtype
+  (`add_device_arguments` / `check_device` / `chosen_dtype` for commands that load no SD weights).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from ..loading import WeightsError, load
 from ..pipeline import StableDiffusion
 from ..tokenizer import TokenizerFilesError
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}  # fp64: exact CPU checks
 MARKER = ".stemref-output"  # written into every output folder; --overwrite replaces only folders holding it
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what shells report for a process ended by SIGTERM
@@ -125,13 +126,31 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="diffusers SD1.5 folder or original .safetensors file (get one: python -m stemref.download)")
     parser.add_argument("--config", type=Path, default=None,
                         help="for a single .safetensors file of another size: a diffusers folder with its config.json files")
+    add_device_arguments(parser)
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on GPU, fp32 on CPU")
 
 
+def chosen_dtype(args: argparse.Namespace) -> torch.dtype:
+    """--dtype, else fp16 on a GPU and fp32 elsewhere."""
+    return DTYPES[args.dtype] if args.dtype else (torch.float16 if str(args.device).startswith("cuda") else torch.float32)
+
+
 def check_model_arguments(args: argparse.Namespace) -> None:
     """Refuse an unusable --device or a missing --weights before any slow work."""
+    check_device(args)
+    if not Path(args.weights).expanduser().exists():
+        load(args.weights)  # raises the loader's message (how to get weights); cheap when the path is missing
+    if getattr(args, "config", None) is not None and not args.config.is_dir():
+        raise UserError(f"--config {args.config}: give a diffusers folder holding unet/config.json etc.")
+
+
+def check_device(args: argparse.Namespace) -> None:
+    """Refuse a --device this PyTorch cannot use."""
     try:
         device = torch.device(args.device)
     except (RuntimeError, ValueError) as e:
@@ -146,17 +165,12 @@ def check_model_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--device {args.device}: MPS is not available here; use --device cpu")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device {args.device}: stemref runs on cpu, cuda or mps")
-    if not Path(args.weights).expanduser().exists():
-        load(args.weights)  # raises the loader's message (how to get weights); cheap when the path is missing
-    if getattr(args, "config", None) is not None and not args.config.is_dir():
-        raise UserError(f"--config {args.config}: give a diffusers folder holding unet/config.json etc.")
 
 
 def load_model(args: argparse.Namespace, progress: Callable[[int, int], None] | None = None) -> StableDiffusion:
     check_model_arguments(args)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if str(args.device).startswith("cuda") else torch.float32)
     try:
-        return load(args.weights, dtype=dtype, device=args.device, config=getattr(args, "config", None),
+        return load(args.weights, dtype=chosen_dtype(args), device=args.device, config=getattr(args, "config", None),
                     progress=progress)
     except (WeightsError, NotSD1Error, TokenizerFilesError) as e:
         raise UserError(str(e)) from e

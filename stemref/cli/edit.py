@@ -8,7 +8,8 @@
         OUT/metrics.json           frame count, temporal consistency of the source and of each edit, timings
 
 Settings come from, in rising priority: the defaults, `--config FILE.toml` (each option under its long name
-with underscores, e.g. `pnp_attn = 0.5`; `target` is a list) and the command line.
+with underscores, e.g. `pnp_attn = 0.5`; `target` is a list; relative paths are relative to the file) and
+the command line.
 
 The inversion (and any other costly preparation shared by all targets) is cached under --cache, keyed by
 everything it depends on (the frames, prompt, steps, context and its options, seed, weights, dtype): a
@@ -43,6 +44,8 @@ from ..edit import fatezero, tokenflow
 from ..edit.cache import Cache, default_root, key_of, tensor_digest, weights_fingerprint
 from ..inversion import FORMAT as INVERSION_FORMAT
 from ..inversion import Inversion, invert
+from ..clip_metrics import clip_metrics
+from ..loading import DEFAULT_CLIP, WeightsError, load_clip
 from ..pipeline import StableDiffusion
 from ..video import read_video, side_by_side, write_video
 
@@ -108,11 +111,14 @@ COMMON = (
     Option("negative", str, None, "negative prompt of the edit (default: the method's)"),
     Option("seed", int, 1, "seeds every random choice (STEM's initial bases, keyframes)"),
     Option("fps", float, None, "frame rate of the written videos (default: the input's, divided by --stride)"),
+    Option("format", str, "mp4", "written videos: mp4 (H.264, plays everywhere) or mkv (lossless FFV1)", ("mp4", "mkv")),
     Option("weights", Path, DEFAULT_WEIGHTS, "SD1.5 diffusers folder or .safetensors file; downloaded here if missing"),
     Option("offline", bool, False, "never download: fail with the download command when --weights is missing"),
     Option("hub_url", str, DEFAULT_BASE_URL, "Hugging Face hub (or mirror) to download missing weights from"),
     Option("device", str, "cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, mps"),
     Option("dtype", str, None, "model precision (default: fp16 on GPU, fp32 on CPU)", tuple(DTYPES)),
+    Option("clip", Path, DEFAULT_CLIP, "CLIP folder (transformers layout) for the CLIP metrics in metrics.json; "
+           "skipped with a note when absent"),
     Option("cache", Path, None, f"cache folder for inversions (default: {default_root()})"),
     Option("reuse", bool, True, "read and write the cache (--no-reuse: always recompute, store nothing)"),
     Option("out", Path, None, "output folder (default: out/<video name>, or the first out/<video name>-N not taken)"),
@@ -124,6 +130,8 @@ TOKENFLOW = (
     Option("pnp_attn", float, 0.5, "TokenFlow: fraction of steps with self-attention q/k injection"),
     Option("pnp_conv", float, 0.8, "TokenFlow: fraction of steps with ResNet feature injection"),
     Option("freeu", bool, True, "FreeU with STEM's settings (b1 1.2, b2 1.4, s1 0.9, s2 0.2)"),
+    Option("blend", str, "official", "TokenFlow: how a frame mixes two keyframes: the official sigmoid of distances "
+           "to batch centres, or linear in the distances to the sampled keyframes", tokenflow.BLENDS),
 )
 
 # FateZero: one official p2p_config entry; its key in brackets
@@ -191,7 +199,8 @@ def tokenflow_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
     with job.progress(f"TokenFlow: {_short(target)}") as report:
         latents = tokenflow.edit_latents(job.sd, inversion, target, negative_prompt=s["negative"],
                                          guidance=s["guidance"], batch=s["batch"], pnp_attn=s["pnp_attn"],
-                                         pnp_conv=s["pnp_conv"], freeu=s["freeu"], seed=s["seed"], progress=report)
+                                         pnp_conv=s["pnp_conv"], freeu=s["freeu"], seed=s["seed"], blend=s["blend"],
+                                         progress=report)
     return decode(job, latents)
 
 
@@ -341,7 +350,7 @@ def _typed(o: Option, value: Any, path: Path) -> Any:
     if o.type is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if o.type is Path and isinstance(value, str):
-        return Path(value)
+        return path.parent / Path(value).expanduser()  # relative to the TOML file, not to where the command runs
     if not isinstance(value, o.type) or isinstance(value, bool):
         raise bad
     return value
@@ -489,13 +498,14 @@ def read_frames(s: dict[str, Any]) -> torch.Tensor:
 def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: float) -> None:
     s, sd, frames = job.settings, job.sd, job.frames
     fps = s["fps"] or source_fps(Path(s["video"]), s["stride"])
-    names = [f"edit-{i + 1:02d}-{_slug(t)}.mp4" for i, t in enumerate(s["target"])]
+    suffix = "." + s["format"]
+    names = [f"edit-{i + 1:02d}-{_slug(t)}{suffix}" for i, t in enumerate(s["target"])]
     with job.progress("writing videos", unit="file") as report:
-        write_video(folder / "source.mp4", frames, fps)
+        write_video(folder / f"source{suffix}", frames, fps)
         for i, (name, edited) in enumerate(zip(names, edits)):
             write_video(folder / name, edited, fps)
             report(i + 1, len(edits) + 1)
-        write_video(folder / "side_by_side.mp4", side_by_side(frames, *edits), fps)
+        write_video(folder / f"side_by_side{suffix}", side_by_side(frames, *edits), fps)
         report(len(edits) + 1, len(edits) + 1)
     (folder / "config.toml").write_text(to_toml(s))
     with job.progress("metrics", unit="video") as report:
@@ -506,17 +516,43 @@ def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: fl
             rows.append({"target": target, "file": name, "consistency": consistency(sd, edited, target),
                          "seconds": job.timings["edits"][i]})
             report(i + 2, len(edits) + 1)
+    scores = clip_scores(job, edits)
+    if scores is not None:
+        source_scores, *edit_scores = scores
+        for row, score in zip(rows, edit_scores):
+            row["clip"] = score
     peak, measure = peak_memory(sd.device)
     metrics = {
         "frames": len(frames), "size": list(frames.shape[-2:]), "fps": fps, "method": s["method"],
-        "source": {"prompt": s["source"], "file": "source.mp4", "consistency": source_consistency},
+        "source": {"prompt": s["source"], "file": f"source{suffix}", "consistency": source_consistency,
+                   **({"clip": source_scores} if scores is not None else {})},
         "edits": rows,
         "consistency_measure": "mean cosine similarity of consecutive frames' last-decoder-layer UNet features",
+        "clip_measure": "clip_score: 100 × mean cosine of frame and prompt; frame_accuracy: share of frames closer "
+                        "to the target than to the source prompt; clip_consistency: mean cosine of consecutive "
+                        f"frames (CLIP at {s['clip']})" if scores is not None else None,
         "seconds": {"inversion": job.timings.get("inversion"), "total": clock(sd.device) - started},
         "peak_memory_bytes": peak, "peak_memory_measure": measure,
         "device": str(sd.device), "dtype": str(sd.dtype).removeprefix("torch."),
     }
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def clip_scores(job: Job, edits: list[torch.Tensor]) -> list[dict] | None:
+    """CLIP metrics of the source and of each edit, or None (said once) when no CLIP weights are there."""
+    s = job.settings
+    try:
+        clip = load_clip(s["clip"], device=job.sd.device)
+    except WeightsError as e:
+        job.say(f"note: CLIP metrics skipped: {e}")
+        return None
+    with job.progress("CLIP metrics", unit="video") as report:
+        scores = [clip_metrics(clip, job.frames, s["source"])]
+        report(1, len(edits) + 1)
+        for i, (target, edited) in enumerate(zip(s["target"], edits)):
+            scores.append(clip_metrics(clip, edited, target, source_prompt=s["source"]))
+            report(i + 2, len(edits) + 1)
+    return scores
 
 
 def to_toml(s: dict[str, Any]) -> str:
