@@ -405,16 +405,18 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "examples" / "configs").
 def test_example_configs_are_complete_fatezero_settings(tmp_path):
     from stemref.cli import edit as edit_cli
 
-    assert len(CONFIGS) == 3
+    assert [c.stem for c in CONFIGS] == ["fatezero-attribute-bear-tiger", "fatezero-bunny",
+                                         "fatezero-local-jeep-porsche", "fatezero-style-jeep-watercolor"]
     clip = tmp_path / "clip.mkv"
     clip.write_bytes(b"")
+    settings = {}
     for config in CONFIGS:
         s = edit_cli.resolve_settings(edit_cli.build_parser(), [str(clip), "--config", str(config)])
-        assert s["method"] == "fatezero" and s["inversion"] == "fatezero"
-        settings = FateZeroSettings(**edit_cli.fatezero_settings(s))
-        assert settings.max_tokens == 1024 and settings.fix_shift is False  # official behaviour
-    local = edit_cli.resolve_settings(edit_cli.build_parser(), [str(clip), "--config", str(CONFIGS[1])])
-    assert edit_cli.fatezero_settings(local)["blend_words"] == (["silver", "jeep"], ["Porsche", "car"])
+        assert s["method"] == "fatezero" and s["inversion"] == ("stem" if "bunny" in config.stem else "fatezero")
+        settings[config.stem] = FateZeroSettings(**edit_cli.fatezero_settings(s))
+        assert settings[config.stem].max_tokens == 1024 and settings[config.stem].fix_shift is False  # official
+    assert settings["fatezero-local-jeep-porsche"].blend_words == (["silver", "jeep"], ["Porsche", "car"])
+    assert settings["fatezero-style-jeep-watercolor"].reweight == {"watercolor": 10.0}
 
 
 def test_command_edits_with_fatezero(tiny_root, tmp_path):
