@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from . import (DTYPES, UserError, check_model_arguments, check_output_folder, check_prompt, load_model,
-               output_folder, progress_printer, run, warn)
+from . import (DTYPES, UserError, check_model_arguments, check_output_folder, check_prompt, check_steps, load_model,
+               model_inputs, output_folder, progress_printer, run, warn, warn_if_large)
 from .measure import clock, consistency, peak_memory, reset_peak_memory, source_fps
 from ..context import CONTEXTS
 from ..download import DEFAULT_BASE_URL, DownloadError, download
@@ -113,6 +113,8 @@ COMMON = (
     Option("fps", float, None, "frame rate of the written videos (default: the input's, divided by --stride)"),
     Option("format", str, "mp4", "written videos: mp4 (H.264, plays everywhere) or mkv (lossless FFV1)", ("mp4", "mkv")),
     Option("weights", Path, DEFAULT_WEIGHTS, "SD1.5 diffusers folder or .safetensors file; downloaded here if missing"),
+    Option("model_config", Path, None, "for a single .safetensors file of another size: a diffusers folder with "
+           "its config.json files"),
     Option("offline", bool, False, "never download: fail with the download command when --weights is missing"),
     Option("hub_url", str, DEFAULT_BASE_URL, "Hugging Face hub (or mirror) to download missing weights from"),
     Option("device", str, "cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, mps"),
@@ -185,9 +187,9 @@ def cached_inversion(job: Job) -> Inversion:
         job.timings["inversion"] = 0.0
         return found
     started = clock(job.sd.device)
-    with job.progress(f"{s['inversion']} inversion") as report:
+    with job.progress("encoding frames", unit="frame") as encoding, job.progress(f"{s['inversion']} inversion") as report:
         inversion = invert(job.sd, job.frames, s["source"], s["steps"], s["inversion"], seed=s["seed"],
-                           progress=report, **options)
+                           progress=report, vae_progress=encoding, **options)
     job.timings["inversion"] = clock(job.sd.device) - started
     if cache.put(key, inversion.save) is not None:
         job.say(f"inversion: cached as {cache.path(key)}")
@@ -239,14 +241,9 @@ def _word_numbers(items: list[str] | None, flag: str) -> dict[str, float]:
 
 
 def decode(job: Job, latents: torch.Tensor) -> torch.Tensor:
-    """VAE-decode (F, 4, h, w) latents, with progress per batch of 8 frames."""
-    batches = list(latents.split(8))
-    frames = []
-    with job.progress("decoding", unit="chunk") as report:
-        for i, chunk in enumerate(batches):
-            frames.append(job.sd.decode_latents(chunk).cpu())
-            report(i + 1, len(batches))
-    return torch.cat(frames)
+    """VAE-decode (F, 4, h, w) latents to frames (F, 3, H, W) on the CPU, with progress."""
+    with job.progress("decoding", unit="frame") as report:
+        return job.sd.decode_latents(latents, progress=report).cpu()
 
 
 METHODS: dict[str, Method] = {
@@ -388,6 +385,7 @@ def check_settings(s: dict[str, Any]) -> None:
             raise UserError("--square crops to --size; it does not combine with --width/--height")
     elif s["size"] % 8 or s["size"] < 64:
         raise UserError(f"--size {s['size']}: use a multiple of 8 that is at least 64, such as 256 or 512")
+    check_steps(s["steps"])
     for name in ("guidance", "pnp_attn", "pnp_conv", "cross_window", "self_window", "blend_threshold"):
         if not math.isfinite(s[name]):
             raise UserError(f"--{_flag(name)} must be a finite number, got {s[name]}")
@@ -402,8 +400,6 @@ def check_settings(s: dict[str, Any]) -> None:
         check_fatezero(s)
     if not Path(s["video"]).exists():
         raise UserError(f"{s['video']}: no such video file or folder")
-    if s["steps"] > 1000:
-        raise UserError(f"--steps {s['steps']}: SD1.5 has 1000 timesteps; 50 is the usual setting")
 
 
 def check_fatezero(s: dict[str, Any]) -> None:
@@ -427,8 +423,13 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         s = resolve_settings(parser, argv)
         method = METHODS[s["method"]]
-        model_args = argparse.Namespace(weights=s["weights"], device=s["device"], dtype=s["dtype"], config=None)
-        inputs = [s["video"], s["weights"], *([s["cache"]] if s["cache"] else [])]
+        model_args = argparse.Namespace(weights=s["weights"], device=s["device"], dtype=s["dtype"],
+                                        model_config=s["model_config"])
+        inputs = [s["video"], *model_inputs(model_args), *([s["cache"]] if s["cache"] else [])]
+        if s["width"] is not None:
+            warn_if_large(max(s["width"], s["height"]), "--width/--height")
+        else:
+            warn_if_large(s["size"])
         check_output_folder(s["out"], s["overwrite"], inputs)
         ensure_weights(s)
         check_model_arguments(model_args)
@@ -492,7 +493,9 @@ def _download_progress():
 def read_frames(s: dict[str, Any]) -> torch.Tensor:
     resize = (s["height"], s["width"]) if s["width"] is not None else None
     size = None if resize else s["size"]
-    return read_video(s["video"], s["start"], s["stride"], s["frames"], size, s["square"], resize=resize)
+    with progress_printer("reading video", unit="frame") as report:
+        return read_video(s["video"], s["start"], s["stride"], s["frames"], size, s["square"], resize=resize,
+                          progress=report)
 
 
 def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: float) -> None:
