@@ -475,3 +475,19 @@ def test_stem_fusion_processor_against_naive(tiny_sd):
     expected = (a_src @ nu_edit).view(8, frames, 4, 8).transpose(0, 1)
     torch.testing.assert_close(out[frames:], expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(out[:frames], twin(q[:frames], k[:frames], v[:frames], call_), rtol=0, atol=0)
+
+
+def test_latent_blending_window_and_reset(tiny_sd, monkeypatch):
+    """Blending happens for int(0.2N) < i+1 < int(0.8N); with an empty mask (τ ≥ 1) it resets the latents to the
+    inversion's at t_i (the official one-level offset), which is what the next UNet call sees."""
+    assert fatezero.latent_blend_steps(50) == range(10, 39)
+    assert list(fatezero.latent_blend_steps(10)) == [i for i in range(10) if int(0.2 * 10) < i + 1 < int(0.8 * 10)]
+    steps = 10
+    inv = stemref.invert(tiny_sd, video(), SOURCE, steps=steps, context="fatezero", **CONTEXTS["fatezero"])
+    seen, real = [], fatezero.predict_noise
+    monkeypatch.setattr(fatezero, "predict_noise", lambda sd, x, *args: seen.append(x) or real(sd, x, *args))
+    edit(tiny_sd, inv, SOURCE, TARGET, blend_words=(["cat"], ["dog"]), blend_latents=True, blend_threshold=1.0, **TINY)
+    seen = seen[-steps:]  # the edit's calls (the replay that records the store comes first)
+    for i in range(steps - 1):
+        blended = i in fatezero.latent_blend_steps(steps)
+        assert torch.equal(seen[i + 1], inv.latents[steps - i]) == blended, i

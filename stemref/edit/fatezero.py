@@ -1,6 +1,6 @@
 """FateZero (Qi et al., ICCV 2023): edit a video by fusing the attention of its inversion into the edit.
 
-    frames ─VAE─► x_0 ─DDIM inversion, source prompt P, any context─► x_T      records the store (q, k, bases)
+    frames ─VAE─► x_0 ─DDIM inversion, source prompt P, any context─► x_T      records the store
     x_T ─DDIM with CFG ("" / target P*)─► x̂_0 ─VAE─► edited frames          fuses the store, conditional half only
 
 At edit step i (timestep t_i) the conditional branch's attention in every fused layer (query length ≤ 1024 by
@@ -31,14 +31,15 @@ soft assignment to the source bases) and z̄ = z normalised over tokens,
 so basis k summarises the same tokens (the same places of the same frames) in both branches, and both maps
 attend over the same key set. Where the edit leaves a token's features alone, μ_edit is μ_src after one more
 EM iteration; where it changes them, the bases carry the new features, and the fused map (A_src outside the
-mask) decides only *where* each query looks, as FateZero intends. The store holds q and k of every frame and
-μ_src (G, h, K, d) per EM scope (and the tokens x that give q_src and k_src); z̄ is recomputed at edit time. Outside the self window (and in the
-unconditional branch) STEM runs as during inversion, with fresh bases.
+mask) decides only *where* each query looks, as FateZero intends. The store holds the layer's input tokens
+of every frame (which give q_src and k_src) and μ_src (G, h, K, d) per EM scope; z̄ is recomputed at edit
+time. Outside the self window (and in the unconditional branch) STEM runs as during inversion, with fresh
+bases.
 
 Store. Maps are recomputed, never stored (attention_store.py). A layer's q and k are its own projections of
 its input tokens x (`AttnCall.x`), so the store keeps x of every frame of the conditional branch, once per
 layer and step, and recomputes q = to_q(x), k = to_k(x) at edit time: the maps come back bit for bit. The
-cross-attention keys come from the fixed source prompt and are not stored at all. At 512² in fp16 that is
+cross-attention keys are the source prompt's, 77 per layer whatever the frames. At 512² in fp16 that is
 20 MB per frame per step (11 self- and 11 cross-attention layers below 64², any context; STEM adds K bases
 per layer and step, not per frame) against the official code's 97 MB of maps, and only the steps inside the
 windows are recorded. The store spills to disk beyond a memory budget. Given a saved `Inversion` instead of
@@ -53,7 +54,7 @@ sample (stemref encodes the posterior mean) and its Tune-A-Video temporal module
 
 Dimension legend:
   F frames, B branches (uncond, cond), h heads, N query tokens of a layer, d head dim, L = 77 text tokens,
-  K bases, G EM scopes, S steps, U frames whose keys are stored
+  K bases, G EM scopes, S steps, C channels
 """
 from __future__ import annotations
 
@@ -249,7 +250,7 @@ def probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def frame_maps(q: torch.Tensor, k: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Self-attention maps of frames that attend to the frames index[f]: q (n, h, N, d), k (U, h, N, d),
+    """Self-attention maps of frames that attend to the frames index[f]: q (n, h, N, d), k (F, h, N, d),
     index (n, m) into k's rows -> (n, h, N, m·N)."""
     return probabilities(q, gather_frames(k[None], index)[0])
 
