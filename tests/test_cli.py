@@ -415,7 +415,7 @@ def test_compare_resumes_the_contexts_that_finished(tiny_root, clip, tmp_path, m
     assert invert_cli.main(args) == 0
     assert ran == ["1-frame", "2-frame", "all-frame", "all-frame", "stem"]  # the rerun did only what was left
     assert snapshot(out / "1-frame") == first
-    assert [row["context"] for row in json.loads((out / "compare.json").read_text())] == list(stemref.context.CONTEXTS)
+    assert [row["context"] for row in json.loads((out / "compare.json").read_text())] == list(invert_cli.PAPER_TABLE_A3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compare"]
 
 

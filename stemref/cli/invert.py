@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         _check_arguments(args)
-        contexts = CONTEXTS if args.compare else (args.context,)
+        contexts = tuple(PAPER_TABLE_A3) if args.compare else (args.context,)
         # --compare keeps the contexts that finished when interrupted, for a rerun with the same arguments
         resume = json.loads(json.dumps({k: v for k, v in vars(args).items() if k != "overwrite"}, default=str))
         with output_folder(args.out, args.overwrite, [args.video, *model_inputs(args)],
