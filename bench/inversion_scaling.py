@@ -39,14 +39,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from stemref.context import DEFAULT_CHUNK
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's stemref, even if another is installed
+
+from stemref.context import DEFAULT_CHUNK  # noqa: E402
 
 CONTEXTS = ("1-frame", "2-frame", "all-frame", "stem")
 TARGET_FRAMES, TARGET_SIZE, TARGET_GIB = 128, 512, 24.0  # the issue's bar
 FP16_WEIGHT_BYTES = 859_520_964 * 2  # SD1.5 UNet parameters in fp16: 1.72 GB
 GiB, MiB = 2**30, 2**20
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
 # ----------------------------------------------------------------------------------------------- child
@@ -155,7 +155,12 @@ def measure(context: str, frames: int, a: argparse.Namespace) -> dict:
 
 def run_child(context: str, frames: int, a: argparse.Namespace) -> tuple[dict | None, str]:
     """One (context, F) measurement in a fresh process; (result, "") or (None, why it has none)."""
-    cmd = [sys.executable, __file__, "--child", context, str(frames)] + forwarded_args(a)
+    return run_process([sys.executable, __file__, "--child", context, str(frames)] + forwarded_args(a), a)
+
+
+def run_process(cmd: list[str], a: argparse.Namespace) -> tuple[dict | None, str]:
+    """Run a measuring child that prints its result as JSON on its last line, within a.max_seconds and (CPU)
+    a.max_memory_gb of resident memory; (result with its run_seconds, "") or (None, why it has none)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
         start, peak_rss, why = time.monotonic(), 0, ""
