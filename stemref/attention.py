@@ -54,6 +54,9 @@ class RunInfo:
     # Plug-and-play injection: layers (ResNets, by checkpoint name: their residual; attention layers: their
     # q and k) in which branch 0, the source video, hands its features to every other branch in this call.
     inject: frozenset[str] = frozenset()
+    # Gradient checkpointing: when gradients are on, the UNet recomputes each ResNet's and transformer's
+    # activations in the backward pass instead of keeping them (tuning's memory saver; no effect on values).
+    checkpoint: bool = False
 
 
 @dataclass(frozen=True)
