@@ -1,0 +1,10 @@
+"""Text-driven video editors on top of stemref's inversions, one readable module per method.
+
+    tokenflow.py   TokenFlow (Geyer et al., ICLR 2024) as the STEM paper edits: plug-and-play injection,
+                   keyframe extended attention, nearest-neighbour token propagation, FreeU
+    cache.py       the on-disk cache of inversions (and other costly preparations) keyed by what they depend on
+
+`python -m stemref.edit` is the command (stemref/cli/edit.py). Editors take frames or an `Inversion`
+and return frames (F, 3, H, W) in [0, 1] or latents; they never print, and report progress through a
+callback `(done, total)`.
+"""

@@ -1,0 +1,263 @@
+"""TokenFlow editing (Geyer, Bar-Tal, Bagon, Dekel, ICLR 2024) on any inversion, as the STEM code runs it.
+
+An edited video is denoised from the inversion's x_T. Each UNet call holds three branches of the same
+frames, branch-major: the source (the inversion's latents at the same timestep, with the inversion
+prompt), the unconditional branch (the negative prompt) and the conditional branch (the target prompt);
+guidance mixes the last two, the source branch's ε is discarded. Every denoising step:
+
+  1. Keyframes: one frame per batch of `batch` frames, drawn from a seeded generator (or given).
+  2. Keyframe pass. The UNet runs on the keyframes only. In every self-attention layer the edited branches
+     use *extended* attention: each keyframe's queries attend to the tokens of all keyframes of the same
+     branch; the source branch stays per frame. Each layer keeps, for this step only, the source
+     keyframes' self-attention inputs and all three branches' self-attention outputs. The pass's ε is
+     discarded: it exists to fill that cache.
+  3. Batch passes. The UNet runs batch by batch; self-attention is not computed. Each token of a frame
+     looks up its nearest neighbour (cosine similarity of the source branch's self-attention inputs)
+     among the tokens of its batch's keyframe and, from the second batch on, of the previous batch's
+     keyframe; it takes those keyframe tokens' cached attention outputs, in all three branches, blended
+     with the official sigmoid weights. That is how the keyframes' joint edit flows to every frame.
+  4. Plug-and-play injection from the source branch into both edited branches: the residual of
+     `up_blocks.1.resnets.1` for the first `pnp_conv` of the steps (both passes), the self-attention q and
+     k of decoder layers 4–11 for the first `pnp_attn` (keyframe pass; the batch passes compute no
+     attention). FreeU, when on, re-weighs the decoder's features in every call.
+
+Everything plugs into the UNet through its extension points: the attention processors below
+(`KeyframeAttention`, `Propagation`), `RunInfo.inject` and the UNet's `freeu` argument.
+
+Official behaviour kept so results compare with the papers: blend distances are to batch *centres*
+(i·B + B//2), not to the sampled keyframes, and the sigmoid squashes the weights into [0.622, 0.731]; a
+frame of the first batch takes only its own keyframe. Where the official code drops frames past the last
+whole batch, stemref edits them as a last, shorter batch: its keyframe is drawn among its own frames and
+its blend weights come from the same formula (distances to i·B + B//2).
+
+Dimension legend:
+  F frames, B frames per batch (the last batch may be shorter), K keyframes (one per batch)
+  h heads, N tokens per frame at a layer, C channels, d head dim
+  3 branches: source, unconditional, conditional (row = branch · frames + frame)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import AttnCall, RunInfo, from_source, sdpa
+from ..context import AllFrames
+from ..freeu import FreeU
+from ..inversion import Inversion
+from ..pipeline import StableDiffusion
+from ..sampling import Progress
+
+DEFAULT_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"
+PNP_CONV_LAYER = "up_blocks.1.resnets.1"  # 16×16 at 512², 1280 channels in SD1.5
+# decoder self-attention layers 4–11: up_blocks.1.attentions.1–2, up_blocks.2.attentions.0–2, up_blocks.3.attentions.0–2
+PNP_ATTENTION_LAYERS = tuple(f"up_blocks.{i}.attentions.{j}.transformer_blocks.0.attn1"
+                             for i, js in ((1, (1, 2)), (2, (0, 1, 2)), (3, (0, 1, 2))) for j in js)
+MATCH_CHUNK = 4096  # query tokens per nearest-neighbour search: bounds the (chunk × N) similarity matrix
+
+
+@dataclass
+class KeyframeFeatures:
+    """What one self-attention layer keeps from the keyframe pass, for one step."""
+
+    inputs: torch.Tensor  # (K, N, C) the source keyframes' self-attention inputs (the tokens matched against)
+    outputs: torch.Tensor  # (3, K, h, N, d) all three branches' self-attention outputs (before to_out)
+
+
+class KeyframeAttention:
+    """Keyframe pass: per-frame attention for the source branch, extended attention across the keyframes for
+    the edited branches, q/k injected from the source in the layers `RunInfo.inject` names. Fills `cache`."""
+
+    def __init__(self, cache: dict[str, KeyframeFeatures], chunk_frames: int = 1):
+        self.cache = cache
+        self.extended = AllFrames(chunk_frames)  # one query frame at a time: never a K·N × K·N matrix
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
+        if call.is_cross:
+            return sdpa(q, k, v, call)
+        K = call.info.frames
+        if call.name in call.info.inject:
+            q, k = from_source(q, K), from_source(k, K)
+        source = sdpa(q[:K], k[:K], v[:K], call)  # (K, h, N, d)
+        edited = self.extended(q[K:], k[K:], v[K:], call)  # (2K, h, N, d): each branch its own video
+        out = torch.cat([source, edited])  # (3K, h, N, d)
+        self.cache[call.name] = KeyframeFeatures(call.x[:K], out.view(3, K, *out.shape[1:]))
+        return out
+
+
+class Propagation:
+    """Batch pass: no attention. Every token takes the cached keyframe attention outputs of its nearest
+    keyframe tokens (batch `index`'s keyframe, blended with the previous batch's by `weights`)."""
+
+    def __init__(self, cache: dict[str, KeyframeFeatures], index: int, weights: torch.Tensor | None):
+        self.cache, self.index, self.weights = cache, index, weights  # weights (B,): own keyframe's share
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
+        if call.is_cross:
+            return sdpa(q, k, v, call)
+        features = self.cache[call.name]
+        B = call.info.frames
+        inputs = call.x[:B]  # (B, N, C): matched on the source branch's tokens only
+        out = _nearest_outputs(features, self.index, inputs)  # (3, B, h, N, d)
+        if self.index > 0:
+            w = self.weights.to(out.dtype).view(1, B, 1, 1, 1)
+            out = w * out + (1 - w) * _nearest_outputs(features, self.index - 1, inputs)
+        return out.reshape(3 * B, *out.shape[2:])  # (3B, h, N, d)
+
+
+def _nearest_outputs(features: KeyframeFeatures, keyframe: int, inputs: torch.Tensor) -> torch.Tensor:
+    """For each token of `inputs` (B, N, C), keyframe `keyframe`'s attention outputs at the token of highest
+    cosine similarity, in all three branches: (3, B, h, N, d)."""
+    B, N, C = inputs.shape
+    work = torch.promote_types(inputs.dtype, torch.float32)  # argmax on fp16 cosines would tie too often
+    keys = F.normalize(features.inputs[keyframe].to(work), dim=-1)  # (N_kf, C)
+    tokens = inputs.reshape(B * N, C)  # (B·N, C)
+    nearest = torch.cat([(F.normalize(chunk.to(work), dim=-1) @ keys.T).argmax(dim=-1)
+                         for chunk in tokens.split(MATCH_CHUNK)])  # (B·N,)
+    out = features.outputs[:, keyframe]  # (3, h, N_kf, d)
+    gathered = out.index_select(2, nearest)  # (3, h, B·N, d)
+    return gathered.view(3, out.shape[1], B, N, -1).transpose(1, 2)  # (3, B, h, N, d)
+
+
+def batch_ranges(frames: int, batch: int) -> list[range]:
+    """Consecutive batches of `batch` frames; the last one holds the remainder."""
+    return [range(s, min(s + batch, frames)) for s in range(0, frames, batch)]
+
+
+def blend_weights(index: int, frames: range, batch: int) -> torch.Tensor | None:
+    """The official share of batch `index`'s own keyframe for each of its frames (None for batch 0).
+
+    With batch centres p = i·B + B//2 and p' = (i−1)·B + B//2, a frame s gets sigmoid(|s−p'| / (|s−p| + |s−p'|)):
+    0.622 … 0.731, not a linear interpolation (official behaviour, kept for comparability).
+    """
+    if index == 0:
+        return None
+    s = torch.tensor(list(frames), dtype=torch.float64)
+    own, previous = index * batch + batch // 2, (index - 1) * batch + batch // 2
+    d_own, d_previous = (s - own).abs(), (s - previous).abs()
+    return torch.sigmoid(d_previous / (d_own + d_previous))
+
+
+def draw_keyframes(generator: torch.Generator, ranges: list[range], batch: int) -> list[int]:
+    """One random frame per batch. For whole batches the draw is the official randint(B, (batches,))."""
+    whole = [r for r in ranges if len(r) == batch]
+    offsets = torch.randint(batch, (len(whole),), generator=generator).tolist()
+    if len(whole) < len(ranges):
+        offsets += torch.randint(len(ranges[-1]), (1,), generator=generator).tolist()
+    return [r.start + o for r, o in zip(ranges, offsets)]
+
+
+def injected_layers(step: int, steps: int, pnp_attn: float, pnp_conv: float) -> frozenset[str]:
+    """Layers whose features come from the source branch at `step`: the first int(steps·threshold) steps."""
+    layers = set()
+    if step < int(steps * pnp_conv):
+        layers.add(PNP_CONV_LAYER)
+    if step < int(steps * pnp_attn):
+        layers.update(PNP_ATTENTION_LAYERS)
+    return frozenset(layers)
+
+
+def resolve_freeu(freeu: bool | FreeU | tuple | None) -> FreeU | None:
+    """None/False: off; True: STEM's settings (b1 1.2, b2 1.4, s1 0.9, s2 0.2); a FreeU or (b1, b2, s1, s2)."""
+    if freeu is None or freeu is False:
+        return None
+    if freeu is True:
+        return FreeU()
+    if isinstance(freeu, FreeU):
+        return freeu
+    values = tuple(freeu)
+    if len(values) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        raise ValueError(f"freeu must be None, True, False or four finite numbers (b1, b2, s1, s2), got {freeu!r}")
+    return FreeU(*map(float, values))
+
+
+@torch.no_grad()
+def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, negative_prompt: str = DEFAULT_NEGATIVE,
+                 guidance: float = 7.5, batch: int = 8, pnp_attn: float = 0.5, pnp_conv: float = 0.8,
+                 freeu: bool | FreeU | tuple | None = None, keyframes: torch.Tensor | list | None = None,
+                 seed: int = 1, progress: Progress | None = None) -> torch.Tensor:
+    """Edit the inverted video towards `prompt`; returns the edited latents x_0 (F, 4, h, w).
+
+    The source prompt is the inversion's. `keyframes` (steps, batches) fixes the keyframe of every batch at
+    every step (absolute frame indices); without it they are drawn from `seed`. Equal arguments give
+    bit-identical results.
+    """
+    frames, steps = inversion.x_T.shape[0], len(inversion.timesteps)
+    ranges = batch_ranges(frames, _positive_int(batch, "batch"))
+    table = _keyframe_table(keyframes, steps, ranges)
+    _check_settings(guidance, pnp_attn, pnp_conv)
+    freeu = resolve_freeu(freeu)
+    timesteps = sd.scheduler.timesteps(steps).tolist()  # descending
+    if sorted(timesteps) != list(inversion.timesteps):
+        raise ValueError(f"the inversion's timesteps are not a {steps}-step DDIM path of this model's scheduler")
+    source, negative, target = sd.encode_prompt([inversion.settings.prompt, negative_prompt, prompt]).split(1)
+    path = inversion.latents.to(sd.device, sd.dtype)  # (S + 1, F, 4, h, w): read once, not per step
+    generator = torch.Generator().manual_seed(seed)
+    self_attention = lambda processor: (lambda name: processor if name.endswith("attn1") else None)
+    x = path[-1]
+    for i, t in enumerate(timesteps):
+        x_source = path[1 + inversion.timesteps.index(t)]  # the source video's latents at t
+        key = table[i] if table is not None else draw_keyframes(generator, ranges, batch)
+        inject = injected_layers(i, steps, pnp_attn, pnp_conv)
+        cache: dict[str, KeyframeFeatures] = {}
+        with sd.unet.attention(self_attention(KeyframeAttention(cache))):
+            _branches(sd, x_source[key], x[key], t, (source, negative, target), RunInfo(len(key), i, inject=inject), freeu)
+        denoised = torch.empty_like(x)
+        for b, r in enumerate(ranges):
+            frames_b = slice(r.start, r.stop)
+            with sd.unet.attention(self_attention(Propagation(cache, b, blend_weights(b, r, batch)))):
+                eps = _branches(sd, x_source[frames_b], x[frames_b], t, (source, negative, target),
+                                RunInfo(len(r), i, inject=inject), freeu)
+            _, eps_uncond, eps_cond = eps.chunk(3)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+            denoised[frames_b] = sd.scheduler.step(eps, t, x[frames_b], steps)
+        x = denoised
+        del cache  # keyframe features live for one step only
+        if progress:
+            progress(i + 1, steps)
+    return x
+
+
+def edit(sd: StableDiffusion, inversion: Inversion, prompt: str, **options) -> torch.Tensor:
+    """`edit_latents` decoded: the edited frames (F, 3, H, W) in [0, 1]. Takes the same keyword arguments."""
+    return sd.decode_latents(edit_latents(sd, inversion, prompt, **options))
+
+
+def _branches(sd: StableDiffusion, x_source: torch.Tensor, x: torch.Tensor, t: int, prompts: tuple, info: RunInfo,
+              freeu: FreeU | None) -> torch.Tensor:
+    """ε of [source, unconditional, conditional] rows (3F, 4, h, w) for F frames."""
+    n = x.shape[0]
+    context = torch.cat([p.expand(n, -1, -1) for p in prompts])  # (3F, L, D)
+    return sd.unet(torch.cat([x_source, x, x]), t, context, info, freeu=freeu)
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_settings(guidance: float, pnp_attn: float, pnp_conv: float) -> None:
+    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number (7.5 is the official setting), got {guidance!r}")
+    for name, value in (("pnp_attn", pnp_attn), ("pnp_conv", pnp_conv)):
+        if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"{name} is the fraction of steps with injection, from 0 to 1; got {value!r}")
+
+
+def _keyframe_table(keyframes, steps: int, ranges: list[range]) -> list[list[int]] | None:
+    """Validate an explicit (steps, batches) table of absolute keyframe indices."""
+    if keyframes is None:
+        return None
+    table = torch.as_tensor(keyframes)
+    if table.shape != (steps, len(ranges)) or table.is_floating_point():
+        raise ValueError(f"keyframes must be an integer table of shape (steps, batches) = ({steps}, {len(ranges)}), "
+                         f"got shape {tuple(table.shape)} of {table.dtype}")
+    rows = table.tolist()
+    for i, row in enumerate(rows):
+        for b, (frame, r) in enumerate(zip(row, ranges)):
+            if frame not in r:
+                raise ValueError(f"keyframes[{i}][{b}] = {frame} is not in batch {b} (frames {r.start}–{r.stop - 1})")
+    return rows
