@@ -34,7 +34,7 @@ FORMAT = "stemref.inversion/1"
 class InversionSettings:
     prompt: str
     steps: int = 50
-    context: str = "stem"
+    context: str | None = "stem"  # None: the UNet's own self-attention (a tuned video UNet's)
     guidance: float = 1.0
     layers: str = SELF_ATTENTION  # regex over attention-layer names that get the context
     seed: int = 0  # seeds the EM's random initial bases
@@ -87,14 +87,15 @@ class Inversion:
             return cls(f.get_tensor("latents"), meta["timesteps"], InversionSettings(**meta["settings"]))
 
 
-def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 50, context: str = "stem",
+def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 50, context: str | None = "stem",
            guidance: float = 1.0, layers: str = SELF_ATTENTION, seed: int = 0, batch: int | None = None,
            progress: Progress | None = None, **options) -> Inversion:
     """DDIM-invert `frames` (F, 3, H, W) in [0, 1] under `context` in the layers matching `layers`.
 
     `guidance` 1 (the default, as STEM and TokenFlow invert) uses the prompt only. `batch` bounds memory for
     the 1-frame context by running that many frames per UNet call; the other contexts need every frame in
-    one call. `options` go to the context (for "stem": num_bases, iters, tau, scope, chunk).
+    one call. `options` go to the context (for "stem": num_bases, iters, tau, scope, chunk). context=None keeps
+    the processors installed in the UNet (a tuned video UNet's own self-attention, edit/tuning.py).
     """
     check_encodable(frames)
     settings = InversionSettings(prompt, steps, context, guidance, layers, seed, options)
@@ -120,8 +121,10 @@ def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = N
 
 
 def _check_settings(s: InversionSettings, batch: int | None) -> None:
-    if s.context not in CONTEXTS:
+    if s.context is not None and s.context not in CONTEXTS:
         raise ValueError(f"unknown context {s.context!r}; choose one of {', '.join(CONTEXTS)}")
+    if s.context is None and s.options:
+        raise ValueError(f"context=None keeps the UNet's own self-attention and takes no options; got {', '.join(s.options)}")
     if batch is not None and s.context != "1-frame":
         raise ValueError(f"batch={batch} splits the video across UNet calls, which only the 1-frame context allows; "
                          f"the {s.context} context needs every frame in one call")
@@ -134,6 +137,8 @@ def _check_settings(s: InversionSettings, batch: int | None) -> None:
 
 
 def _chooser(sd: StableDiffusion, s: InversionSettings):
+    if s.context is None:
+        return lambda name: None
     generator = torch.Generator(sd.device).manual_seed(s.seed)
     processor = context_processor(s.context, generator=generator, **s.options)
     pattern = re.compile(s.layers)
