@@ -144,16 +144,11 @@ def weights_identity(sd: StableDiffusion) -> str:
     digest = hashlib.sha256()
     for part, model in (("unet", sd.unet), ("text_encoder", sd.text_encoder), ("vae", sd.vae)):
         for name, tensor in sorted(model.state_dict().items()):
-            if part == "unet" and name not in _base_keys(sd.unet):
+            if ".attn_temp." in name or ".norm_temp." in name:  # a video UNet's own modules are not the base
                 continue
             digest.update(f"{part}.{name}{tuple(tensor.shape)}".encode())
             digest.update(tensor.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def _base_keys(unet: UNet2DConditionModel) -> set[str]:
-    """The keys a 2-D SD UNet has (a video UNet's temporal tensors are not part of the base)."""
-    return {k for k in unet.state_dict() if ".attn_temp." not in k and ".norm_temp." not in k}
 
 
 @dataclass
@@ -219,6 +214,44 @@ def diffusion_loss(unet: UNet2DConditionModel, x0: torch.Tensor, noise: torch.Te
     return F.mse_loss(eps.float(), noise.float())
 
 
+class Trainer:
+    """One tuning run's state: the video UNet (tuned tensors trainable, the rest frozen and shared with the
+    base), AdamW over the tuned tensors only, the prompt embedding and fp16 loss scaling. `step` is one
+    optimisation step on a given batch; `tune` feeds it fresh draws."""
+
+    def __init__(self, sd: StableDiffusion, method: str, options: dict, settings: TuneSettings, frames: int):
+        _check_settings(sd, settings)
+        self.sd, self.settings = sd, settings
+        masters = {k: v.detach().clone() for k, v in sd.unet.state_dict().items() if TUNED.search(k)}  # base untouched
+        self.unet = inflate(sd.unet, method, options, settings.seed, masters)
+        self.tuned = [p for name, p in self.unet.named_parameters() if TUNED.search(name)]
+        for p in self.tuned:
+            p.requires_grad_(True)
+        self.optimiser = torch.optim.AdamW(self.tuned, lr=settings.lr, betas=(0.9, 0.999),
+                                           weight_decay=settings.weight_decay, eps=1e-8)
+        self.context = sd.encode_prompt(settings.prompt).expand(frames, -1, -1)  # (F, L, D)
+        self.info = RunInfo(frames=frames, checkpoint=settings.checkpointing)
+        self.amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(settings.autocast)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.unet.train()  # no dropout in SD; moves STAM's power-iteration vectors when spectral_norm="power"
+
+    def step(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> float:
+        """One AdamW step on the ε-MSE of latents x0 (F, 4, h, w) noised by `noise` to timestep t (1,); the loss."""
+        with torch.autocast(self.sd.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            loss = diffusion_loss(self.unet, x0, noise, t, self.context, self.sd.scheduler, self.info)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimiser)
+        torch.nn.utils.clip_grad_norm_(self.tuned, self.settings.max_grad_norm)
+        self.scaler.step(self.optimiser)
+        self.scaler.update()
+        self.optimiser.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Copies of the tuned tensors, by UNet key."""
+        return {k: v.detach().clone() for k, v in self.unet.state_dict().items() if TUNED.search(k)}
+
+
 def tune(sd: StableDiffusion, frames: torch.Tensor, prompt: str, method: str = "tune-a-video", *, steps: int = 500,
          lr: float = 3e-5, seed: int = 33, checkpointing: bool = False, autocast: str | None = None,
          progress: TuneProgress | None = None, **options) -> Tuned:
@@ -231,44 +264,20 @@ def tune(sd: StableDiffusion, frames: torch.Tensor, prompt: str, method: str = "
     check_encodable(frames)
     options = method_options(method, options)
     settings = TuneSettings(prompt, steps, lr, seed=seed, checkpointing=checkpointing, autocast=autocast)
-    _check_settings(sd, settings)
-    sd.encode_prompt(prompt)  # refuses an over-long prompt before any work
-    base = sd.unet.state_dict()
-    masters = {k: v.detach().clone() for k, v in base.items() if TUNED.search(k)}  # never train the base in place
-    unet = inflate(sd.unet, method, options, seed, masters)
-    tuned = {name: p for name, p in unet.named_parameters() if TUNED.search(name)}
-    for p in tuned.values():
-        p.requires_grad_(True)
-    optimiser = torch.optim.AdamW(tuned.values(), lr=lr, betas=(0.9, 0.999), weight_decay=settings.weight_decay,
-                                  eps=1e-8)
+    trainer = Trainer(sd, method, options, settings, frames.shape[0])
     with torch.no_grad():
         posterior = sd.vae.encode(frames.to(sd.device, sd.dtype) * 2 - 1)
-    F_, scale = frames.shape[0], sd.vae.config.scaling_factor
-    context = sd.encode_prompt(prompt).expand(F_, -1, -1)  # (F, L, D)
-    info = RunInfo(frames=F_, checkpoint=checkpointing)
     generator = torch.Generator().manual_seed(seed)  # CPU draws: the same run on every device
-    amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(autocast)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    draw = lambda shape: torch.randn(shape, generator=generator, dtype=torch.float32).to(sd.device, sd.dtype)
     losses = []
-    unet.train()  # no dropout in SD; moves STAM's power-iteration vectors when spectral_norm="power"
     for step in range(steps):
-        draw = lambda shape: torch.randn(shape, generator=generator, dtype=torch.float32).to(sd.device, sd.dtype)
-        x0 = (posterior.mean + posterior.std * draw(posterior.mean.shape)) * scale  # (F, 4, h, w)
+        x0 = (posterior.mean + posterior.std * draw(posterior.mean.shape)) * sd.vae.config.scaling_factor  # (F, 4, h, w)
         noise = draw(x0.shape)
         t = torch.randint(0, sd.scheduler.config.num_train_timesteps, (1,), generator=generator).to(sd.device)
-        with torch.autocast(sd.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = diffusion_loss(unet, x0, noise, t, context, sd.scheduler, info)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimiser)
-        torch.nn.utils.clip_grad_norm_(tuned.values(), settings.max_grad_norm)
-        scaler.step(optimiser)
-        scaler.update()
-        optimiser.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(trainer.step(x0, noise, t))
         if progress:
             progress(step + 1, steps, losses[-1])
-    tensors = {k: v.detach().clone() for k, v in unet.state_dict().items() if TUNED.search(k)}
-    return Tuned(method, options, tensors, weights_identity(sd), settings, losses)
+    return Tuned(method, options, trainer.tensors(), weights_identity(sd), settings, losses)
 
 
 def _check_settings(sd: StableDiffusion, s: TuneSettings) -> None:
@@ -276,6 +285,7 @@ def _check_settings(sd: StableDiffusion, s: TuneSettings) -> None:
         raise ValueError(f"steps must be a positive number of training steps (500 is the papers'), got {s.steps!r}")
     if not isinstance(s.lr, (int, float)) or not 0 < s.lr < 1:
         raise ValueError(f"lr must be a learning rate between 0 and 1 (3e-5 is the papers'), got {s.lr!r}")
+    sd.encode_prompt(s.prompt)  # an over-long prompt is refused before any work
     if s.autocast not in (None, "fp16", "bf16"):
         raise ValueError(f"autocast must be None, 'fp16' or 'bf16', got {s.autocast!r}")
     if s.autocast is not None and (sd.device.type != "cuda" or sd.dtype != torch.float32):
