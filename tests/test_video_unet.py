@@ -150,12 +150,12 @@ def test_pooled_group_norm_couples_frames(tiny_sd):
 def test_temporal_bias_option(tiny_sd):
     """Tune-A-Video's code zeroes the output weight but keeps a random bias (the default); "zero" zeroes both."""
     official = inflate(tiny_sd.unet, "tune-a-video")
-    zero = inflate(tiny_sd.unet, "tune-a-video", {"temporal_bias": "zero"})
+    zero_state = inflate(tiny_sd.unet, "tune-a-video", {"temporal_bias": "zero"}).state_dict()
     for name, tensor in official.state_dict().items():
         if name.endswith("attn_temp.to_out.0.weight"):
             assert not tensor.any()
         if name.endswith("attn_temp.to_out.0.bias"):
-            assert tensor.abs().min() > 0 and not zero.state_dict()[name].any()
+            assert tensor.abs().min() > 0 and not zero_state[name].any()
 
 
 def test_inflation_shares_frozen_weights_and_keeps_2d_blocks_plain(tiny_sd):
