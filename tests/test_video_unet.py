@@ -343,3 +343,8 @@ def test_ffam_bad_options():
         FineCoarse(0)
     with pytest.raises(ValueError, match="downsample"):
         FineCoarse(2, "max")
+
+
+def test_inflating_a_video_unet_is_refused(tiny_sd):
+    with pytest.raises(ValueError, match="already a video UNet"):
+        inflate(inflate(tiny_sd.unet, "ei2"), "tune-a-video")

@@ -41,7 +41,7 @@ from ..context import FineCoarse, SparseCausal
 from ..files import atomic_path
 from ..pipeline import StableDiffusion, check_encodable
 from ..temporal import VideoConfig, init_temporal_
-from ..unet import UNet2DConditionModel
+from ..unet import BasicTransformerBlock, UNet2DConditionModel
 
 FORMAT = "stemref.tuned/1"
 # The tensors tuning changes, by UNet checkpoint key: W_Q of self- and cross-attention, all of attn_temp
@@ -99,22 +99,24 @@ def self_attention(method: str, options: dict) -> Processor:
 
 def inflate(unet: UNet2DConditionModel, method: str, options: dict | None = None, seed: int = 33,
             tensors: dict[str, torch.Tensor] | None = None) -> UNet2DConditionModel:
-    """The method's video UNet on `unet`'s weights: frozen tensors are *shared* with `unet` (no copy), fresh
-    temporal modules drawn from `seed`, and every key in `tensors` taken from there (copied, in unet's dtype).
+    """The method's video UNet on `unet`'s 2-D weights: the base tensors are *shared* with `unet` (no copy), the
+    temporal modules fresh from `seed`, and every key in `tensors` taken from there (cast to unet's device and
+    dtype; pass copies of tensors that will be trained).
 
     The method's self-attention processor is installed in every attn1 layer; all parameters are frozen.
     """
+    if unet.video is not None:
+        raise ValueError("inflate takes a 2-D UNet; this one is already a video UNet")
     options = options or {}
     video = video_config(method, options)
     with torch.device("meta"):
         model = UNet2DConditionModel(unet.config, video)
     device, dtype = unet.conv_in.weight.device, unet.conv_in.weight.dtype
     base = unet.state_dict()
-    fresh = set(model.state_dict()) - set(base)
     unknown = sorted(set(tensors or {}) - set(model.state_dict()))
     if unknown:
         raise ValueError(f"tuned tensors {', '.join(unknown[:3])} do not exist in the {method} model")
-    model.load_state_dict(base, strict=False, assign=True)
+    model.load_state_dict(base, strict=False, assign=True)  # the temporal modules stay on meta until drawn
     generator = torch.Generator().manual_seed(seed)
     for block in _temporal_blocks(model):
         block.norm_temp.to_empty(device="cpu")
@@ -124,14 +126,13 @@ def inflate(unet: UNet2DConditionModel, method: str, options: dict | None = None
         block.attn_temp.to(device, dtype)
     if tensors:
         model.load_state_dict({k: v.to(device, dtype) for k, v in tensors.items()}, strict=False, assign=True)
-    assert not any(t.is_meta for t in model.state_dict().values()), f"uninitialised tensors among {sorted(fresh)[:3]}"
     processor = self_attention(method, options)
     model.set_attention(lambda name: processor if name.endswith("attn1") else None)
     return model.eval().requires_grad_(False)
 
 
-def _temporal_blocks(unet: UNet2DConditionModel):
-    return [m for m in unet.modules() if hasattr(m, "attn_temp")]
+def _temporal_blocks(unet: UNet2DConditionModel) -> list[BasicTransformerBlock]:
+    return [m for m in unet.modules() if isinstance(m, BasicTransformerBlock) and m.video is not None]
 
 
 def weights_identity(sd: StableDiffusion) -> str:
