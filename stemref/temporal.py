@@ -45,9 +45,11 @@ class VideoConfig:
     # STAM's Instance Centering axis: "frames" subtracts each location's mean over the frames (Eq. 6);
     # "channels" subtracts each token's mean over channels (a LayerNorm without scale, Remark 1's reading).
     centring: str = "frames"
-    # How STAM finds σ_max: "exact" (the largest singular value, every forward; Eq. 8 literally, deterministic)
-    # or "power" (Miyato et al.'s one power iteration per training forward with a persistent vector u).
-    spectral_norm: str = "exact"
+    # How STAM finds σ_max: "power" (the method EI² cites, Miyato et al.'s spectral normalisation: a persistent
+    # estimate u of the top left singular vector, refined by one power iteration per training step, σ ≈ uᵀ W v)
+    # or "exact" (the largest singular value by SVD at every forward: ‖W̄‖ = 1 exactly, ~32 SVDs of up to
+    # 1280² per UNet call, a noticeable cost in tuning).
+    spectral_norm: str = "power"
     # The temporal attention's initial to_out bias: "random" (PyTorch's default Linear init, as Tune-A-Video's
     # code leaves it: the branch adds a small constant at init) or "zero" (the inflated UNet starts as the 2-D
     # one). STAM's bias always starts at zero (EI² Sec. 4.3).
@@ -90,25 +92,26 @@ def spectral_normalise(weight: torch.Tensor, u: torch.Tensor | None = None) -> t
 class SpectralLinear(nn.Linear):
     """A Linear layer whose weight is used spectrally normalised (EI² Eq. 8); same checkpoint keys as nn.Linear.
 
-    With method "power", the buffer `weight_u` holds Miyato's left singular vector estimate. It moves by one
-    power iteration per forward in training mode (so a gradient-checkpointed step, which runs the forward
-    twice, moves it twice); in eval mode it stays put.
+    With method "power", the buffer `weight_u` holds Miyato's estimate of the top left singular vector. The
+    forward only reads it; the trainer moves it with `power_iteration_` once per step, before the step's
+    forward (Miyato's order), so a gradient-checkpointed forward, which runs twice, sees the same u.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, method: str = "exact"):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, method: str = "power"):
         super().__init__(in_features, out_features, bias=bias)
         self.method = method
         if method == "power":
             self.register_buffer("weight_u", torch.zeros(out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = None
-        if self.method == "power":
-            if self.training:
-                with torch.no_grad():
-                    self.weight_u.copy_(_power_iteration(self.weight, self.weight_u, 1))
-            u = self.weight_u
+        u = self.weight_u if self.method == "power" else None
         return F.linear(x, spectral_normalise(self.weight, u), self.bias)
+
+    @torch.no_grad()
+    def power_iteration_(self, iters: int = 1) -> None:
+        """Refine u by `iters` power iterations on the current weight (no-op for the exact method)."""
+        if self.method == "power":
+            self.weight_u.copy_(_power_iteration(self.weight, self.weight_u, iters))
 
 
 def _power_iteration(weight: torch.Tensor, u: torch.Tensor, iters: int) -> torch.Tensor:
@@ -144,8 +147,8 @@ def init_temporal_(norm: nn.Module, attn: Attention, video: VideoConfig, generat
         if layer.bias is not None:
             layer.bias.copy_(_uniform(layer.bias.shape, 1 / math.sqrt(fan_in), generator))
         if isinstance(layer, SpectralLinear) and layer.method == "power":
-            u = F.normalize(torch.randn(layer.out_features, generator=generator, dtype=torch.float64), dim=0)
-            layer.weight_u.copy_(_power_iteration(layer.weight, u, POWER_WARMUP))
+            layer.weight_u.copy_(F.normalize(torch.randn(layer.out_features, generator=generator), dim=0))
+            layer.power_iteration_(POWER_WARMUP)
     out = attn.to_out[0]
     if video.temporal == "attention":
         out.weight.zero_()

@@ -40,7 +40,7 @@ from ..attention import Processor, RunInfo
 from ..context import FineCoarse, SparseCausal
 from ..files import atomic_path
 from ..pipeline import StableDiffusion, check_encodable
-from ..temporal import VideoConfig, init_temporal_
+from ..temporal import SpectralLinear, VideoConfig, init_temporal_
 from ..unet import BasicTransformerBlock, UNet2DConditionModel
 
 FORMAT = "stemref.tuned/1"
@@ -50,7 +50,7 @@ TUNED = re.compile(r"(attn1\.to_q\.weight|attn2\.to_q\.weight|attn_temp\..+)$")
 # Each method's options and their defaults (`python -m stemref.edit` exposes them as flags and TOML keys).
 METHODS = {
     "tune-a-video": {"temporal_bias": "random"},
-    "ei2": {"stam_position": "before_cross", "stam_centring": "frames", "spectral_norm": "exact",
+    "ei2": {"stam_position": "before_cross", "stam_centring": "frames", "spectral_norm": "power",
             "ffam_r": 2, "ffam_downsample": "avg"},
 }
 TuneProgress = Callable[[int, int, float], None]  # (steps done, steps in all, this step's loss)
@@ -209,10 +209,12 @@ class Tuned:
 
 def diffusion_loss(unet: UNet2DConditionModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                    context: torch.Tensor, scheduler, info: RunInfo) -> torch.Tensor:
-    """ε-prediction MSE (fp32) of one video x0 (F, 4, h, w) noised to timestep t (one for all frames)."""
+    """ε-prediction MSE (in fp32, float64 for a float64 model) of one video x0 (F, 4, h, w) noised to timestep t
+    (one for all frames)."""
     x_t = scheduler.add_noise(x0, noise, t)
     eps = unet(x_t, t, context, info)
-    return F.mse_loss(eps.float(), noise.float())
+    work = torch.promote_types(eps.dtype, torch.float32)
+    return F.mse_loss(eps.to(work), noise.to(work))
 
 
 class Trainer:
@@ -234,10 +236,12 @@ class Trainer:
         self.info = RunInfo(frames=frames, checkpoint=settings.checkpointing)
         self.amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(settings.autocast)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
-        self.unet.train()  # no dropout in SD; moves STAM's power-iteration vectors when spectral_norm="power"
+        self.spectral = [m for m in self.unet.modules() if isinstance(m, SpectralLinear)]
 
     def step(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> float:
         """One AdamW step on the ε-MSE of latents x0 (F, 4, h, w) noised by `noise` to timestep t (1,); the loss."""
+        for layer in self.spectral:  # STAM's spectral-norm estimates follow the weights (Miyato: once per step)
+            layer.power_iteration_()
         with torch.autocast(self.sd.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             loss = diffusion_loss(self.unet, x0, noise, t, self.context, self.sd.scheduler, self.info)
         self.scaler.scale(loss).backward()
