@@ -96,6 +96,57 @@ class CLIPTextConfig:
 
 
 @dataclass(frozen=True)
+class CLIPVisionConfig:
+    """CLIP's image tower; the defaults are ViT-L/14's (the CLIP whose text tower SD1.x conditions on)."""
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """The whole CLIP model (transformers' CLIPModel): both towers and the width of the shared embedding."""
+    text: CLIPTextConfig = CLIPTextConfig()
+    vision: CLIPVisionConfig = CLIPVisionConfig()
+    projection_dim: int = 768
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "CLIPConfig":
+        """Read a transformers CLIPModel config.json; raises ValueError for what is not OpenAI-style CLIP.
+
+        Fields a file leaves out take transformers' defaults (ViT-B/32's), not ours, because that is what
+        the file means. Old hub files repeat overrides in `text_config_dict` / `vision_config_dict`, which
+        win over `text_config` / `vision_config` as they do in transformers.
+        """
+        c = json.loads(Path(path).read_text())
+        if c.get("model_type", "clip") != "clip":
+            raise ValueError(f"{path} describes a {c.get('model_type')!r} model, not CLIP (model_type 'clip')")
+        towers = {}
+        for name, dataclass_, defaults in (("text", CLIPTextConfig, TRANSFORMERS_CLIP_TEXT),
+                                           ("vision", CLIPVisionConfig, TRANSFORMERS_CLIP_VISION)):
+            tower = {**defaults, **(c.get(f"{name}_config") or {}), **(c.get(f"{name}_config_dict") or {})}
+            if tower["hidden_act"] != "quick_gelu":
+                raise ValueError(f"{path}: the {name} tower uses {tower['hidden_act']}; stemref's CLIP implements "
+                                 "OpenAI's models, which use quick_gelu")
+            towers[name] = dataclass_(**{f.name: tower[f.name] for f in fields(dataclass_)})
+        return cls(text=towers["text"], vision=towers["vision"], projection_dim=c.get("projection_dim", 512))
+
+
+# transformers' defaults for a CLIPModel config.json (ViT-B/32's towers)
+TRANSFORMERS_CLIP_TEXT = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                              num_attention_heads=8, max_position_embeddings=77, layer_norm_eps=1e-5,
+                              hidden_act="quick_gelu")
+TRANSFORMERS_CLIP_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                image_size=224, patch_size=32, num_channels=3, layer_norm_eps=1e-5,
+                                hidden_act="quick_gelu")
+
+
+@dataclass(frozen=True)
 class DDIMConfig:
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085

@@ -1,6 +1,8 @@
-"""`python -m stemref.download`: fetch SD1.5's diffusers folder from the Hugging Face hub, and nothing else.
+"""`python -m stemref.download`: fetch SD1.5's diffusers folder, or a CLIP for the metrics, from the Hugging Face hub.
 
-Standard library only (urllib). For each file of `sd15_files(variant)`:
+`--model` picks what (MODELS): SD1.5 (`sd15_files(variant)`), or OpenAI's CLIP ViT-L/14 or ViT-B/32 (their
+config.json and model.safetensors only: never the pickled or TF/Flax copies beside them).
+Standard library only (urllib). For each file:
 
 1. HEAD `{base_url}/{repo}/resolve/{revision}/{path}` to learn the size and sha256 before any body moves,
    so a complete file on disk is skipped without a GET. The hub answers the big LFS files (the weights)
@@ -38,6 +40,13 @@ DEFAULT_BASE_URL = "https://huggingface.co"
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_TO = Path("weights/sd15")
 VARIANTS = ("fp16", "fp32")
+CLIP_FILES = ["config.json", "model.safetensors"]
+# --model: (hub repository, its files (None: SD1.5's for the variant), default folder)
+MODELS = {
+    "sd15": (DEFAULT_REPO, None, DEFAULT_TO),
+    "clip-vit-large-patch14": ("openai/clip-vit-large-patch14", CLIP_FILES, Path("weights/clip-vit-large-patch14")),
+    "clip-vit-base-patch32": ("openai/clip-vit-base-patch32", CLIP_FILES, Path("weights/clip-vit-base-patch32")),
+}
 CHUNK = 1 << 20  # bytes per read: large enough for speed, small enough for a lively progress line
 MAX_REDIRECTS = 10
 TIMEOUT_S = 60.0  # per connection attempt and per read, not for a whole file
@@ -84,13 +93,14 @@ def sd15_files(variant: str = "fp16") -> list[str]:
 
 def download(to: str | Path, variant: str = "fp16", base_url: str = DEFAULT_BASE_URL, repo: str = DEFAULT_REPO,
              revision: str = "main", progress: Callable[[Progress], None] | None = None, token: str | None = None,
-             timeout: float = TIMEOUT_S) -> Path:
-    """Fetch SD1.5 into the folder `to` (created if needed) and return it; complete files are kept as they are.
+             timeout: float = TIMEOUT_S, files: list[str] | None = None) -> Path:
+    """Fetch SD1.5 (or the repository paths `files`) into the folder `to` (created if needed) and return it;
+    complete files are kept as they are.
 
     `token` is sent as `Authorization: Bearer` to base_url's host only. Raises ValueError for bad arguments
     and DownloadError when a file cannot be fetched or verified; no unverified file ever gets its final name.
     """
-    files = sd15_files(variant)
+    files = sd15_files(variant) if files is None else files
     base_url = _check_base_url(base_url, token)
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo):
         raise ValueError(f"repo={repo!r}: give a hub repository id such as {DEFAULT_REPO!r}")
@@ -358,18 +368,23 @@ def _stderr_progress() -> Callable[[Progress], None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stemref.download",
-                                     description="Fetch the files of Stable Diffusion 1.5 that stemref needs.")
-    parser.add_argument("--to", type=Path, default=DEFAULT_TO, help=f"folder to fill (default {DEFAULT_TO})")
-    parser.add_argument("--variant", choices=VARIANTS, default="fp16", help="fp16 is half the size (default)")
+                                     description="Fetch the files of Stable Diffusion 1.5 (or of a CLIP) that stemref needs.")
+    parser.add_argument("--model", choices=MODELS, default="sd15",
+                        help="sd15 (default), or a CLIP for the editing metrics (python -m stemref.evaluate)")
+    parser.add_argument("--to", type=Path, default=None, help="folder to fill (default weights/<model>)")
+    parser.add_argument("--variant", choices=VARIANTS, default=None, help="sd15 only: fp16 (default) is half the size")
     parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="hub or mirror address")
-    parser.add_argument("--repo", default=DEFAULT_REPO)
+    parser.add_argument("--repo", default=None, help="hub repository (default: the model's)")
     parser.add_argument("--revision", default="main", help="branch, tag or commit")
     parser.add_argument("--token", default=None, help="hub access token (default: $HF_TOKEN)")
     args = parser.parse_args(argv)
+    if args.variant is not None and args.model != "sd15":
+        parser.error(f"--variant applies to sd15 only; {args.model} has one safetensors file")
+    repo, files, to = MODELS[args.model]
     token = args.token or os.environ.get("HF_TOKEN") or None
     try:
-        folder = download(args.to, args.variant, args.base_url, args.repo, args.revision,
-                          progress=_stderr_progress(), token=token)
+        folder = download(args.to or to, args.variant or "fp16", args.base_url, args.repo or repo, args.revision,
+                          progress=_stderr_progress(), token=token, files=files)
     except ValueError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
@@ -379,7 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume.", file=sys.stderr)
         return 130
-    print(f"SD1.5 ({args.variant}) is in {folder}\nTry it:\n  python -m stemref.txt2img --weights "
+    if args.model != "sd15":
+        print(f"CLIP ({args.model}) is in {folder}\nScore an edit with it:\n  python -m stemref.evaluate EDITED "
+              f"--source-video SOURCE --prompt \"...\" --source-prompt \"...\" --clip {shlex.quote(str(folder))}",
+              file=sys.stderr)
+        return 0
+    print(f"SD1.5 ({args.variant or 'fp16'}) is in {folder}\nTry it:\n  python -m stemref.txt2img --weights "
           f"{shlex.quote(str(folder))} --prompt \"a photograph of an astronaut riding a horse\"", file=sys.stderr)
     return 0
 

@@ -12,8 +12,9 @@ Dimension legend: S steps, F frames, h × w latent grid (H/8 × W/8).
 from __future__ import annotations
 
 import json
+import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -23,10 +24,12 @@ from safetensors.torch import save_file
 from .attention import RunInfo
 from .context import CONTEXTS, context_processor
 from .files import atomic_path
+from .frames import check_finite
 from .pipeline import StableDiffusion, check_encodable
 from .sampling import NoiseFn, Progress, ddim_inversion_loop, ddim_sample_loop, predict_noise
 
 SELF_ATTENTION = r"attn1$"
+NON_FINITE_HINT = "half precision can overflow: try --dtype fp32 (dtype=torch.float32), or check the weights"
 FORMAT = "stemref.inversion/1"
 
 
@@ -72,6 +75,7 @@ class Inversion:
 
     @classmethod
     def load(cls, path: str | Path) -> "Inversion":
+        """Read a file written by `save`; refuses, with ValueError, anything whose contents do not fit."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no inversion file at {path}; make one with `python -m stemref.invert`")
@@ -80,11 +84,50 @@ class Inversion:
         except SafetensorError as e:
             raise ValueError(f"{path} is not a stemref inversion file ({FORMAT}): not safetensors ({e})") from e
         with f:
-            raw = (f.metadata() or {}).get("stemref")
-            if raw is None or json.loads(raw).get("format") != FORMAT:
-                raise ValueError(f"{path} is not a stemref inversion file ({FORMAT})")
-            meta = json.loads(raw)
-            return cls(f.get_tensor("latents"), meta["timesteps"], InversionSettings(**meta["settings"]))
+            meta = _parse_meta((f.metadata() or {}).get("stemref"), path)
+            if "latents" not in f.keys():
+                raise ValueError(f"{path} is not a stemref inversion file ({FORMAT}): it holds no latents")
+            latents = f.get_tensor("latents")
+        return _checked(latents, meta, path)
+
+
+def _parse_meta(raw: str | None, path: Path) -> dict:
+    try:
+        meta = json.loads(raw) if raw is not None else None
+    except ValueError as e:
+        raise ValueError(f"{path} is not a stemref inversion file ({FORMAT}): its metadata is not JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a stemref inversion file ({FORMAT})")
+    return meta
+
+
+def _checked(latents: torch.Tensor, meta: dict, path: Path) -> Inversion:
+    """The Inversion the file describes, after checking every field that later code relies on."""
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{path}: damaged stemref inversion file: {problem}; make it again with "
+                          "`python -m stemref.invert`")
+
+    timesteps, raw = meta.get("timesteps"), meta.get("settings")
+    if not isinstance(timesteps, list) or not timesteps or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in timesteps):
+        raise bad(f"timesteps must be a list of integers, got {timesteps!r:.80}")
+    if timesteps != sorted(set(timesteps)) or timesteps[0] < 0:
+        raise bad("timesteps must be distinct, ascending and non-negative")
+    if latents.ndim != 5 or latents.shape[0] != len(timesteps) + 1 or not latents.is_floating_point():
+        raise bad(f"latents of shape {tuple(latents.shape)} ({latents.dtype}) do not hold the "
+                  f"{len(timesteps) + 1} floating (F, 4, h, w) latents its {len(timesteps)} timesteps need")
+    names = {f.name for f in fields(InversionSettings)}
+    if not isinstance(raw, dict) or not {"prompt"} <= set(raw) <= names:
+        raise bad(f"settings must be an object with the keys {sorted(names)}, got {raw!r:.120}")
+    settings = InversionSettings(**raw)
+    types = {"prompt": str, "steps": int, "context": (str, type(None)), "guidance": (int, float), "layers": str,
+             "seed": int, "options": dict}
+    wrong = [name for name, kind in types.items()
+             if not isinstance(getattr(settings, name), kind) or isinstance(getattr(settings, name), bool)]
+    if wrong:
+        raise bad(f"settings {', '.join(wrong)} have the wrong type")
+    # the timesteps are the path the latents were computed on; settings.steps only repeats their count
+    return Inversion(latents, timesteps, replace(settings, steps=len(timesteps)))
 
 
 def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 50, context: str | None = "stem",
@@ -102,11 +145,13 @@ def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 
     _check_settings(settings, batch)
     # everything that can refuse the settings runs before the (slow) VAE encode
     timesteps = sd.scheduler.timesteps(steps).flip(0).tolist()  # ascending
-    chooser, eps_fn = _chooser(sd, settings), _noise_fn(sd, settings, batch)
+    eps_fn, chooser = _noise_fn(sd, settings, batch), _chooser(sd, settings, frames)
     x = sd.encode_frames(frames)
     with sd.unet.attention(chooser):
         path = ddim_inversion_loop(sd.scheduler, x, eps_fn, steps, progress)
-    return Inversion(torch.stack(path), timesteps, settings)  # (S + 1, F, 4, h, w)
+    latents = torch.stack(path)  # (S + 1, F, 4, h, w)
+    check_finite(latents, "the inverted latents", NON_FINITE_HINT)
+    return Inversion(latents, timesteps, settings)
 
 
 def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = None,
@@ -114,13 +159,21 @@ def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = N
     """Denoise x_T back to frames (F, 3, H, W) with the inversion's prompt, guidance and context."""
     s = inversion.settings
     _check_settings(s, batch)
+    # the stored timesteps, not settings.steps, define the path (they agree for every file invert wrote)
+    steps = len(inversion.timesteps)
+    if sd.scheduler.timesteps(steps).flip(0).tolist() != inversion.timesteps:
+        raise ValueError(f"the inversion's timesteps {inversion.timesteps[:3]}… are not this scheduler's {steps}-step "
+                         "DDIM path; reconstruct with the scheduler (weights) it was inverted with")
     with sd.unet.attention(_chooser(sd, s)):
-        x = ddim_sample_loop(sd.scheduler, inversion.x_T.to(sd.device, sd.dtype), _noise_fn(sd, s, batch), s.steps,
+        x = ddim_sample_loop(sd.scheduler, inversion.x_T.to(sd.device, sd.dtype), _noise_fn(sd, s, batch), steps,
                              progress=progress)
+    check_finite(x, "the reconstructed latents", NON_FINITE_HINT)
     return sd.decode_latents(x)
 
 
 def _check_settings(s: InversionSettings, batch: int | None) -> None:
+    if not isinstance(s.guidance, (int, float)) or isinstance(s.guidance, bool) or not math.isfinite(s.guidance):
+        raise ValueError(f"guidance must be a finite number (1 inverts with the prompt only), got {s.guidance!r}")
     if s.context is not None and s.context not in CONTEXTS:
         raise ValueError(f"unknown context {s.context!r}; choose one of {', '.join(CONTEXTS)}")
     if s.context is None and s.options:
@@ -136,17 +189,35 @@ def _check_settings(s: InversionSettings, batch: int | None) -> None:
         raise ValueError(f"layers={s.layers!r} is not a valid regular expression: {e}") from e
 
 
-def _chooser(sd: StableDiffusion, s: InversionSettings):
+def _chooser(sd: StableDiffusion, s: InversionSettings, frames: torch.Tensor | None = None):
+    """processor-for-layer-name for `sd.unet.attention`; with `frames`, first checks that STEM can run on them.
+
+    context None keeps every layer's installed processor (a tuned video UNet's own self-attention)."""
     if s.context is None:
         return lambda name: None
-    generator = torch.Generator(sd.device).manual_seed(s.seed)
-    processor = context_processor(s.context, generator=generator, **s.options)
     pattern = re.compile(s.layers)
     chosen = [name for name in sd.unet.attention_layers if pattern.search(name)]
     if not chosen:
         raise ValueError(f"layers={s.layers!r} matches no attention layer (names look like "
                          "'up_blocks.1.attentions.0.transformer_blocks.0.attn1')")
+    if s.context == "stem" and frames is not None:
+        _check_stem_tokens(sd, frames, chosen)
+    generator = torch.Generator(sd.device).manual_seed(s.seed)
+    processor = context_processor(s.context, generator=generator, **s.options)
     return lambda name: processor if name in chosen else None
+
+
+def _check_stem_tokens(sd: StableDiffusion, frames: torch.Tensor, layers: list[str]) -> None:
+    """STEM's EM estimates the spread of the keys of all frames: each chosen layer needs at least 2 tokens."""
+    levels = len(sd.unet.config.block_out_channels)
+    halvings = max(levels - 1 if name.startswith("mid_block") else
+                   int(name.split(".")[1]) if name.startswith("down_blocks") else levels - 1 - int(name.split(".")[1])
+                   for name in layers)
+    h, w = (-(-(side // 8) // 2 ** halvings) for side in frames.shape[-2:])  # ceil: strided convs round up
+    if frames.shape[0] * h * w < 2:
+        raise ValueError(f"STEM needs at least 2 tokens in each attention layer it runs in, but {frames.shape[0]} "
+                         f"frame(s) of {frames.shape[-1]}×{frames.shape[-2]} give 1 in the smallest; use larger "
+                         f"frames (at least {16 * 2 ** halvings} px on a side) or more frames")
 
 
 def _noise_fn(sd: StableDiffusion, s: InversionSettings, batch: int | None) -> NoiseFn:

@@ -7,14 +7,18 @@ tensors directly (`assign=True`), so loading never spends time on a random initi
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .clip import CLIPTextModel
-from .config import CLIPTextConfig, DDIMConfig, NotSD1Error, UNetConfig, VAEConfig
+from .clip import CLIPModel, CLIPTextModel
+from .clip_pipeline import CLIP
+from .config import CLIPConfig, CLIPTextConfig, DDIMConfig, NotSD1Error, UNetConfig, VAEConfig
+from .files import safetensors_problem
 from .convert_ldm import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, split_checkpoint
 from .pipeline import StableDiffusion
 from .scheduler import DDIMScheduler
@@ -24,7 +28,11 @@ from .vae import AutoencoderKL
 
 GET_WEIGHTS = ("Get SD1.5 in safetensors form with `python -m stemref.download --to weights/sd15` "
                "(see weights/README.md), then pass that folder.")
+DEFAULT_CLIP = Path("weights/clip-vit-large-patch14")
+GET_CLIP = ("Get CLIP with `python -m stemref.download --model clip-vit-large-patch14` (or clip-vit-base-patch32, "
+            "FateZero's metric model) and pass its folder.")
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
+CONFIG_HINT = "Models of other sizes need their config.json files: load(file, config=FOLDER), or --config FOLDER."
 # The stock SD1.5 VAE ships its bottleneck attention under pre-2023 diffusers names.
 LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -34,13 +42,16 @@ class WeightsError(ValueError):
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         ema: bool = False, config: str | Path | None = None) -> StableDiffusion:
+         ema: bool = False, config: str | Path | None = None,
+         progress: Callable[[int, int], None] | None = None) -> StableDiffusion:
     """Load SD1.x from a diffusers folder (unet/, vae/, text_encoder/, tokenizer/) or a single `.safetensors` file.
 
     Single files carry no configs: SD1.5's are used unless `config` names a diffusers folder whose
     config.json files (and tokenizer/) describe the file. `ema=True` takes the UNet's EMA weights from a
-    single file that holds both (v1-5-pruned.safetensors).
+    single file that holds both (v1-5-pruned.safetensors). `progress(done, 4)` is called after the files
+    are read and after each of the three models is built.
     """
+    report = progress or (lambda done, total: None)
     path = Path(path).expanduser()
     if not path.exists():
         raise WeightsError(f"weights not found at {path}. {GET_WEIGHTS}")
@@ -53,14 +64,41 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     else:
         raise WeightsError(f"{path} is neither a diffusers folder nor a .safetensors file. {GET_WEIGHTS}")
     check_sd1(unet_sd, text_sd)
+    report(1, 4)
     unet_cfg, vae_cfg, text_cfg, ddim_cfg = configs
-    return StableDiffusion(
-        tokenizer=tokenizer,
-        text_encoder=_build(CLIPTextModel, text_cfg, _normalise_text_keys(text_sd), "text_encoder", dtype, device),
-        vae=_build(AutoencoderKL, vae_cfg, _normalise_vae_keys(vae_sd), "vae", dtype, device),
-        unet=_build(UNet2DConditionModel, unet_cfg, unet_sd, "unet", dtype, device),
-        scheduler=DDIMScheduler(ddim_cfg),
-    )
+    text_encoder = _build(CLIPTextModel, text_cfg, _normalise_text_keys(text_sd), "text_encoder", dtype, device)
+    report(2, 4)
+    vae = _build(AutoencoderKL, vae_cfg, _normalise_vae_keys(vae_sd), "vae", dtype, device)
+    report(3, 4)
+    unet = _build(UNet2DConditionModel, unet_cfg, unet_sd, "unet", dtype, device)
+    report(4, 4)
+    return StableDiffusion(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+                           scheduler=DDIMScheduler(ddim_cfg))
+
+
+def load_clip(path: str | Path = DEFAULT_CLIP, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu") -> CLIP:
+    """Load CLIP from a transformers folder (config.json + model.safetensors), e.g. openai/clip-vit-large-patch14.
+
+    The folder's vocab.json and merges.txt are used when present; otherwise the OpenAI vocabulary that ships
+    with stemref, which is the one every OpenAI CLIP uses.
+    """
+    path = Path(path).expanduser()
+    config, weights = path / "config.json", path / "model.safetensors"
+    absent = [f.name for f in (config, weights) if not f.is_file()]
+    if absent:
+        raise WeightsError(f"no CLIP at {path} (missing {' and '.join(absent)}). {GET_CLIP}")
+    try:
+        cfg = CLIPConfig.from_json(config)
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise WeightsError(f"cannot read {config}: {e}") from e
+    # old hub files still carry the position_ids buffers, which are not weights
+    sd = {k: v for k, v in _read_safetensors(weights, GET_CLIP).items() if not k.endswith("position_ids")}
+    model = _build(CLIPModel, cfg, sd, "CLIP", dtype, device, f"Check {config}; {GET_CLIP}")
+    length = cfg.text.max_position_embeddings
+    has_vocab = (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
+    tokenizer = CLIPTokenizer.from_folder(path, length) if has_vocab else CLIPTokenizer.openai(length)
+    return CLIP(model, tokenizer)
 
 
 def check_sd1(unet_sd: dict[str, torch.Tensor], text_sd: dict[str, torch.Tensor]) -> None:
@@ -103,9 +141,33 @@ def _config(cls, file: Path):
     if not file.exists():
         return cls()
     try:
-        return cls.from_json(file)
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise WeightsError(f"cannot read {file}: {e}") from e
+        config = cls.from_json(file)
+    except NotSD1Error:
+        raise
+    except UnicodeDecodeError as e:
+        raise WeightsError(f"cannot read {file}: not UTF-8 text ({e.reason}); replace it with the checkpoint's own") from e
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"cannot read {file}: not valid JSON ({e}); replace it with the checkpoint's own") from e
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field missing, or of the wrong type
+        raise WeightsError(f"cannot read {file}: a field is missing or has the wrong type ({e!r}); "
+                           "replace it with the checkpoint's own") from e
+    for f in fields(config):
+        if not _fits(getattr(config, f.name), f.default):
+            raise WeightsError(f"{file}: {f.name} = {getattr(config, f.name)!r} does not fit (SD1.5 has "
+                               f"{f.default!r}); replace the file with the checkpoint's own config")
+    return config
+
+
+def _fits(value, default) -> bool:
+    """Same kind as the default (a non-empty tuple of them for tuples), and positive where the default is:
+    a string or a negative width would otherwise fail deep inside a model's constructor."""
+    if isinstance(default, tuple):
+        return isinstance(value, tuple) and len(value) > 0 and all(_fits(v, default[0]) for v in value)
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # NaN != NaN
+        return False
+    return (isinstance(value, int) or isinstance(default, float)) and (value > 0 if default > 0 else value >= 0)
 
 
 def _read_weights(folder: Path, stem: str) -> dict[str, torch.Tensor]:
@@ -119,11 +181,22 @@ def _read_weights(folder: Path, stem: str) -> dict[str, torch.Tensor]:
     raise WeightsError(f"no {stem}.safetensors (or .fp16.safetensors) in {folder}. {GET_WEIGHTS}")
 
 
-def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(file: Path, hint: str = GET_WEIGHTS) -> dict[str, torch.Tensor]:
+    """The file's tensors; every failure is a WeightsError ending in `hint` (how to get good weights)."""
+    try:
+        problem = safetensors_problem(file)
+    except PermissionError as e:
+        raise WeightsError(f"cannot read {file}: permission denied; fix its permissions (chmod u+r) or copy it") from e
+    except IsADirectoryError as e:
+        raise WeightsError(f"{file} is a folder, not a .safetensors file. {hint}") from e
+    if problem:
+        raise WeightsError(f"{file} is {problem}; stemref loads only whole safetensors files. {hint}")
     try:
         return load_file(str(file))
+    except OSError as e:
+        raise WeightsError(f"cannot read {file}: {e.strerror or e}. {hint}") from e
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise WeightsError(f"cannot read {file} as safetensors ({e}); the file may be incomplete. {GET_WEIGHTS}") from e
+        raise WeightsError(f"cannot read {file} as safetensors ({e}); the file may be incomplete. {hint}") from e
 
 
 def _read_single_file(file: Path, ema: bool, config_root: Path | None):
@@ -177,19 +250,21 @@ def _normalise_vae_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _build(cls, cfg, sd: dict[str, torch.Tensor], what: str, dtype: torch.dtype, device) -> nn.Module:
+def _build(cls, cfg, sd: dict[str, torch.Tensor], what: str, dtype: torch.dtype, device,
+           fix: str | None = None) -> nn.Module:
+    """`cls(cfg)` holding `sd`, whose keys and shapes must match exactly; `fix` ends the errors (default: SD1.x's)."""
     with torch.device("meta"):
         model = cls(cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
-        raise WeightsError(f"{what} weights do not fit SD1.x: {_keys('missing', missing)}{_keys('unexpected', unexpected)}"
-                           "Is it SD1.x? Models of other sizes need their config.json (single files: load(file, config=FOLDER)).")
+        raise WeightsError(f"{what} weights do not fit {cls.__name__ if fix else 'SD1.x'}: {_keys('missing', missing)}"
+                           f"{_keys('unexpected', unexpected)}{fix or f'Is it SD1.x? {CONFIG_HINT}'}")
     wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
     if wrong:
         raise WeightsError(f"{what} weights have other shapes than its config: {'; '.join(wrong[:5])}"
-                           f"{' …' if len(wrong) > 5 else ''}. Check {what}/config.json (single files: load(file, config=FOLDER)).")
+                           f"{' …' if len(wrong) > 5 else ''}. {fix or f'Check {what}/config.json. {CONFIG_HINT}'}")
     # Convert tensor by tensor, dropping each file tensor as soon as it is copied: the peak stays near
     # one copy of the weights rather than two.
     converted = {k: sd.pop(k).to(device=device, dtype=dtype) for k in list(sd)}

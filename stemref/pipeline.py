@@ -37,11 +37,7 @@ class StableDiffusion:
     def encode_prompt(self, prompts: str | list[str]) -> torch.Tensor:
         """Prompts -> CLIP last hidden states (B, 77, 768). Over-long prompts are refused, not silently cut."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        limit = self.tokenizer.max_length - 2
-        for p in prompts:
-            n = self.tokenizer.token_count(p)
-            if n > limit:
-                raise ValueError(f"prompt is {n} tokens long; CLIP reads at most {limit}. Shorten it: {p[:60]!r}…")
+        self.tokenizer.refuse_long(prompts)
         ids = self.tokenizer(prompts).to(self.device)  # (B, 77)
         return self.text_encoder(ids)
 
@@ -68,8 +64,8 @@ class StableDiffusion:
 
 
 def check_encodable(frames: torch.Tensor) -> None:
-    """Frames the VAE can encode: the stemref convention, with sides that are multiples of 8."""
-    check_frames(frames)
+    """Frames the VAE can encode: the stemref convention (finite, in [0, 1]), with sides that are multiples of 8."""
+    check_frames(frames, values=True)
     H, W = frames.shape[-2:]
     if H % 8 or W % 8:
         raise ValueError(f"frame size {W}×{H} is not a multiple of 8; resize or crop it (stemref.video.read_video does)")

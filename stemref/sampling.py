@@ -7,11 +7,13 @@ Dimension legend: B rows (branches × frames), F frames, L text tokens, D text w
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
 from .attention import RunInfo
+from .frames import check_finite
 from .pipeline import StableDiffusion
 from .scheduler import DDIMScheduler
 
@@ -70,13 +72,20 @@ def txt2img(sd: StableDiffusion, prompt: str, negative_prompt: str = "", steps: 
     The starting noise is drawn on the CPU from `seed`, as diffusers does with a CPU generator, so the same
     seed gives the same image on every device.
     """
-    H, W = (size, size) if isinstance(size, int) else size
+    sides = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    if len(sides) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in sides):
+        raise ValueError(f"size must be an int or (height, width) of ints, such as 512 or (512, 768); got {size!r}")
+    H, W = sides
     if H % 8 or W % 8 or min(H, W) < 64:
         raise ValueError(f"size {W}×{H}: both sides must be multiples of 8 and at least 64")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number (7.5 is usual, 1 turns it off), got {guidance!r}")
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((1, sd.unet.config.in_channels, H // 8, W // 8), generator=generator)
     cond = sd.encode_prompt(prompt)
     uncond = sd.encode_prompt(negative_prompt) if guidance != 1.0 else None
     eps_fn = lambda x, t, i: predict_noise(sd, x, t, cond, uncond, guidance, RunInfo(frames=1, step=i))
     latents = ddim_sample_loop(sd.scheduler, noise.to(sd.device, sd.dtype), eps_fn, steps, progress=progress)
+    check_finite(latents, "the generated latents", "half precision can overflow: try --dtype fp32 "
+                 "(dtype=torch.float32), or a smaller guidance")
     return sd.decode_latents(latents)

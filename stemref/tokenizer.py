@@ -219,6 +219,14 @@ class CLIPTokenizer:
         """Number of ids `text` takes without the start/end tokens; over max_length - 2, `__call__` truncates."""
         return len(self.encode(text))
 
+    def refuse_long(self, prompts: list[str]) -> None:
+        """Raise ValueError for a prompt longer than CLIP reads (max_length - 2 ids), rather than cut it silently."""
+        limit = self.max_length - 2
+        for p in prompts:
+            n = self.token_count(p)
+            if n > limit:
+                raise ValueError(f"prompt is {n} tokens long; CLIP reads at most {limit}. Shorten it: {p[:60]!r}…")
+
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         """Prompt(s) -> (B, L) int64 ids: [SOT] + first L-2 ids + [EOT], padded with EOT."""
         if isinstance(prompts, str):

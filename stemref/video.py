@@ -18,6 +18,8 @@ Reading (`read_video`)
     then crop the short side down to a multiple of 8 from the centre (640×272, S=512 -> 512×218 -> 512×216).
   * `square=True`: resize so the shorter side is S, then centre-crop S×S. With `size=None` the square
     is cut at native resolution, its side the shorter side rounded down to a multiple of 8.
+  * `resize=(H, W)`: resize to exactly H×W (aspect not kept, as the TokenFlow/STEM configs do), then crop
+    each side down to a multiple of 8 from the centre (854×480 -> 848×480). Excludes `size` and `square`.
   A centre crop of an odd remainder puts the extra pixel at the bottom/right: top = (H - H') // 2.
 - Resampling is Pillow's LANCZOS on the decoded 8-bit frames (what image pipelines for SD use): sharp,
   with proper antialiasing when shrinking. Frames that need no resize are never resampled.
@@ -78,21 +80,23 @@ def read_video(
     count: int | None = None,
     size: int | None = None,
     square: bool = False,
+    resize: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Read frames start, start + stride, ... (at most `count`) of a video file or image folder.
 
     Returns (F, 3, H, W) float32 in [0, 1] with H and W multiples of 8; see the module docstring for
-    how `size` and `square` set the geometry.
+    how `size`, `square` and `resize` set the geometry.
     """
     path = Path(path)
     _check_selection(path, start, stride, count)
     _check_size(size)
+    _check_resize(resize, size, square)
     if not path.exists():
         raise FileNotFoundError(
             f"{path}: no such file or folder; check the path (relative paths start at {Path.cwd()})"
         )
     frames = _read_folder(path, start, stride, count) if path.is_dir() else _read_file(path, start, stride, count)
-    shaped = [_fit(frame, size, square, path) for frame in frames]
+    shaped = [_fit(frame, size, square, path, resize) for frame in frames]
     if len({f.shape for f in shaped}) > 1:
         sizes = sorted({f"{f.shape[1]}x{f.shape[0]}" for f in frames})
         raise ValueError(
@@ -119,6 +123,16 @@ def _check_size(size: int | None) -> None:
             f"size must be a multiple of 8 that is at least 64 (SD 1.5 works on 8x smaller latents), got {size!r};"
             " try 256 or 512, or size=None to keep the resolution"
         )
+
+
+def _check_resize(resize: tuple[int, int] | None, size: int | None, square: bool) -> None:
+    if resize is None:
+        return
+    if size is not None or square:
+        raise ValueError("resize=(H, W) sets the whole geometry; do not combine it with size or square")
+    if (not isinstance(resize, tuple) or len(resize) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 8 for v in resize)):
+        raise ValueError(f"resize must be (height, width) in pixels, each at least 8, got {resize!r}")
 
 
 def _wanted(start: int, stride: int, count: int | None) -> Iterator[int]:
@@ -208,9 +222,11 @@ def _read_folder(path: Path, start: int, stride: int, count: int | None) -> list
 
 
 def _geometry(
-    height: int, width: int, size: int | None, square: bool
+    height: int, width: int, size: int | None, square: bool, resize: tuple[int, int] | None = None
 ) -> tuple[tuple[int, int] | None, tuple[int, int]]:
     """(resized (H1, W1) or None for no resize, final (H2, W2)) for a frame of height x width."""
+    if resize is not None:
+        return resize, (resize[0] // 8 * 8, resize[1] // 8 * 8)
     if size is None:
         if square:
             side = min(height, width) // 8 * 8
@@ -226,10 +242,11 @@ def _geometry(
     return resized, (resized[0] // 8 * 8, resized[1] // 8 * 8)
 
 
-def _fit(frame: np.ndarray, size: int | None, square: bool, path: Path) -> np.ndarray:
+def _fit(frame: np.ndarray, size: int | None, square: bool, path: Path,
+         resize: tuple[int, int] | None = None) -> np.ndarray:
     """Resize (LANCZOS) and centre-crop one (H, W, 3) uint8 frame to the geometry of `_geometry`."""
     height, width = frame.shape[:2]
-    resized, (out_h, out_w) = _geometry(height, width, size, square)
+    resized, (out_h, out_w) = _geometry(height, width, size, square, resize)
     if out_h < 8 or out_w < 8:
         raise ValueError(
             f"{path}: a {width}x{height} frame would become {out_w}x{out_h}, too small for SD's 8x downsampling;"
@@ -262,7 +279,7 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float = 8) -
         )
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 1000:
         raise ValueError(f"{path}: fps must be a number in (0, 1000], got {fps!r}")
-    pixels = _to_uint8(frames, path)  # (F, H, W, 3)
+    pixels = to_uint8(frames, path)  # (F, H, W, 3)
     height, width = pixels.shape[1:3]
     if suffix in (".mp4", ".mov") and (height % 2 or width % 2):
         raise ValueError(
@@ -281,7 +298,7 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float = 8) -
     return path
 
 
-def _to_uint8(frames: torch.Tensor, path: Path) -> np.ndarray:
+def to_uint8(frames: torch.Tensor, path: Path | str) -> np.ndarray:
     """Validate (F, 3, H, W) frames and quantise them to (F, H, W, 3) uint8 (clamped, rounded)."""
     check_frames(frames, f"{path}: frames")
     values = frames.detach().to("cpu", torch.float32)
@@ -319,7 +336,7 @@ def save_frames(folder: str | os.PathLike, frames: torch.Tensor) -> list[Path]:
     Returns the paths written, in frame order.
     """
     folder = Path(folder)
-    pixels = _to_uint8(frames, folder)  # (F, H, W, 3)
+    pixels = to_uint8(frames, folder)  # (F, H, W, 3)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder}: exists and is not a folder; give a folder path for the PNG frames")
     folder.mkdir(parents=True, exist_ok=True)

@@ -96,3 +96,36 @@ def tiny_reference(tiny_root):
     vae = AutoencoderKL.from_pretrained(tiny_root / "vae")
     text = CLIPTextModel.from_pretrained(tiny_root / "text_encoder")
     return unet.double().eval(), vae.double().eval(), text.double().eval()
+
+
+# A tiny CLIPModel (both towers, projections) in the transformers layout; odd widths and a 30x30 image of
+# 6x6 patches keep every reshape honest.
+TINY_CLIP_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu")
+TINY_CLIP_VISION = dict(hidden_size=24, intermediate_size=29, num_hidden_layers=2, num_attention_heads=4, image_size=30,
+                        patch_size=6, hidden_act="quick_gelu")
+
+
+def tiny_clip_model(seed: int = 4):
+    """A perturbed transformers CLIPModel; its logit scale moves too."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(text_config=TINY_CLIP_TEXT, vision_config=TINY_CLIP_VISION, projection_dim=16)
+    return perturb(CLIPModel(config), seed).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A tiny CLIP folder as transformers 5 saves it: config.json + model.safetensors, no vocabulary."""
+    root = tmp_path_factory.mktemp("tiny-clip")
+    tiny_clip_model().save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_reference(tiny_clip_dir):
+    """transformers' CLIPModel loaded by transformers from tiny_clip_dir, float64."""
+    from transformers import CLIPModel
+
+    return CLIPModel.from_pretrained(tiny_clip_dir).double().eval()

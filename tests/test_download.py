@@ -344,3 +344,60 @@ def test_bad_arguments_are_refused_before_any_request(hub, tmp_path, capsys):
         main(["--variant", "bf16"])
     assert exit_info.value.code == 2
     assert hub.log == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# --model: the CLIPs for the editing metrics
+# ----------------------------------------------------------------------------------------------------
+
+CLIP_WANTED = {"config.json", "model.safetensors"}
+
+
+@pytest.fixture
+def clip_hub():
+    """A CLIP repository as the hub holds openai/clip-vit-*: safetensors beside pickled, TF and Flax copies."""
+    rng = random.Random(99)
+    names = CLIP_WANTED | {"pytorch_model.bin", "tf_model.h5", "flax_model.msgpack", "vocab.json", "merges.txt"}
+    fake = FakeHub({n: bytes(rng.getrandbits(8) for _ in range(rng.randrange(500, 6000))) for n in sorted(names)},
+                   redirected={"model.safetensors"})
+    server, thread = serve(fake)
+    yield fake
+    stop(server, thread)
+
+
+@pytest.mark.parametrize("model", ["clip-vit-large-patch14", "clip-vit-base-patch32"])
+def test_clip_model_fetches_only_config_and_safetensors(clip_hub, tmp_path, capsys, model):
+    assert main(["--model", model, "--to", str(tmp_path / "clip"), "--base-url", clip_hub.url, "--repo", REPO]) == 0
+    assert files_under(tmp_path / "clip") == CLIP_WANTED
+    for path in CLIP_WANTED:
+        assert (tmp_path / "clip" / path).read_bytes() == clip_hub.files[path]
+    assert {r["file"] for r in clip_hub.log} == CLIP_WANTED
+    assert "python -m stemref.evaluate EDITED --source-video SOURCE" in capsys.readouterr().err
+
+
+def test_clip_defaults_to_the_openai_repository_and_its_own_folder(clip_hub, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--model", "clip-vit-large-patch14", "--base-url", clip_hub.url]) == 1  # the fake hub has no such repo
+    assert clip_hub.log[0]["path"] == "/openai/clip-vit-large-patch14/resolve/main/config.json"
+    assert "HTTP 404" in capsys.readouterr().err
+    assert main(["--model", "clip-vit-base-patch32", "--base-url", clip_hub.url, "--repo", REPO]) == 0
+    assert files_under(tmp_path / "weights" / "clip-vit-base-patch32") == CLIP_WANTED
+
+
+def test_clip_download_resumes_and_checks_sha256(clip_hub, tmp_path):
+    data = clip_hub.files["model.safetensors"]
+    (tmp_path / "model.safetensors.part").write_bytes(data[:300])
+    clip_hub.wrong_sha.add("config.json")
+    with pytest.raises(DownloadError, match="sha256 mismatch for .*config.json"):
+        download(tmp_path, base_url=clip_hub.url, repo=REPO, timeout=TIMEOUT_S, files=["model.safetensors", "config.json"])
+    assert (tmp_path / "model.safetensors").read_bytes() == data
+    assert clip_hub.gets("model.safetensors")[-1]["range"] == "bytes=300-"
+    assert files_under(tmp_path) == {"model.safetensors"}
+
+
+def test_variant_is_refused_for_clip(clip_hub, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "clip-vit-base-patch32", "--variant", "fp32", "--to", str(tmp_path), "--base-url", clip_hub.url])
+    assert exit_info.value.code == 2
+    assert "--variant applies to sd15 only" in capsys.readouterr().err
+    assert clip_hub.log == []

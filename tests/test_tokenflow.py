@@ -52,6 +52,12 @@ def test_blend_weights_are_the_official_table():
     assert tokenflow.blend_weights(0, range(0, 8), 8) is None
 
 
+def test_keyframe_blend_variant_is_linear_between_the_keyframes():
+    w = tokenflow.blend_weights(1, range(8, 16), 8, "keyframes", keyframes=[5, 10])
+    # distance to keyframe 10 (own) and 5 (previous): s = 10 gets 1, s = 8 gets 3/5, s = 15 gets 10/15
+    assert w.tolist() == pytest.approx([3 / 5, 4 / 5, 1.0, 6 / 7, 7 / 9, 8 / 11, 9 / 13, 10 / 15], abs=1e-15)
+
+
 def test_injection_step_counts():
     def counts(steps, attn, conv):
         layers = [tokenflow.injected_layers(i, steps, attn, conv) for i in range(steps)]
@@ -345,6 +351,23 @@ def test_single_keyframe_batch_with_the_source_prompt_keeps_the_keyframe(tiny_sd
         tiny_sd.unet(inv.x_T[0:1], t, tiny_sd.encode_prompt(PROMPT), RunInfo(frames=1)), t, inv.x_T[0:1], 1))
 
 
+def test_keyframe_blend_variant_runs_and_differs(tiny_sd, inversion):
+    """blend="keyframes" runs end to end and, on the same keyframe table, is not the official blend."""
+    table = [[1, 2, 4]] * 4
+    official = tokenflow.edit_latents(tiny_sd, inversion, TARGET, batch=2, keyframes=table)
+    variant = tokenflow.edit_latents(tiny_sd, inversion, TARGET, batch=2, keyframes=table, blend="keyframes")
+    assert variant.shape == official.shape and not torch.allclose(variant, official)
+
+
+def test_negative_prompt_is_inert_at_guidance_one(tiny_sd, inversion):
+    """notes §6.8: at guidance 1 the unconditional branch cancels (up to rounding); it never enters the update."""
+    a = tokenflow.edit_latents(tiny_sd, inversion, TARGET, guidance=1.0, batch=2, negative_prompt="")
+    b = tokenflow.edit_latents(tiny_sd, inversion, TARGET, guidance=1.0, batch=2, negative_prompt="blurry")
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    c = tokenflow.edit_latents(tiny_sd, inversion, TARGET, guidance=7.5, batch=2, negative_prompt="blurry")
+    assert not torch.allclose(a, c)
+
+
 def test_deterministic_and_seeded(tiny_sd, inversion):
     a = tokenflow.edit_latents(tiny_sd, inversion, TARGET, batch=2, seed=3, freeu=True)
     b = tokenflow.edit_latents(tiny_sd, inversion, TARGET, batch=2, seed=3, freeu=True)
@@ -380,5 +403,7 @@ def test_bad_arguments(tiny_sd, inversion):
         tokenflow.edit_latents(tiny_sd, inversion, TARGET, pnp_attn=1.5)
     with pytest.raises(ValueError, match="guidance"):
         tokenflow.edit_latents(tiny_sd, inversion, TARGET, guidance=float("nan"))
+    with pytest.raises(ValueError, match="blend"):
+        tokenflow.edit_latents(tiny_sd, inversion, TARGET, blend="centres")
     with pytest.raises(ValueError, match="freeu"):
         tokenflow.edit_latents(tiny_sd, inversion, TARGET, freeu=(1, 2))

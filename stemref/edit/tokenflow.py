@@ -24,9 +24,12 @@ guidance mixes the last two, the source branch's ε is discarded. Every denoisin
 Everything plugs into the UNet through its extension points: the attention processors below
 (`KeyframeAttention`, `Propagation`), `RunInfo.inject` and the UNet's `freeu` argument.
 
-Official behaviour kept so results compare with the papers: blend distances are to batch *centres*
-(i·B + B//2), not to the sampled keyframes, and the sigmoid squashes the weights into [0.622, 0.731]; a
-frame of the first batch takes only its own keyframe. Where the official code drops frames past the last
+Official behaviour kept so results compare with the papers (`blend="official"`, the default): blend
+distances are to batch *centres* (i·B + B//2), not to the sampled keyframes, and the sigmoid squashes the
+weights into [0.622, 0.731], so even a keyframe takes 27 % of its tokens' outputs from the previous batch's
+keyframe; a frame of the first batch takes only its own keyframe. `blend="keyframes"` is the variant that
+measures distances to the two sampled keyframes and interpolates linearly: a keyframe keeps its own
+attention output exactly, and a frame's share of a keyframe falls off with its distance to it. Where the official code drops frames past the last
 whole batch, stemref edits them as a last, shorter batch: its keyframe is drawn among its own frames and
 its blend weights come from the same formula (distances to i·B + B//2).
 
@@ -45,6 +48,7 @@ import torch.nn.functional as F
 
 from ..attention import AttnCall, RunInfo, from_source, sdpa
 from ..context import AllFrames
+from ..frames import check_finite
 from ..freeu import FreeU
 from ..inversion import Inversion
 from ..pipeline import StableDiffusion
@@ -83,7 +87,8 @@ class KeyframeAttention:
         source = sdpa(q[:K], k[:K], v[:K], call)  # (K, h, N, d)
         edited = self.extended(q[K:], k[K:], v[K:], call)  # (2K, h, N, d): each branch its own video
         out = torch.cat([source, edited])  # (3K, h, N, d)
-        self.cache[call.name] = KeyframeFeatures(call.x[:K], out.view(3, K, *out.shape[1:]))
+        # a copy of the source rows: a view would keep all three branches' inputs alive until the step ends
+        self.cache[call.name] = KeyframeFeatures(call.x[:K].clone(), out.view(3, K, *out.shape[1:]))
         return out
 
 
@@ -126,18 +131,26 @@ def batch_ranges(frames: int, batch: int) -> list[range]:
     return [range(s, min(s + batch, frames)) for s in range(0, frames, batch)]
 
 
-def blend_weights(index: int, frames: range, batch: int) -> torch.Tensor | None:
-    """The official share of batch `index`'s own keyframe for each of its frames (None for batch 0).
+BLENDS = ("official", "keyframes")
 
-    With batch centres p = i·B + B//2 and p' = (i−1)·B + B//2, a frame s gets sigmoid(|s−p'| / (|s−p| + |s−p'|)):
-    0.622 … 0.731, not a linear interpolation (official behaviour, kept for comparability).
+
+def blend_weights(index: int, frames: range, batch: int, blend: str = "official",
+                  keyframes: list[int] | None = None) -> torch.Tensor | None:
+    """The share of batch `index`'s own keyframe for each of its frames (None for batch 0: no blend).
+
+    official: with batch centres p = i·B + B//2 and p' = (i−1)·B + B//2, frame s gets
+    sigmoid(|s−p'| / (|s−p| + |s−p'|)), in [0.622, 0.731]. keyframes: with the sampled keyframes k_i and
+    k_{i−1} (from `keyframes`), frame s gets |s−k_{i−1}| / (|s−k_i| + |s−k_{i−1}|), 1 at its own keyframe.
     """
     if index == 0:
         return None
     s = torch.tensor(list(frames), dtype=torch.float64)
-    own, previous = index * batch + batch // 2, (index - 1) * batch + batch // 2
-    d_own, d_previous = (s - own).abs(), (s - previous).abs()
-    return torch.sigmoid(d_previous / (d_own + d_previous))
+    if blend == "official":
+        own, previous = index * batch + batch // 2, (index - 1) * batch + batch // 2
+        d_own, d_previous = (s - own).abs(), (s - previous).abs()
+        return torch.sigmoid(d_previous / (d_own + d_previous))
+    d_own, d_previous = (s - keyframes[index]).abs(), (s - keyframes[index - 1]).abs()
+    return d_previous / (d_own + d_previous)  # the keyframes lie in different batches: never 0 / 0
 
 
 def draw_keyframes(generator: torch.Generator, ranges: list[range], batch: int) -> list[int]:
@@ -177,17 +190,17 @@ def resolve_freeu(freeu: bool | FreeU | tuple | None) -> FreeU | None:
 def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, negative_prompt: str = DEFAULT_NEGATIVE,
                  guidance: float = 7.5, batch: int = 8, pnp_attn: float = 0.5, pnp_conv: float = 0.8,
                  freeu: bool | FreeU | tuple | None = None, keyframes: torch.Tensor | list | None = None,
-                 seed: int = 1, progress: Progress | None = None) -> torch.Tensor:
+                 seed: int = 1, blend: str = "official", progress: Progress | None = None) -> torch.Tensor:
     """Edit the inverted video towards `prompt`; returns the edited latents x_0 (F, 4, h, w).
 
     The source prompt is the inversion's. `keyframes` (steps, batches) fixes the keyframe of every batch at
     every step (absolute frame indices); without it they are drawn from `seed`. Equal arguments give
-    bit-identical results.
+    bit-identical results. `blend` chooses how a frame mixes two keyframes (see the module docstring).
     """
     frames, steps = inversion.x_T.shape[0], len(inversion.timesteps)
     ranges = batch_ranges(frames, _positive_int(batch, "batch"))
     table = _keyframe_table(keyframes, steps, ranges)
-    _check_settings(guidance, pnp_attn, pnp_conv)
+    _check_settings(guidance, pnp_attn, pnp_conv, blend)
     freeu = resolve_freeu(freeu)
     timesteps = sd.scheduler.timesteps(steps).tolist()  # descending
     if sorted(timesteps) != list(inversion.timesteps):
@@ -207,7 +220,7 @@ def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, nega
         denoised = torch.empty_like(x)
         for b, r in enumerate(ranges):
             frames_b = slice(r.start, r.stop)
-            with sd.unet.attention(self_attention(Propagation(cache, b, blend_weights(b, r, batch)))):
+            with sd.unet.attention(self_attention(Propagation(cache, b, blend_weights(b, r, batch, blend, key)))):
                 eps = _branches(sd, x_source[frames_b], x[frames_b], t, (source, negative, target),
                                 RunInfo(len(r), i, inject=inject), freeu)
             _, eps_uncond, eps_cond = eps.chunk(3)
@@ -217,6 +230,7 @@ def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, nega
         del cache  # keyframe features live for one step only
         if progress:
             progress(i + 1, steps)
+    check_finite(x, "the edited latents", "half precision can overflow: try --dtype fp32 or bf16")
     return x
 
 
@@ -239,7 +253,9 @@ def _positive_int(value, name: str) -> int:
     return value
 
 
-def _check_settings(guidance: float, pnp_attn: float, pnp_conv: float) -> None:
+def _check_settings(guidance: float, pnp_attn: float, pnp_conv: float, blend: str) -> None:
+    if blend not in BLENDS:
+        raise ValueError(f"blend must be one of {', '.join(BLENDS)}, got {blend!r}")
     if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
         raise ValueError(f"guidance must be a finite number (7.5 is the official setting), got {guidance!r}")
     for name, value in (("pnp_attn", pnp_attn), ("pnp_conv", pnp_conv)):

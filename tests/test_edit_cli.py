@@ -1,0 +1,210 @@
+"""`python -m stemref.edit` end to end on the shipped clip (examples/bunny.mp4) with the tiny random-weight model.
+
+Runs the command in-process (stemref.cli.edit.main) at a small size and few steps: outputs exist and decode,
+the inversion cache is reused and a damaged entry recomputed, an output's config.toml repeats the edit
+exactly, missing weights are downloaded from a hub on 127.0.0.1 (or refused with --offline), and bad input
+fails with one line, exit code 2 and no output folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from stemref.cli.edit import main
+from stemref.video import read_video
+
+CLIP = Path(__file__).parent.parent / "examples" / "bunny.mp4"
+SMALL = ["--frames", "5", "--size", "96", "--steps", "2", "--batch", "2", "--num-bases", "8"]
+
+
+def edit(tmp_path: Path, weights: Path, out: str, *extra: str, video: Path = CLIP) -> int:
+    return main([str(video), "--source", "a rabbit on a hill", "--target", "a bear on a hill", "--weights",
+                 str(weights), "--out", str(tmp_path / out), "--cache", str(tmp_path / "cache"), *SMALL, *extra])
+
+
+def stderr_lines(capsys) -> list[str]:
+    return [line.split("\r")[-1] for line in capsys.readouterr().err.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_root, tiny_clip_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("edit")
+    assert edit(tmp, tiny_root, "run", "--target", "a cat on a hill", "--clip", str(tiny_clip_dir)) == 0
+    return tmp
+
+
+def test_outputs_exist_and_decode(first_run):
+    out = first_run / "run"
+    names = {p.name for p in out.iterdir()}
+    assert {"source.mp4", "edit-01-a-bear-on-a-hill.mp4", "edit-02-a-cat-on-a-hill.mp4", "side_by_side.mp4",
+            "config.toml", "metrics.json"} <= names
+    source = read_video(out / "source.mp4")
+    assert source.shape == (5, 3, 48, 96)  # 512×288 -> 96×54 -> cropped to a multiple of 8
+    for name in ("edit-01-a-bear-on-a-hill.mp4", "edit-02-a-cat-on-a-hill.mp4"):
+        assert read_video(out / name).shape == source.shape
+    assert read_video(out / "side_by_side.mp4").shape == (5, 3, 48, 3 * 96)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["frames"] == 5 and [e["target"] for e in metrics["edits"]] == ["a bear on a hill", "a cat on a hill"]
+    assert all(0 < e["consistency"] <= 1 for e in metrics["edits"])
+    # CLIP metrics (tiny random CLIP): the source against its caption, each edit against its target and source
+    assert set(metrics["source"]["clip"]) == {"clip_score", "frame_accuracy", "clip_consistency"}
+    assert metrics["source"]["clip"]["frame_accuracy"] is None
+    for e in metrics["edits"]:
+        assert 0 <= e["clip"]["frame_accuracy"] <= 1 and -100 <= e["clip"]["clip_score"] <= 100
+    config = tomllib.loads((out / "config.toml").read_text())
+    assert config["target"] == ["a bear on a hill", "a cat on a hill"] and config["steps"] == 2
+    assert config["dtype"] == "fp32" and "out" not in config
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".run")]  # no partial folder left
+
+
+def test_second_run_reuses_the_inversion(first_run, tiny_root, capsys):
+    capsys.readouterr()
+    assert edit(first_run, tiny_root, "again", "--target", "a dog on a hill", "--clip", str(first_run / "no")) == 0
+    lines = stderr_lines(capsys)
+    assert any(line.startswith("inversion: reusing") for line in lines)
+    # no CLIP weights: said once, with the way to get them, and the metrics go without CLIP
+    notes = [line for line in lines if "CLIP metrics skipped" in line]
+    assert len(notes) == 1 and "python -m stemref.download --model clip-vit-large-patch14" in notes[0]
+    assert "clip" not in json.loads((first_run / "again" / "metrics.json").read_text())["source"]
+
+
+def test_damaged_cache_entry_is_recomputed(first_run, tiny_root, capsys):
+    entries = list((first_run / "cache" / "inversions").glob("*.safetensors"))
+    assert len(entries) == 1
+    data = bytearray(entries[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the latents: the header still parses
+    entries[0].write_bytes(bytes(data))
+    capsys.readouterr()
+    assert edit(first_run, tiny_root, "damaged") == 0
+    lines = stderr_lines(capsys)
+    assert any(line.startswith("inversion: cached as") for line in lines)
+    assert not any("reusing" in line for line in lines)
+    # an entry without its checksum (a run killed between the two writes) is not trusted either
+    entries[0].with_suffix(".sha256").unlink()
+    capsys.readouterr()
+    assert edit(first_run, tiny_root, "partial") == 0
+    assert any(line.startswith("inversion: cached as") for line in stderr_lines(capsys))
+
+
+def test_config_toml_repeats_the_edit(first_run, tiny_root, tmp_path):
+    # float64: in float32 a random-weight UNet is chaotic enough that memory alignment alone moves the result;
+    # mkv: lossless, where H.264's rate control may code equal frames differently from one run to the next
+    assert edit(tmp_path, tiny_root, "first", "--dtype", "fp64", "--format", "mkv") == 0
+    out = tmp_path / "first"
+    assert main(["--config", str(out / "config.toml"), "--out", str(tmp_path / "repeat")]) == 0
+    assert (out / "config.toml").read_text() == (tmp_path / "repeat" / "config.toml").read_text()
+    assert torch.equal(read_video(tmp_path / "repeat" / "edit-01-a-bear-on-a-hill.mkv"),
+                       read_video(out / "edit-01-a-bear-on-a-hill.mkv"))
+    # command-line flags override the file
+    assert main(["--config", str(out / "config.toml"), "--out", str(tmp_path / "other"), "--target", "a fox"]) == 0
+    assert tomllib.loads((tmp_path / "other" / "config.toml").read_text())["target"] == ["a fox"]
+
+
+def test_offline_without_weights_fails_cleanly(tmp_path, capsys):
+    assert edit(tmp_path, tmp_path / "missing", "out", "--offline") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "python -m stemref.download --to" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "missing").exists()
+
+
+class Hub(http.server.BaseHTTPRequestHandler):
+    """GET/HEAD /<repo>/resolve/main/<path>: the weights with the hub's LFS headers (size, sha256)."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self.answer(False)
+
+    def do_GET(self):
+        self.answer(True)
+
+    def answer(self, body: bool):
+        path = self.path.split("/resolve/main/", 1)[-1]
+        data = self.server.files.get(path)
+        if data is None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.server.served.append((self.command, path))
+        self.send_response(200)
+        if path.endswith(".safetensors"):  # LFS files: the hub names size and sha256
+            self.send_header("X-Linked-Size", str(len(data)))
+            self.send_header("X-Linked-Etag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+
+def test_missing_weights_are_downloaded_first(tiny_root, tmp_path, capsys):
+    files = {p.relative_to(tiny_root).as_posix().replace(".safetensors", ".fp16.safetensors"): p.read_bytes()
+             for p in tiny_root.rglob("*") if p.is_file()}
+    files["model_index.json"] = b'{"_class_name": "StableDiffusionPipeline"}'
+    files["tokenizer/tokenizer_config.json"] = files["tokenizer/special_tokens_map.json"] = b"{}"
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    server.files, server.served = files, []
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert edit(tmp_path, tmp_path / "sd15", "out", "--hub-url", url) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert "downloading SD1.5" in capsys.readouterr().err
+    assert (tmp_path / "sd15" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert (tmp_path / "out" / "edit-01-a-bear-on-a-hill.mp4").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--target", ""], "--target is empty"),
+    (["--width", "128"], "--width and --height go together"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--pnp-attn", "2"], "--pnp-attn is a fraction"),
+    (["--scope", "4", "--inversion", "1-frame"], "--scope is a STEM option"),
+    (["--size", "100"], "--size 100"),
+])
+def test_bad_settings_fail_before_any_work(tiny_root, tmp_path, capsys, extra, message):
+    assert edit(tmp_path, tiny_root, "out", *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_bad_config_and_video(tiny_root, tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text('source = "a"\ntarget = ["b"]\npnp_atn = 0.5\n')
+    assert main([str(CLIP), "--config", str(config), "--weights", str(tiny_root), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown setting 'pnp_atn'" in capsys.readouterr().err
+    config.write_text('source = "a"\ntarget = ["b"]\nsteps = "many"\n')
+    assert main([str(CLIP), "--config", str(config), "--weights", str(tiny_root), "--out", str(tmp_path / "o")]) == 2
+    assert "steps must be an integer" in capsys.readouterr().err
+    assert edit(tmp_path, tiny_root, "o", video=tmp_path / "nothing.mp4") == 2
+    assert "no such video" in capsys.readouterr().err
+    assert main(["--source", "a", "--target", "b", "--weights", str(tiny_root)]) == 2
+    assert "missing a VIDEO" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_example_configs_parse():
+    from stemref.cli.edit import read_config
+
+    folder = Path(__file__).parent.parent / "examples" / "configs"
+    names = {p.stem for p in folder.glob("*.toml")}
+    assert {"mallard", "taylor", "tennis", "woman-running", "bunny"} <= names
+    for path in folder.glob("*.toml"):
+        settings = read_config(path)
+        assert settings["source"] and settings["target"], path
+    assert read_config(folder / "bunny.toml")["video"].resolve() == CLIP.resolve()
