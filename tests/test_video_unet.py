@@ -110,6 +110,33 @@ def test_inflated_unet_with_silent_temporal_attention_matches_reference(tiny_sd,
     torch.testing.assert_close(ours, theirs, **EXACT)
 
 
+def test_inflated_unet_float32(tiny_root, tiny_reference):
+    import stemref
+
+    frames = 3
+    unet = inflate(stemref.load(tiny_root).unet, "tune-a-video", {"temporal_bias": "zero"})
+    x, context = latents(frames).float(), text(frames).float()
+    with torch.no_grad():
+        ours = unet(x, 250, context, RunInfo(frames=frames))
+        theirs = reference_video_unet(tiny_reference[0], frames).float()(x, 250, context).sample
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_temporal_modules_are_permutation_equivariant_over_frames():
+    """No positional encoding: permuting the frames permutes the temporal modules' outputs (notes T5)."""
+    x = torch.randn(5, 6, 16, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    for temporal in ("attention", "stam"):
+        video = VideoConfig(temporal=temporal)
+        norm, attn = temporal_modules(16, 4, video)
+        init_temporal_(norm, attn, video, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            attn.to_out[0].weight.normal_(generator=torch.Generator().manual_seed(1))  # TAV's starts at zero
+        norm, attn = norm.double(), attn.double()
+        with torch.no_grad():
+            torch.testing.assert_close(attn(norm(x))[:, perm], attn(norm(x[:, perm])), **EXACT)
+
+
 @pytest.mark.parametrize("method, options", [("tune-a-video", {"temporal_bias": "zero"}), ("ei2", {})])
 def test_one_frame_is_the_2d_unet(tiny_sd, method, options):
     """EI²'s STAM centres a single frame to zero (and its bias starts at zero): no option needed."""
