@@ -4,6 +4,8 @@
     "2-frame"    SparseCausal    the tokens of the first frame and of the previous frame
     "all-frame"  AllFrames       every token of every frame of the video ("inflated" DDIM inversion)
     "stem"       EMAttention     K bases estimated by EM from every token of every frame (STEM inversion)
+    "fatezero"   SpatialTemporal FateZero's spatial-temporal attention: the middle frame in wide layers, the frame
+                                 itself in narrow ones ("mid"), or the previous and the first frame ("first+previous")
                  FineCoarse      the frame's own tokens and the other frames' tokens pooled r×r (EI²'s FFAM;
                                  the self-attention of a tuned EI² model, not an inversion context)
 
@@ -27,9 +29,9 @@ from .em import check_em_options, em_bases
 # Tokens per EM/attention chunk: 4 frames of a 512² video's top level. Holds the E-step to 16,384 × K
 # responsibilities per head (16 MiB at K = 256 in fp32) however long the video is.
 DEFAULT_CHUNK = 16_384
-CONTEXTS = ("1-frame", "2-frame", "all-frame", "stem")
+CONTEXTS = ("1-frame", "2-frame", "all-frame", "stem", "fatezero")
 CONTEXT_OPTIONS = {"1-frame": (), "2-frame": (), "all-frame": ("chunk_frames",),
-                   "stem": ("num_bases", "iters", "tau", "scope", "chunk")}
+                   "stem": ("num_bases", "iters", "tau", "scope", "chunk"), "fatezero": ("mode", "min_channels")}
 
 
 def per_frame(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
@@ -126,6 +128,56 @@ class EMAttention:
         return _unmerge(torch.cat(out, dim=-2), q.shape[1])  # (B, n, h, N, dv)
 
 
+class SpatialTemporal:
+    """FateZero's spatial-temporal self-attention: per frame, the keys and values of a few chosen frames.
+
+    mode "mid" (FateZero's SD configs): in layers of at least `min_channels` channels every frame attends
+    only to the middle frame (F−1)//2, its own frame not included (the official code replaces the keys, it
+    does not add to them); narrower layers attend within their own frame. SD1.5's configs use 640 (the
+    32², 16² and 8² levels at 512²) or 1280 (16² and 8² only); `min_channels` compares with the layer's
+    width h·d, so any model's `block_out_channels` can be named. mode "first+previous" (Tune-A-Video's
+    sparse-causal attention, FateZero's default without an index): every layer, frame i attends to frame
+    i−1 (frame 0: itself) then frame 0, keys in that order.
+
+    `key_frames` gives the frame indices each frame attends to, so an editor can rebuild the attention maps.
+    """
+
+    MODES = ("mid", "first+previous")
+
+    def __init__(self, mode: str = "mid", min_channels: int = 640):
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {', '.join(self.MODES)}, got {mode!r}")
+        if not isinstance(min_channels, int) or min_channels < 1:
+            raise ValueError(f"min_channels must be a positive channel count (FateZero's SD configs use 640 or "
+                             f"1280), got {min_channels!r}")
+        self.mode, self.min_channels = mode, min_channels
+
+    def key_frames(self, frames: int, channels: int, device: torch.device | None = None) -> torch.Tensor:
+        """(F, m) long: row f lists the frames whose tokens frame f attends to, in key order."""
+        own = torch.arange(frames, device=device)
+        if self.mode == "first+previous":
+            return torch.stack([(own - 1).clamp(min=0), torch.zeros_like(own)], dim=1)  # (F, 2)
+        if channels < self.min_channels:
+            return own[:, None]  # (F, 1)
+        return torch.full((frames, 1), (frames - 1) // 2, device=device)  # (F, 1)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
+        if call.is_cross:
+            return sdpa(q, k, v, call)
+        frames = call.info.frames
+        index = self.key_frames(frames, q.shape[1] * q.shape[-1], q.device)  # (F, m)
+        keys = _rows(gather_frames(split_frames(k, frames), index))  # (B·F, h, m·N, d)
+        values = _rows(gather_frames(split_frames(v, frames), index))  # (B·F, h, m·N, dv)
+        return F.scaled_dot_product_attention(q, keys, values)
+
+
+def gather_frames(xf: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per frame f, the tokens of frames index[f] side by side: (B, U, h, N, d), (F, m) -> (B, F, h, m·N, d)."""
+    picked = xf[:, index]  # (B, F, m, h, N, d)
+    B, F_, m, h, N, d = picked.shape
+    return picked.permute(0, 1, 3, 2, 4, 5).reshape(B, F_, h, m * N, d)  # (B, F, h, m·N, d)
+
+
 class FineCoarse:
     """EI²'s Fine-coarse Frame Attention (FFAM, paper Eq. 10): frame i attends to its own N tokens (fine) and to
     the tokens of every other frame of its video downsampled by r on the latent grid (coarse):
@@ -165,9 +217,7 @@ class FineCoarse:
             grid = grid[:, :, ::self.r, ::self.r]  # (B·F·h, d, ⌈H/r⌉, ⌈W/r⌉)
         n = grid.shape[-2] * grid.shape[-1]
         coarse = split_frames(grid.reshape(BF, h, d, n).transpose(-1, -2), frames)  # (B, F, h, n, d)
-        picked = coarse[:, others]  # (B, F, F − 1, h, n, d)
-        picked = picked.permute(0, 1, 3, 2, 4, 5)  # (B, F, h, F − 1, n, d)
-        return picked.reshape(BF, h, (frames - 1) * n, d)  # (B·F, h, (F − 1)·n, d)
+        return _rows(gather_frames(coarse, others))  # (B·F, h, (F − 1)·n, d)
 
 
 def context_processor(name: str, generator: torch.Generator | None = None, **options) -> Processor:
@@ -187,6 +237,8 @@ def context_processor(name: str, generator: torch.Generator | None = None, **opt
         return SparseCausal()
     if name == "all-frame":
         return AllFrames(**options)
+    if name == "fatezero":
+        return SpatialTemporal(**options)
     return EMAttention(generator=generator, **options)
 
 

@@ -2,7 +2,8 @@
 
 `--model` picks what (MODELS): SD1.5 (`sd15_files(variant)`), or OpenAI's CLIP ViT-L/14 or ViT-B/32 (their
 config.json and model.safetensors only: never the pickled or TF/Flax copies beside them).
-Standard library only (urllib). For each file:
+Standard library only (urllib). `download_files` fetches any list of repository files with these steps
+(`download` is it for a model's files); for each file:
 
 1. HEAD `{base_url}/{repo}/resolve/{revision}/{path}` to learn the size and sha256 before any body moves,
    so a complete file on disk is skipped without a GET. The hub answers the big LFS files (the weights)
@@ -11,8 +12,12 @@ Standard library only (urllib). For each file:
    HEAD does not follow a redirect to another host: CDN URLs are signed for GET.
 2. GET into `path.part`. When a `.part` is already there (an interrupted run), ask for the rest with
    `Range: bytes=N-` and append if the server answers 206; a 200 means it ignored the range, so start over.
-3. Check size and sha256, then rename into place: a final name only ever holds a verified file.
-   An interrupted transfer keeps its `.part` for the next run; a file that fails a check loses it.
+3. Check size and sha256, and the content by kind (`content_problem`): a `.safetensors` file must have a
+   whole safetensors header, a `.json` file must parse, a `.txt` file must be UTF-8 text. Weights need a
+   sha256 (from the hub's LFS headers, or `pins`): a server that gives none is refused, and so is any
+   `text/html` answer (a login, error or proxy page). Then rename into place: a final name only ever holds
+   a verified file. An interrupted transfer keeps its `.part` for the next run; a file that fails a check
+   loses it.
 
 Redirects are followed by hand (at most MAX_REDIRECTS) so that the token is sent only to base_url's host and
 never to the CDN, and so that the hub's headers on the redirect itself are not lost.
@@ -20,9 +25,11 @@ never to the CDN, and so that the hub's headers on the redirect itself are not l
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import http.client
 import ipaddress
+import json
 import os
 import re
 import shlex
@@ -35,6 +42,9 @@ from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
 from typing import Callable
+
+from .cli import EXIT_INTERRUPTED, Interrupted, progress_printer, run
+from .files import safetensors_problem
 
 DEFAULT_BASE_URL = "https://huggingface.co"
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -93,29 +103,75 @@ def sd15_files(variant: str = "fp16") -> list[str]:
 
 def download(to: str | Path, variant: str = "fp16", base_url: str = DEFAULT_BASE_URL, repo: str = DEFAULT_REPO,
              revision: str = "main", progress: Callable[[Progress], None] | None = None, token: str | None = None,
-             timeout: float = TIMEOUT_S, files: list[str] | None = None) -> Path:
+             timeout: float = TIMEOUT_S, files: list[str] | None = None, pins: dict[str, str] | None = None) -> Path:
     """Fetch SD1.5 (or the repository paths `files`) into the folder `to` (created if needed) and return it;
     complete files are kept as they are.
 
-    `token` is sent as `Authorization: Bearer` to base_url's host only. Raises ValueError for bad arguments
-    and DownloadError when a file cannot be fetched or verified; no unverified file ever gets its final name.
+    `token` is sent as `Authorization: Bearer` to base_url's host only. `pins` maps repository paths to the
+    sha256 they must have (for a known revision, or a mirror that sends no hashes). Raises ValueError for
+    bad arguments and DownloadError when a file cannot be fetched or verified; no unverified file ever gets
+    its final name.
     """
     files = sd15_files(variant) if files is None else files
+    return download_files(to, files, base_url, repo, revision, progress, token, timeout, pins)
+
+
+def download_files(to: str | Path, paths: list[str], base_url: str = DEFAULT_BASE_URL, repo: str = DEFAULT_REPO,
+                   revision: str = "main", progress: Callable[[Progress], None] | None = None,
+                   token: str | None = None, timeout: float = TIMEOUT_S, pins: dict[str, str] | None = None) -> Path:
+    """Fetch the repository files `paths` into `to`, each checked as the module docstring says; see `download`."""
     base_url = _check_base_url(base_url, token)
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo):
         raise ValueError(f"repo={repo!r}: give a hub repository id such as {DEFAULT_REPO!r}")
     if not revision or revision.strip() != revision:
         raise ValueError(f"revision={revision!r}: give a branch, tag or commit such as 'main'")
+    pins = {path: sha.lower() for path, sha in (pins or {}).items()}
+    if bad := [path for path, sha in pins.items() if not SHA256_HEX.fullmatch(sha)]:
+        raise ValueError(f"pins (--pin): {', '.join(bad)} must map to a sha256 of 64 hex digits")
     folder = Path(to)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"to={folder}: that is a file; give a folder to put the weights in")
+    _check_folder(folder)
     client = _Client(origin=_origin(base_url), token=token, timeout=timeout)
     hints = _Hints(base_url=base_url, repo=repo)
-    for path in files:
+    for path in paths:
         url = (f"{base_url}/{urllib.parse.quote(repo)}/resolve/{urllib.parse.quote(revision, safe='')}/"
                f"{urllib.parse.quote(path)}")
-        _fetch(client, hints, url, folder / path, path, progress)
+        _fetch(client, hints, url, folder / path, path, pins.get(path), progress)
     return folder
+
+
+def _check_folder(folder: Path) -> None:
+    """`to` must be, or become, a folder we can write in: checked before any request."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"to={folder}: that is a file; give a folder to put the weights in")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise ValueError(f"to={folder}: a part of that path is a file ({e.filename}); choose another folder") from e
+    except OSError as e:
+        raise ValueError(f"to={folder}: cannot create it ({e.strerror}); choose a folder you can write to") from e
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"to={folder}: no permission to write there; choose a folder you can write to")
+
+
+def content_problem(file: Path, path: str) -> str | None:
+    """None when the downloaded `file` (repository path `path`) holds what its name promises; else what is wrong."""
+    if path.endswith(".safetensors"):
+        return safetensors_problem(file)
+    if path.endswith((".json", ".txt")):
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            return "not UTF-8 text"
+        if text.lstrip().startswith("<"):
+            return "an HTML or XML page, not the file"
+        if path.endswith(".json"):
+            try:
+                value = json.loads(text)
+            except ValueError as e:
+                return f"not valid JSON ({e})"
+            if not isinstance(value, dict):
+                return f"JSON, but a {type(value).__name__} where an object belongs"
+    return None
 
 
 @dataclass(frozen=True)
@@ -125,11 +181,12 @@ class _Hints:
     repo: str
 
 
-def _fetch(client: _Client, hints: _Hints, url: str, dest: Path, name: str,
+def _fetch(client: _Client, hints: _Hints, url: str, dest: Path, name: str, pin: str | None,
            progress: Callable[[Progress], None] | None) -> None:
     report = progress or (lambda p: None)
     remote = client.head(url, hints)
-    if dest.is_file() and _is_complete(dest, remote):
+    remote = _Remote(remote.size, _first(pin, remote.sha256))
+    if dest.is_file() and _is_complete(dest, remote, name):
         report(Progress(name, "skipped", dest.stat().st_size, remote.size, 0.0))
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -152,11 +209,19 @@ def _fetch(client: _Client, hints: _Hints, url: str, dest: Path, name: str,
                 offset, mode, total = 0, "wb", _int(response.headers.get("Content-Length"))
             else:
                 raise _http_error(response.status, response.reason, url, hints)
+            if (response.headers.get_content_type() or "") == "text/html":
+                raise DownloadError(f"{url} answered with an HTML page, not the file (a login, error or proxy "
+                                    f"page?); check --base-url, --repo and --revision.")
             linked = _remote_from(hops, response.headers if response.status == 200 else None)
             expected = _Remote(size=_first(remote.size, linked.size, total),
                                sha256=_first(remote.sha256, linked.sha256))
+            if expected.sha256 is None and name.endswith(".safetensors"):
+                raise DownloadError(f"{url}: the server gave no sha256 for these weights (the hub sends one in its "
+                                    f"LFS headers; this server or mirror does not), and stemref does not accept "
+                                    f"unverified weights. Use --base-url {DEFAULT_BASE_URL}, or give the file's "
+                                    f"sha256 with --pin {name}=SHA256 (download(..., pins={{path: sha256}})).")
             _stream(response, part, mode, offset, expected.size, name, url, report)
-        _verify(part, expected, url)
+        _verify(part, expected, url, name)
         os.replace(part, dest)
         report(Progress(name, "done", dest.stat().st_size, expected.size, 0.0))
         return
@@ -172,20 +237,29 @@ def _stream(response: http.client.HTTPResponse, part: Path, mode: str, offset: i
     start = last = time.monotonic()
     report(Progress(name, "downloading", offset, size, 0.0))
     try:
-        with open(part, mode) as f:
-            # Ends at the end of the body; every read is bounded by the socket timeout.
-            while chunk := response.read(CHUNK):
+        f = open(part, mode)
+    except OSError as e:
+        raise _disk_error(e, part, size, offset) from e
+    with f:
+        while True:  # ends at the end of the body; every read is bounded by the socket timeout
+            try:
+                chunk = response.read(CHUNK)
+            except (OSError, http.client.HTTPException) as e:
+                raise DownloadError(f"download of {url} was interrupted after {offset + received} bytes ({e}); "
+                                    f"run the same command again to resume.") from e
+            if not chunk:
+                break
+            try:
                 f.write(chunk)
-                received += len(chunk)
-                now = time.monotonic()
-                if now - last >= PROGRESS_EVERY_S:
-                    last = now
-                    report(Progress(name, "downloading", offset + received, size, received / (now - start)))
-                if size is not None and offset + received > size:
-                    break  # more than announced: _verify rejects it, no need to read on
-    except (OSError, http.client.HTTPException) as e:
-        raise DownloadError(f"download of {url} was interrupted after {offset + received} bytes ({e}); "
-                            f"run the same command again to resume.") from e
+            except OSError as e:
+                raise _disk_error(e, part, size, offset + received) from e
+            received += len(chunk)
+            now = time.monotonic()
+            if now - last >= PROGRESS_EVERY_S:
+                last = now
+                report(Progress(name, "downloading", offset + received, size, received / (now - start)))
+            if size is not None and offset + received > size:
+                break  # more than announced: _verify rejects it, no need to read on
     if promised is not None and received < promised:
         raise DownloadError(f"download of {url} was interrupted after {offset + received} bytes (the server "
                             f"announced {offset + promised}); run the same command again to resume.")
@@ -193,8 +267,19 @@ def _stream(response: http.client.HTTPResponse, part: Path, mode: str, offset: i
     report(Progress(name, "downloading", offset + received, size, received / elapsed))
 
 
-def _verify(part: Path, expected: _Remote, url: str) -> None:
-    """Size, then sha256 where the server gave one; a failing `.part` is deleted so the next run starts clean."""
+def _disk_error(e: OSError, part: Path, size: int | None, written: int) -> DownloadError:
+    """Writing failed here, not on the network: say what to fix; "run again" alone would fail again."""
+    if e.errno == errno.ENOSPC:
+        need = f" (at least {size - written} more bytes)" if size is not None else ""
+        return DownloadError(f"the disk holding {part.parent} is full after {written} bytes of {part.name}; free "
+                             f"space{need} or pass --to on another disk. The {written} bytes are kept and the "
+                             f"next run continues from them.")
+    return DownloadError(f"cannot write {part}: {e.strerror or e}; choose a --to folder you can write to.")
+
+
+def _verify(part: Path, expected: _Remote, url: str, name: str) -> None:
+    """Size, sha256 where known, then the content by kind; a failing `.part` is deleted so the next run starts
+    clean."""
     got = part.stat().st_size
     if expected.size is not None and got != expected.size:
         part.unlink()
@@ -206,13 +291,19 @@ def _verify(part: Path, expected: _Remote, url: str) -> None:
         raise DownloadError(f"sha256 mismatch for {url}: expected {expected.sha256}, got {digest}. "
                             f"The partial file was deleted; run again, and if it repeats, the server is "
                             f"serving a different file (check --base-url).")
+    if problem := content_problem(part, name):
+        part.unlink()
+        raise DownloadError(f"{url} sent {problem}; it was deleted. Check --base-url, --repo and --revision.")
 
 
-def _is_complete(file: Path, remote: _Remote) -> bool:
-    """True only when the server gave a size to compare against; a known sha256 must match too."""
+def _is_complete(file: Path, remote: _Remote, name: str) -> bool:
+    """True only when the server gave a size to compare against and the content checks pass; weights need
+    a known sha256, which must match."""
     if remote.size is None or file.stat().st_size != remote.size:
         return False
-    return remote.sha256 is None or _sha256_of(file) == remote.sha256
+    if remote.sha256 is None:
+        return not name.endswith(".safetensors") and content_problem(file, name) is None
+    return _sha256_of(file) == remote.sha256
 
 
 def _sha256_of(file: Path) -> str:
@@ -351,57 +442,66 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _stderr_progress() -> Callable[[Progress], None]:
-    """A one-line, carriage-return-updated progress display per file."""
+def _stderr_progress(line: progress_printer) -> Callable[[Progress], None]:
+    """One line per file, redrawn in place while it downloads."""
     def show(p: Progress) -> None:
         mb = 1e6
         if p.status == "skipped":
+            line.end()
             print(f"{p.path}: already complete, skipped", file=sys.stderr, flush=True)
             return
         total = f"/{p.total / mb:.1f}" if p.total is not None else ""
-        line = f"\r{p.path}: {p.done / mb:.1f}{total} MB"
+        text = f"{p.path}: {p.done / mb:.1f}{total} MB"
         if p.status == "downloading":
-            line += f"  {p.rate / mb:.1f} MB/s"
-        print(f"{line:<90}", end="\n" if p.status == "done" else "", file=sys.stderr, flush=True)
+            text += f"  {p.rate / mb:.1f} MB/s"
+        line.show(f"{text:<90}")
+        if p.status == "done":
+            line.end()
     return show
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stemref.download",
-                                     description="Fetch the files of Stable Diffusion 1.5 (or of a CLIP) that stemref needs.")
+                                     description="Fetch the files of Stable Diffusion 1.5 (or of a CLIP) that stemref "
+                                                 "needs (see weights/README.md).")
     parser.add_argument("--model", choices=MODELS, default="sd15",
                         help="sd15 (default), or a CLIP for the editing metrics (python -m stemref.evaluate)")
     parser.add_argument("--to", type=Path, default=None, help="folder to fill (default weights/<model>)")
     parser.add_argument("--variant", choices=VARIANTS, default=None, help="sd15 only: fp16 (default) is half the size")
-    parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="hub or mirror address")
+    parser.add_argument("--base-url", default=DEFAULT_BASE_URL,
+                        help=f"hub or mirror address (default {DEFAULT_BASE_URL})")
     parser.add_argument("--repo", default=None, help="hub repository (default: the model's)")
-    parser.add_argument("--revision", default="main", help="branch, tag or commit")
+    parser.add_argument("--revision", default="main", help="branch, tag or commit (default main)")
     parser.add_argument("--token", default=None, help="hub access token (default: $HF_TOKEN)")
+    parser.add_argument("--pin", action="append", default=[], metavar="PATH=SHA256",
+                        help="the sha256 a file must have, e.g. for a mirror that sends none; repeat per file "
+                             "(default: the hub's own)")
     args = parser.parse_args(argv)
     if args.variant is not None and args.model != "sd15":
         parser.error(f"--variant applies to sd15 only; {args.model} has one safetensors file")
     repo, files, to = MODELS[args.model]
     token = args.token or os.environ.get("HF_TOKEN") or None
-    try:
-        folder = download(args.to or to, args.variant or "fp16", args.base_url, args.repo or repo, args.revision,
-                          progress=_stderr_progress(), token=token, files=files)
-    except ValueError as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        return 2
-    except DownloadError as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted; run the same command again to resume.", file=sys.stderr)
-        return 130
-    if args.model != "sd15":
-        print(f"CLIP ({args.model}) is in {folder}\nScore an edit with it:\n  python -m stemref.evaluate EDITED "
-              f"--source-video SOURCE --prompt \"...\" --source-prompt \"...\" --clip {shlex.quote(str(folder))}",
-              file=sys.stderr)
-        return 0
-    print(f"SD1.5 ({args.variant or 'fp16'}) is in {folder}\nTry it:\n  python -m stemref.txt2img --weights "
-          f"{shlex.quote(str(folder))} --prompt \"a photograph of an astronaut riding a horse\"", file=sys.stderr)
-    return 0
+
+    def body():
+        if bad := [pin for pin in args.pin if "=" not in pin]:
+            raise ValueError(f"--pin {bad[0]}: give PATH=SHA256, e.g. unet/config.json=<64 hex digits>")
+        pins = dict(pin.split("=", 1) for pin in args.pin)
+        try:
+            with progress_printer("download") as line:
+                folder = download(args.to or to, args.variant or "fp16", args.base_url, args.repo or repo,
+                                  args.revision, progress=_stderr_progress(line), token=token, files=files,
+                                  pins=pins)
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the .part files stay for the next run
+            raise Interrupted(getattr(e, "exit_code", EXIT_INTERRUPTED), "run the same command again to resume") from e
+        if args.model != "sd15":
+            print(f"CLIP ({args.model}) is in {folder}\nScore an edit with it:\n  python -m stemref.evaluate EDITED "
+                  f"--source-video SOURCE --prompt \"...\" --source-prompt \"...\" --clip {shlex.quote(str(folder))}",
+                  file=sys.stderr)
+            return
+        print(f"SD1.5 ({args.variant or 'fp16'}) is in {folder}\nTry it:\n  python -m stemref.txt2img --weights "
+              f"{shlex.quote(str(folder))} --prompt \"a photograph of an astronaut riding a horse\"", file=sys.stderr)
+
+    return run(body, failures=(DownloadError,))
 
 
 if __name__ == "__main__":

@@ -13,16 +13,30 @@ from pathlib import Path
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write; rename it onto `path` on success, delete it on any error.
 
-    The temporary name is hidden and ends in `.part`, so writers must name their format explicitly.
+    The temporary name is hidden and ends in `.part`, so writers must name their format explicitly. An
+    OSError about the temporary file (disk full, permission denied) is raised again naming `path` instead.
     """
     # same folder: the final rename stays on one file system, so it is atomic
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
     try:
         yield tmp
+        # writers differ (safetensors makes 0600 files): give every output the mode open() would
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is not None and str(tmp) in str(e.filename):
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
 
 
 # First bytes of files that are often found under a .safetensors name but are something else.
@@ -41,7 +55,7 @@ def safetensors_problem(path: Path) -> str | None:
     with open(path, "rb") as f:
         prefix = f.read(8)
         n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        header = f.read(min(n, MAX_HEADER)) if 0 < n <= MAX_HEADER else b""
+        header = f.read(min(n, MAX_HEADER)) if 0 < n <= MAX_HEADER else f.read(32)
     if header[:1] == b"{" and 8 + n > size:
         return f"a safetensors file cut short (its header alone needs {8 + n} bytes, it has {size}): incomplete"
     try:
@@ -55,6 +69,6 @@ def safetensors_problem(path: Path) -> str | None:
         return f"a safetensors file of the wrong length (its header promises {8 + n + end} bytes, it has {size}): " \
                "incomplete or damaged"
     for magic, what in FOREIGN_FORMATS:
-        if prefix.lstrip().startswith(magic):
+        if (prefix + header).lstrip().startswith(magic):
             return what
     return f"not a safetensors file ({size} bytes that do not start with a safetensors header)"

@@ -12,7 +12,6 @@ Dimension legend: S steps, F frames, h × w latent grid (H/8 × W/8).
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from .context import CONTEXTS, context_processor
 from .files import atomic_path
 from .frames import check_finite
 from .pipeline import StableDiffusion, check_encodable
-from .sampling import NoiseFn, Progress, ddim_inversion_loop, ddim_sample_loop, predict_noise
+from .sampling import NoiseFn, Progress, check_guidance, ddim_inversion_loop, ddim_sample_loop, predict_noise
 
 SELF_ATTENTION = r"attn1$"
 NON_FINITE_HINT = "half precision can overflow: try --dtype fp32 (dtype=torch.float32), or check the weights"
@@ -113,7 +112,8 @@ def _checked(latents: torch.Tensor, meta: dict, path: Path) -> Inversion:
         raise bad(f"timesteps must be a list of integers, got {timesteps!r:.80}")
     if timesteps != sorted(set(timesteps)) or timesteps[0] < 0:
         raise bad("timesteps must be distinct, ascending and non-negative")
-    if latents.ndim != 5 or latents.shape[0] != len(timesteps) + 1 or not latents.is_floating_point():
+    if latents.ndim != 5 or latents.shape[0] != len(timesteps) + 1 or latents.shape[2] != 4 \
+            or not latents.is_floating_point():
         raise bad(f"latents of shape {tuple(latents.shape)} ({latents.dtype}) do not hold the "
                   f"{len(timesteps) + 1} floating (F, 4, h, w) latents its {len(timesteps)} timesteps need")
     names = {f.name for f in fields(InversionSettings)}
@@ -132,13 +132,14 @@ def _checked(latents: torch.Tensor, meta: dict, path: Path) -> Inversion:
 
 def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 50, context: str | None = "stem",
            guidance: float = 1.0, layers: str = SELF_ATTENTION, seed: int = 0, batch: int | None = None,
-           progress: Progress | None = None, **options) -> Inversion:
+           progress: Progress | None = None, vae_progress: Progress | None = None, **options) -> Inversion:
     """DDIM-invert `frames` (F, 3, H, W) in [0, 1] under `context` in the layers matching `layers`.
 
     `guidance` 1 (the default, as STEM and TokenFlow invert) uses the prompt only. `batch` bounds memory for
     the 1-frame context by running that many frames per UNet call; the other contexts need every frame in
     one call. `options` go to the context (for "stem": num_bases, iters, tau, scope, chunk). context=None keeps
-    the processors installed in the UNet (a tuned video UNet's own self-attention, edit/tuning.py).
+    the processors installed in the UNet (a tuned video UNet's own self-attention, edit/tuning.py). `progress`
+    follows the DDIM steps, `vae_progress` the frames through the VAE encoder.
     """
     check_encodable(frames)
     settings = InversionSettings(prompt, steps, context, guidance, layers, seed, options)
@@ -146,7 +147,7 @@ def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 
     # everything that can refuse the settings runs before the (slow) VAE encode
     timesteps = sd.scheduler.timesteps(steps).flip(0).tolist()  # ascending
     eps_fn, chooser = _noise_fn(sd, settings, batch), _chooser(sd, settings, frames)
-    x = sd.encode_frames(frames)
+    x = sd.encode_frames(frames, progress=vae_progress)
     with sd.unet.attention(chooser):
         path = ddim_inversion_loop(sd.scheduler, x, eps_fn, steps, progress)
     latents = torch.stack(path)  # (S + 1, F, 4, h, w)
@@ -155,25 +156,27 @@ def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 
 
 
 def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = None,
-                progress: Progress | None = None) -> torch.Tensor:
-    """Denoise x_T back to frames (F, 3, H, W) with the inversion's prompt, guidance and context."""
+                progress: Progress | None = None, vae_progress: Progress | None = None) -> torch.Tensor:
+    """Denoise x_T back to frames (F, 3, H, W) with the inversion's prompt, guidance and context.
+
+    `progress` follows the DDIM steps, `vae_progress` the frames through the VAE decoder.
+    """
     s = inversion.settings
     _check_settings(s, batch)
     # the stored timesteps, not settings.steps, define the path (they agree for every file invert wrote)
     steps = len(inversion.timesteps)
     if sd.scheduler.timesteps(steps).flip(0).tolist() != inversion.timesteps:
-        raise ValueError(f"the inversion's timesteps {inversion.timesteps[:3]}… are not this scheduler's {steps}-step "
-                         "DDIM path; reconstruct with the scheduler (weights) it was inverted with")
+        raise ValueError(f"the inversion's timesteps {inversion.timesteps[:3]}… are not this scheduler's "
+                         f"{steps}-step DDIM path; reconstruct with the scheduler (weights) it was inverted with")
     with sd.unet.attention(_chooser(sd, s)):
         x = ddim_sample_loop(sd.scheduler, inversion.x_T.to(sd.device, sd.dtype), _noise_fn(sd, s, batch), steps,
                              progress=progress)
     check_finite(x, "the reconstructed latents", NON_FINITE_HINT)
-    return sd.decode_latents(x)
+    return sd.decode_latents(x, progress=vae_progress)
 
 
 def _check_settings(s: InversionSettings, batch: int | None) -> None:
-    if not isinstance(s.guidance, (int, float)) or isinstance(s.guidance, bool) or not math.isfinite(s.guidance):
-        raise ValueError(f"guidance must be a finite number (1 inverts with the prompt only), got {s.guidance!r}")
+    check_guidance(s.guidance)
     if s.context is not None and s.context not in CONTEXTS:
         raise ValueError(f"unknown context {s.context!r}; choose one of {', '.join(CONTEXTS)}")
     if s.context is None and s.options:

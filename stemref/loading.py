@@ -32,7 +32,7 @@ DEFAULT_CLIP = Path("weights/clip-vit-large-patch14")
 GET_CLIP = ("Get CLIP with `python -m stemref.download --model clip-vit-large-patch14` (or clip-vit-base-patch32, "
             "FateZero's metric model) and pass its folder.")
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
-CONFIG_HINT = "Models of other sizes need their config.json files: load(file, config=FOLDER), or --config FOLDER."
+CONFIG_HINT = "Models of other sizes need their config.json files: load(file, config=FOLDER), or --model-config FOLDER."
 # The stock SD1.5 VAE ships its bottleneck attention under pre-2023 diffusers names.
 LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 

@@ -29,7 +29,7 @@ the same scene point is compared (without flow, motion alone lowers the score).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -201,7 +201,7 @@ def _check_features(features: torch.Tensor, flow: torch.Tensor | None) -> None:
 
 @torch.no_grad()
 def unet_features(sd: StableDiffusion, frames: torch.Tensor, prompt: str, layer: str = LAST_DECODER_SELF_ATTENTION,
-                  t: int = 1, batch: int = 8) -> torch.Tensor:
+                  t: int = 1, batch: int = 8, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """The output of UNet module `layer` for each frame (F, C, h', w'), with h' x w' that layer's grid.
 
     Frames (F, 3, H, W) in [0, 1] are encoded to clean latents and the UNet runs once, `batch` frames per
@@ -210,7 +210,8 @@ def unet_features(sd: StableDiffusion, frames: torch.Tensor, prompt: str, layer:
     UNet expects. The UNet runs with whatever attention processors are installed (plain attention unless
     the caller is inside `sd.unet.attention(...)`), so the features describe the frames, not an inversion.
     `layer` is a module name of sd.unet whose output is tokens (B, h'·w', C) (attention layers, transformer
-    blocks) or a map (B, C, h', w') (ResNets, Transformer2DModel).
+    blocks) or a map (B, C, h', w') (ResNets, Transformer2DModel). `progress(frames done, F)` follows the
+    UNet calls.
     """
     try:
         module = sd.unet.get_submodule(layer)
@@ -231,6 +232,8 @@ def unet_features(sd: StableDiffusion, frames: torch.Tensor, prompt: str, layer:
     try:
         for chunk in latents.split(batch):
             sd.unet(chunk, t, cond.expand(chunk.shape[0], -1, -1), RunInfo(frames=chunk.shape[0]))
+            if progress:
+                progress(sum(map(len, outputs)), len(latents))
     finally:
         handle.remove()
     return torch.cat(outputs)  # (F, C, h', w')

@@ -6,6 +6,7 @@ already multiplied by the VAE's scaling factor (0.18215), i.e. in the space the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -42,24 +43,36 @@ class StableDiffusion:
         return self.text_encoder(ids)
 
     @torch.no_grad()
-    def encode_frames(self, frames: torch.Tensor, batch: int = 8) -> torch.Tensor:
-        """Frames (F, 3, H, W) in [0, 1] -> scaled posterior means (F, 4, H/8, W/8), `batch` frames at a time."""
+    def encode_frames(self, frames: torch.Tensor, batch: int = 8,
+                      progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Frames (F, 3, H, W) in [0, 1] -> scaled posterior means (F, 4, H/8, W/8), `batch` frames at a time.
+
+        `progress(frames done, F)` is called after each batch.
+        """
         check_encodable(frames)
         latents = []
         for chunk in frames.split(batch):
             x = chunk.to(self.device, self.dtype) * 2 - 1
             latents.append(self.vae.encode(x).mean * self.vae.config.scaling_factor)
+            if progress:
+                progress(sum(map(len, latents)), len(frames))
         # contiguous: convolutions may hand back channels-last strides, and a saved-and-reloaded inversion
         # must denoise bit for bit like the one in memory
         return torch.cat(latents).contiguous()
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:
-        """Scaled latents (F, 4, h, w) -> frames (F, 3, 8h, 8w) in [0, 1] (float32), `batch` at a time."""
+    def decode_latents(self, latents: torch.Tensor, batch: int = 8,
+                       progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Scaled latents (F, 4, h, w) -> frames (F, 3, 8h, 8w) in [0, 1] (float32), `batch` at a time.
+
+        `progress(frames done, F)` is called after each batch.
+        """
         frames = []
         for chunk in latents.split(batch):
             x = self.vae.decode(chunk.to(self.device, self.dtype) / self.vae.config.scaling_factor)
             frames.append(((x.float() + 1) / 2).clamp(0, 1))
+            if progress:
+                progress(sum(map(len, frames)), len(latents))
         return torch.cat(frames)
 
 

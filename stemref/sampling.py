@@ -65,6 +65,22 @@ def ddim_inversion_loop(scheduler: DDIMScheduler, x: torch.Tensor, eps_fn: Noise
     return path
 
 
+def check_size(size: object) -> tuple[int, int]:
+    """(H, W) of an image size given as an int or (height, width), multiples of 8 and at least 64."""
+    sides = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    if len(sides) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in sides):
+        raise ValueError(f"size must be an int or (height, width) of ints, such as 512 or (512, 768); got {size!r}")
+    H, W = sides
+    if H % 8 or W % 8 or min(H, W) < 64:
+        raise ValueError(f"size {W}×{H}: both sides must be multiples of 8 and at least 64")
+    return H, W
+
+
+def check_guidance(guidance: object) -> None:
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number (7.5 is usual, 1 turns it off), got {guidance!r}")
+
+
 def txt2img(sd: StableDiffusion, prompt: str, negative_prompt: str = "", steps: int = 50, guidance: float = 7.5,
             seed: int = 0, size: int | tuple[int, int] = 512, progress: Progress | None = None) -> torch.Tensor:
     """One image (1, 3, H, W) in [0, 1] for `prompt`. `size` is an int or (height, width), multiples of 8.
@@ -72,14 +88,8 @@ def txt2img(sd: StableDiffusion, prompt: str, negative_prompt: str = "", steps: 
     The starting noise is drawn on the CPU from `seed`, as diffusers does with a CPU generator, so the same
     seed gives the same image on every device.
     """
-    sides = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
-    if len(sides) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in sides):
-        raise ValueError(f"size must be an int or (height, width) of ints, such as 512 or (512, 768); got {size!r}")
-    H, W = sides
-    if H % 8 or W % 8 or min(H, W) < 64:
-        raise ValueError(f"size {W}×{H}: both sides must be multiples of 8 and at least 64")
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-        raise ValueError(f"guidance must be a finite number (7.5 is usual, 1 turns it off), got {guidance!r}")
+    H, W = check_size(size)
+    check_guidance(guidance)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((1, sd.unet.config.in_channels, H // 8, W // 8), generator=generator)
     cond = sd.encode_prompt(prompt)

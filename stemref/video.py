@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -81,11 +81,14 @@ def read_video(
     size: int | None = None,
     square: bool = False,
     resize: tuple[int, int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Read frames start, start + stride, ... (at most `count`) of a video file or image folder.
 
     Returns (F, 3, H, W) float32 in [0, 1] with H and W multiples of 8; see the module docstring for
-    how `size`, `square` and `resize` set the geometry.
+    how `size`, `square` and `resize` set the geometry. F is less than `count` when the video ends first:
+    compare. `progress(frames read, frames wanted)` is called after each frame (for files only when `count`
+    is given).
     """
     path = Path(path)
     _check_selection(path, start, stride, count)
@@ -95,7 +98,11 @@ def read_video(
         raise FileNotFoundError(
             f"{path}: no such file or folder; check the path (relative paths start at {Path.cwd()})"
         )
-    frames = _read_folder(path, start, stride, count) if path.is_dir() else _read_file(path, start, stride, count)
+    report = progress or (lambda done, total: None)
+    if path.is_dir():
+        frames = _read_folder(path, start, stride, count, report)
+    else:
+        frames = _read_file(path, start, stride, count, report)
     shaped = [_fit(frame, size, square, path, resize) for frame in frames]
     if len({f.shape for f in shaped}) > 1:
         sizes = sorted({f"{f.shape[1]}x{f.shape[0]}" for f in frames})
@@ -143,11 +150,13 @@ def _wanted(start: int, stride: int, count: int | None) -> Iterator[int]:
         k += 1
 
 
-def _read_file(path: Path, start: int, stride: int, count: int | None) -> list[np.ndarray]:
+def _read_file(path: Path, start: int, stride: int, count: int | None, report) -> list[np.ndarray]:
     """Decode the selected frames of a video file as (H, W, 3) uint8 arrays."""
     try:
         container = av.open(str(path))
     except av.FFmpegError as error:
+        if isinstance(error, PermissionError):  # PyAV's errors also derive from the matching OSError
+            raise ValueError(f"{path}: permission denied; fix its permissions (chmod u+r)") from error
         raise ValueError(
             f"{path}: not a readable video ({error}); give an mp4/mov/webm/mkv/gif file or a folder of images"
         ) from error
@@ -164,6 +173,8 @@ def _read_file(path: Path, start: int, stride: int, count: int | None) -> list[n
             for frame in container.decode(stream):
                 if decoded == target:
                     frames.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3)
+                    if count:
+                        report(len(frames), count)
                     target = next(wanted, None)
                     if target is None:
                         break  # lazy: everything needed has been decoded
@@ -191,7 +202,7 @@ def _natural_key(name: str) -> tuple[list[int | str], str]:
     return [int(part) if i % 2 else part.lower() for i, part in enumerate(parts)], name
 
 
-def _read_folder(path: Path, start: int, stride: int, count: int | None) -> list[np.ndarray]:
+def _read_folder(path: Path, start: int, stride: int, count: int | None, report) -> list[np.ndarray]:
     """Load the selected images of a folder (natural order) as (H, W, 3) uint8 arrays."""
     files = sorted(
         (p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
@@ -211,8 +222,14 @@ def _read_folder(path: Path, start: int, stride: int, count: int | None) -> list
         try:
             with Image.open(file) as image:
                 frames.append(np.asarray(image.convert("RGB")))  # (H, W, 3)
+        except Image.DecompressionBombError as error:
+            raise ValueError(f"{file}: the image is too large to decode safely ({error}); "
+                             "shrink it to the size you want to work at (e.g. 512 px)") from error
+        except PermissionError as error:
+            raise ValueError(f"{file}: permission denied; fix its permissions (chmod u+r)") from error
         except (UnidentifiedImageError, OSError) as error:
             raise ValueError(f"{file}: not a readable image ({error}); remove or replace it") from error
+        report(len(frames), len(selected))
     return frames
 
 

@@ -10,9 +10,15 @@ input exits with code 2, one message, and no output at all.
 """
 from __future__ import annotations
 
+import argparse
+import errno
 import json
 import math
+import os
 import runpy
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +30,16 @@ import torch
 from PIL import Image
 
 import stemref
+import stemref.context
+import stemref.inversion
+import stemref.sampling
+import stemref.download as download_module
+from stemref.cli import MARKER
 from stemref.cli import invert as invert_cli
 from stemref.cli import txt2img as txt2img_cli
 from stemref.inversion import Inversion, invert, reconstruct
 from stemref.sampling import txt2img
-from stemref.video import read_video, write_video
+from stemref.video import read_video, save_frames, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a mallard swimming in a pond"
@@ -50,6 +61,14 @@ def clip(tmp_path_factory) -> Path:
     noise = torch.rand(4, 3, 64, 80, generator=torch.Generator().manual_seed(0))
     frames = torch.stack([torch.stack([(x + 0.1 * i) % 1, y, 1 - x]) for i in range(4)]) * 0.8 + 0.2 * noise
     return write_video(tmp_path_factory.mktemp("clip") / "clip.mkv", frames, fps=24)
+
+
+def error_line(err: str) -> str:
+    """The one error message of a failed command: its own line, the last, after any ended progress line."""
+    lines = err.split("\n")
+    assert lines[-1] == "" and lines[-2].startswith("error: ")
+    assert sum("error" in line for line in lines) == 1
+    return lines[-2]
 
 
 def nothing_written(parent: Path) -> bool:
@@ -83,7 +102,7 @@ def test_txt2img_bad_input_exits_2_without_output(tiny_root, tmp_path, capsys, a
                 "--out", str(tmp_path / "fox.png"), "--device", "cpu", "--dtype", "fp32"]
     assert txt2img_cli.main([*defaults, *(a.format(tmp=tmp_path) for a in args)]) == 2  # the last value wins
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert message in error_line(err)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -103,7 +122,7 @@ def stem_run(tiny_root, clip, tmp_path_factory) -> Path:
 
 def test_invert_writes_all_files(stem_run):
     assert sorted(p.name for p in stem_run.iterdir()) == [
-        "inversion.safetensors", "metrics.json", "reconstruction.mp4", "side_by_side.mp4"]
+        MARKER, "inversion.safetensors", "metrics.json", "reconstruction.mp4", "side_by_side.mp4"]
     assert [p.name for p in stem_run.parent.iterdir()] == ["mallard"]  # no hidden partial folder left
     for name, width in (("reconstruction.mp4", 64), ("side_by_side.mp4", 128)):  # 80×64 read as 64×48
         with av.open(str(stem_run / name)) as container:
@@ -145,16 +164,16 @@ def test_invert_metrics(stem_run, library_stem):
 
 def test_invert_refuses_non_empty_out_unless_overwrite(tiny_root, clip, tmp_path, capsys):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "stale.txt").write_text("from an earlier run")
     args = [str(clip), "--prompt", PROMPT, "--context", "1-frame", "--weights", str(tiny_root), "--out", str(out),
             *FAST, "--steps", "1", "--frames", "2"]
+    assert invert_cli.main(args) == 0
+    (out / "stale.txt").write_text("left in an earlier run's folder")
     assert invert_cli.main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert [p.name for p in out.iterdir()] == ["stale.txt"]
+    assert (out / "stale.txt").is_file()
     assert invert_cli.main([*args, "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [  # replaced whole: stale.txt is gone
-        "inversion.safetensors", "metrics.json", "reconstruction.mp4", "side_by_side.mp4"]
+        MARKER, "inversion.safetensors", "metrics.json", "reconstruction.mp4", "side_by_side.mp4"]
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # neither the partial nor the old folder is left
 
 
@@ -169,7 +188,7 @@ def test_compare_writes_four_contexts_and_table(tiny_root, clip, tmp_path):
                             "--weights", str(tiny_root), "--out", str(out), *FAST, "--steps", "1", "--frames", "2"])
     assert code == 0
     contexts = ["1-frame", "2-frame", "all-frame", "stem"]
-    assert sorted(p.name for p in out.iterdir()) == sorted([*contexts, "compare.json", "compare.md"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, *contexts, "compare.json", "compare.md"])
     rows = json.loads((out / "compare.json").read_text())
     assert [row["context"] for row in rows] == contexts
     for row in rows:
@@ -215,27 +234,41 @@ def test_invert_bad_input_exits_2_without_output(tiny_root, clip, tmp_path, caps
     defaults = ["--prompt", PROMPT, "--weights", str(tiny_root), "--out", str(parent / "run"), *FAST]
     assert invert_cli.main([*defaults, *(a.format(**paths) for a in args)]) == 2  # the last value wins
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert message in error_line(err)
     assert not parent.exists()  # not even the parent folder the run would have created
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.mp4"]
 
 
-def test_failure_mid_run_leaves_nothing(tiny_root, clip, tmp_path, monkeypatch):
-    """A crash after some files were written (here: the second video) removes the whole partial folder."""
+@pytest.mark.parametrize("error, message", [(errno.ENOSPC, "the disk is full"), (errno.EACCES, "permission denied")])
+def test_failure_mid_run_leaves_nothing(tiny_root, clip, tmp_path, monkeypatch, capsys, error, message):
+    """A disk failing after some files were written (here: at the second video) removes the whole partial
+    folder, and the one-line message names the file the user asked for, not the internal partial folder."""
     calls = []
 
     def failing_write(path, frames, fps=8):
         calls.append(Path(path).name)
         if len(calls) == 2:
-            raise OSError("disk full")
+            raise OSError(error, os.strerror(error), str(path))
         return write_video(path, frames, fps)
 
     monkeypatch.setattr(invert_cli, "write_video", failing_write)
-    with pytest.raises(OSError, match="disk full"):
-        invert_cli.main([str(clip), "--prompt", PROMPT, "--context", "1-frame", "--weights", str(tiny_root),
-                         "--out", str(tmp_path / "run"), *FAST, "--steps", "1", "--frames", "2"])
+    code = invert_cli.main([str(clip), "--prompt", PROMPT, "--context", "1-frame", "--weights", str(tiny_root),
+                            "--out", str(tmp_path / "run"), *FAST, "--steps", "1", "--frames", "2"])
+    assert code == 1
     assert calls == ["reconstruction.mp4", "side_by_side.mp4"]
+    line = error_line(capsys.readouterr().err)
+    assert message in line and str(tmp_path / "run" / "side_by_side.mp4") in line and ".partial" not in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_errors_name_the_output_not_the_partial_folder(tiny_root, clip, tmp_path, monkeypatch, capsys):
+    def refusing_write(path, frames, fps=8):
+        raise ValueError(f"{path}: cannot write this video")
+
+    monkeypatch.setattr(invert_cli, "write_video", refusing_write)
+    assert invert_cli.main(invert_args(clip, tmp_path / "run", tiny_root)) == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"{tmp_path / 'run' / 'reconstruction.mp4'}: cannot write" in line and ".partial" not in line
 
 
 def test_module_entry_point_runs():
@@ -280,3 +313,291 @@ def test_example_invert_reconstruct(tiny_root, clip, tmp_path, monkeypatch, caps
 def test_examples_hint_at_missing_weights(tmp_path, monkeypatch, name, argv):
     with pytest.raises(SystemExit, match="python -m stemref.download"):
         run_example(name, [str(tmp_path / "nowhere"), *argv], monkeypatch)
+
+
+# ---------------------------------------------------------------------------------------------------
+# issue 6: no data loss, arguments checked before work, one-line errors, no silent wrong results
+# ---------------------------------------------------------------------------------------------------
+
+
+def invert_args(video: Path, out: Path, weights: Path, *extra: str) -> list[str]:
+    return [str(video), "--prompt", PROMPT, "--context", "1-frame", "--weights", str(weights), "--out", str(out),
+            *FAST, "--steps", "1", "--frames", "2", *extra]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def user_clips(tiny_root, tmp_path) -> Path:
+    """A user's folder: extracted frames (PNG) and the weights, side by side."""
+    clips = tmp_path / "clips"
+    frames = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    save_frames(clips / "frames", frames)
+    shutil.copytree(tiny_root, clips / "weights")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "thesis.tex").write_text("years of work")
+    return clips
+
+
+@pytest.mark.parametrize("out, message", [
+    ("clips/frames", "is the input"),  # --out equal to the input frame folder
+    ("clips", "contains the input"),  # --out holding the frames and the weights
+    ("clips/weights", "is the input"),
+    ("home", "not written by stemref"),  # a folder of the user's that holds no input
+])
+def test_overwrite_never_deletes_what_stemref_did_not_write(user_clips, tmp_path, capsys, out, message):
+    before = snapshot(tmp_path)
+    code = invert_cli.main(invert_args(user_clips / "frames", tmp_path / out, user_clips / "weights", "--overwrite"))
+    assert code == 2
+    assert message in error_line(capsys.readouterr().err)
+    assert snapshot(tmp_path) == before
+
+
+def test_txt2img_out_equal_to_the_weights_file_is_refused(tmp_path, capsys):
+    weights = tmp_path / "model.png"  # a single-file checkpoint under an image name, to reach the check
+    weights.write_bytes(b"weights")
+    code = txt2img_cli.main(["--weights", str(weights), "--prompt", "a fox", "--out", str(weights), "--overwrite"])
+    assert code == 2 and "is the input" in error_line(capsys.readouterr().err)
+    assert weights.read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_exit_with_their_codes_and_leave_nothing(tiny_root, clip, tmp_path, monkeypatch, capsys,
+                                                                     signum, code):
+    def interrupted_reconstruct(*args, **kwargs):
+        os.kill(os.getpid(), signum)  # delivered to this (the main) thread before the next line runs
+        raise AssertionError("the signal did not interrupt")
+
+    monkeypatch.setattr(invert_cli, "reconstruct", interrupted_reconstruct)
+    assert invert_cli.main(invert_args(clip, tmp_path / "results" / "run", tiny_root)) == code
+    err = capsys.readouterr().err
+    assert err.endswith("\ninterrupted; partial output was removed\n")  # on its own line, after the progress
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_stale_partial_folders_of_killed_runs_are_removed(tiny_root, clip, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    marker = {"written_by": "stemref", "host": host, "resume": None}
+    folders = {".run.00000000.partial": {**marker, "pid": int(dead.stdout)},  # killed: removed
+               ".old.11111111.partial": {**marker, "pid": os.getppid()},  # a run still going: kept
+               ".mine.22222222.partial": None}  # no marker, not stemref's: kept
+    for name, info in folders.items():
+        (tmp_path / name).mkdir()
+        if info:
+            (tmp_path / name / MARKER).write_text(json.dumps(info))
+    assert invert_cli.main(invert_args(clip, tmp_path / "run", tiny_root)) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mine.22222222.partial", ".old.11111111.partial", "run"]
+
+
+def test_compare_resumes_the_contexts_that_finished(tiny_root, clip, tmp_path, monkeypatch, capsys):
+    real, ran = invert_cli._invert_and_reconstruct, []
+
+    def interrupted_at_all_frame(sd, frames, context, *args):
+        ran.append(context)
+        if context == "all-frame" and len(ran) == 3:
+            raise KeyboardInterrupt
+        return real(sd, frames, context, *args)
+
+    monkeypatch.setattr(invert_cli, "_invert_and_reconstruct", interrupted_at_all_frame)
+    out = tmp_path / "compare"
+    args = [str(clip), "--prompt", PROMPT, "--compare", "--num-bases", "8", "--weights", str(tiny_root),
+            "--out", str(out), *FAST, "--steps", "1", "--frames", "2"]
+    assert invert_cli.main(args) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    kept = tmp_path / ".compare.resume"
+    assert sorted(p.name for p in kept.iterdir()) == [MARKER, "1-frame", "2-frame", "all-frame"]
+    assert not (kept / "all-frame" / "metrics.json").exists()  # unfinished: the rerun starts it over
+    first = snapshot(kept / "1-frame")
+    assert invert_cli.main(args) == 0
+    assert ran == ["1-frame", "2-frame", "all-frame", "all-frame", "stem"]  # the rerun did only what was left
+    assert snapshot(out / "1-frame") == first
+    assert [row["context"] for row in json.loads((out / "compare.json").read_text())] == list(invert_cli.PAPER_TABLE_A3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "2000"], "--steps 2000"),
+    (["--device", "cuda"], "--device cpu"),
+    (["--prompt", "a duck \udcff"], "--prompt is not valid UTF-8"),
+    (["--out", "{file}/run"], "is a file"),
+    (["--model-config", "{file}"], "--model-config"),
+])
+def test_invert_checks_every_argument_before_reading_or_loading(tiny_root, clip, tmp_path, monkeypatch, capsys,
+                                                               args, message):
+    def too_late(*args, **kwargs):
+        raise AssertionError("reached a slow stage with a bad argument")
+
+    monkeypatch.setattr(invert_cli, "read_video", too_late)
+    monkeypatch.setattr(invert_cli, "load_model", too_late)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only torch, even on a GPU machine
+    (tmp_path / "file").write_text("a file")
+    args = [a.format(file=tmp_path / "file") for a in args]
+    assert invert_cli.main([*invert_args(clip, tmp_path / "out", tiny_root), *args]) == 2
+    assert message in error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--guidance", "nan"], "guidance must be a finite number"),
+    (["--steps", "0"], "--steps 0"),
+    (["--size", "64", "60"], "multiples of 8"),
+    (["--negative-prompt", "\udcff"], "--negative-prompt is not valid UTF-8"),
+    (["--out", "{tmp}/existing.png"], "exists; choose another name or pass --overwrite"),
+    (["--out", "{tmp}/folder.png"], "is a folder"),
+])
+def test_txt2img_checks_every_argument_before_loading(tiny_root, tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.setattr(txt2img_cli, "load_model", lambda *a, **k: pytest.fail("loaded with a bad argument"))
+    (tmp_path / "existing.png").write_bytes(b"an earlier image")
+    (tmp_path / "folder.png").mkdir()
+    args = [a.format(tmp=tmp_path) for a in args]
+    code = txt2img_cli.main(["--weights", str(tiny_root), "--prompt", "a fox", "--out", str(tmp_path / "fox.png"),
+                             "--device", "cpu", *args])
+    assert code == 2 and message in error_line(capsys.readouterr().err)
+    assert snapshot(tmp_path) == {"existing.png": b"an earlier image"}
+
+
+def test_txt2img_replaces_an_existing_file_only_with_overwrite(tiny_root, tmp_path):
+    out = tmp_path / "fox.png"
+    out.write_bytes(b"an earlier image")
+    args = ["--weights", str(tiny_root), "--prompt", "a fox", "--steps", "1", "--size", "64", "--out", str(out),
+            "--device", "cpu", "--overwrite"]
+    assert txt2img_cli.main(args) == 0
+    assert Image.open(out).size == (64, 64)
+
+
+def test_a_short_clip_is_used_whole_and_the_count_reported(tiny_root, clip, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert invert_cli.main([*invert_args(clip, out, tiny_root), "--frames", "10"]) == 0
+    err = capsys.readouterr().err
+    assert "has only 4 frames" in err and "using 4, not --frames 10" in err
+    assert "4 frames of 64×48" in err
+    assert json.loads((out / "metrics.json").read_text())["frames"] == 4
+
+
+@pytest.mark.parametrize("command", ["invert", "txt2img"])
+def test_non_finite_results_are_refused_not_written(tiny_root, clip, tmp_path, monkeypatch, capsys, command):
+    """fp16 overflow gives NaN noise predictions; before, invert saved NaN latents and txt2img a black PNG."""
+    def nan_noise(sd, x, *args):
+        return torch.full_like(x, float("nan"))
+
+    monkeypatch.setattr(stemref.inversion, "predict_noise", nan_noise)
+    monkeypatch.setattr(stemref.sampling, "predict_noise", nan_noise)
+    if command == "invert":
+        code = invert_cli.main(invert_args(clip, tmp_path / "run", tiny_root))
+    else:
+        code = txt2img_cli.main(["--weights", str(tiny_root), "--prompt", "a fox", "--steps", "1", "--size", "64",
+                                 "--out", str(tmp_path / "fox.png"), "--device", "cpu"])
+    assert code == 2
+    line = error_line(capsys.readouterr().err)
+    assert "NaN or infinite" in line and "--dtype fp32" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_config_with_wrong_types_is_one_line(tiny_root, clip, tmp_path, capsys):
+    weights = shutil.copytree(tiny_root, tmp_path / "sd")
+    config = json.loads((weights / "unet" / "config.json").read_text())
+    (weights / "unet" / "config.json").write_text(json.dumps({**config, "layers_per_block": "2"}))
+    assert invert_cli.main(invert_args(clip, tmp_path / "run", weights)) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "unet/config.json" in line and "layers_per_block" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sd"]
+
+
+def test_output_files_all_get_the_same_permissions(stem_run):
+    modes = {p.name: p.stat().st_mode & 0o777 for p in stem_run.iterdir()}
+    assert len(set(modes.values())) == 1, modes
+
+
+@pytest.mark.parametrize("module, outputs", [
+    (invert_cli, ["inversion.safetensors", "reconstruction.mp4", "side_by_side.mp4", "metrics.json", "compare.md"]),
+    (txt2img_cli, [".png"]),
+    (download_module, ["weights/README.md"]),
+])
+def test_help_lists_defaults_and_outputs(module, outputs, monkeypatch, capsys):
+    parsers = []
+    real_parse = argparse.ArgumentParser.parse_args
+
+    def keep(self, *args, **kwargs):
+        parsers.append(self)
+        return real_parse(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", keep)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in outputs)
+    for action in parsers[0]._actions:  # every option that has a default says what it is
+        if action.option_strings and not action.required and action.nargs != 0:
+            assert "default" in (action.help or ""), action.option_strings
+
+
+def test_progress_shows_rate_and_eta_and_ends_its_line_before_any_message(monkeypatch, capsys):
+    import stemref.cli as cli
+
+    clock = iter([0.0, 10.0, 12.0, 100.0, 102.0])  # created, two reports (the first after 10 s); again, one report
+    monkeypatch.setattr(cli, "time", type("Clock", (), {"monotonic": staticmethod(lambda: next(clock))}))
+    with pytest.raises(RuntimeError):
+        with cli.progress_printer("denoising") as report:
+            report(1, 4)
+            report(2, 4)
+            raise RuntimeError("stopped mid-stage")
+    print("error: a message", file=sys.stderr)
+    err = capsys.readouterr().err
+    assert err.endswith(" \nerror: a message\n")  # the progress line was ended before the message
+    lines = [line.rstrip() for line in err.split("\r")]
+    assert lines[1] == "denoising: 1/4 steps, 10.00 s/step, ETA 0:30"
+    assert lines[2].split(" \n") == ["denoising: 2/4 steps, 2.00 s/step, ETA 0:04".ljust(78), "error: a message"]
+    with cli.progress_printer("writing", "file") as report:
+        report(1, 1)
+    assert capsys.readouterr().err.split("\r")[1].rstrip(" \n") == "writing: 1/1 files, 2.00 s/file, 0:02 in all"
+
+
+def test_an_unwritable_out_is_refused_before_any_work(tiny_root, clip, tmp_path, monkeypatch, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # tests may run as root, who may write anywhere: the folder is made unwritable by answering for the OS
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    monkeypatch.setattr(invert_cli, "read_video", lambda *a, **k: pytest.fail("read the video for an unwritable --out"))
+    assert invert_cli.main(invert_args(clip, locked / "run", tiny_root)) == 2
+    assert f"no permission to write in {locked}" in error_line(capsys.readouterr().err)
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, warning", [
+    (["--size", "2048"], "--size 2048: SD1.5 was trained at 512 px"),
+    (["--context", "stem", "--num-bases", "10000"], "--num-bases 10000: STEM uses 256"),
+])
+def test_obviously_heavy_runs_are_warned_about_before_work(tiny_root, clip, tmp_path, monkeypatch, capsys, args,
+                                                          warning):
+    def stop(*a, **k):
+        raise KeyboardInterrupt  # the warning is all this test needs
+
+    monkeypatch.setattr(invert_cli, "read_video", stop)
+    assert invert_cli.main([*invert_args(clip, tmp_path / "run", tiny_root), *args]) == 130
+    assert capsys.readouterr().err.startswith(f"warning: {warning}")
+
+
+def test_txt2img_warns_about_a_huge_size_before_loading(tiny_root, tmp_path, monkeypatch, capsys):
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(txt2img_cli, "load_model", stop)
+    code = txt2img_cli.main(["--weights", str(tiny_root), "--prompt", "a fox", "--size", "512", "2048",
+                             "--out", str(tmp_path / "fox.png"), "--device", "cpu"])
+    assert code == 130 and capsys.readouterr().err.startswith("warning: --size 2048: SD1.5 was trained at 512 px")
+
+
+def test_out_of_memory_is_one_line(tiny_root, clip, tmp_path, monkeypatch, capsys):
+    def exhausted(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(invert_cli, "invert", exhausted)
+    assert invert_cli.main(invert_args(clip, tmp_path / "run", tiny_root)) == 1
+    assert "out of memory; use a smaller --size" in error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []

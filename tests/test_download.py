@@ -8,8 +8,12 @@ itself (hashlib in this file), never from the code under test.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.server
+import json
+import os
+import signal
 import random
 import socket
 import threading
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import stemref.download as download_module
 from stemref.download import DownloadError, Progress, download, main
 
 REPO = "test-org/tiny-sd"
@@ -32,14 +37,27 @@ TIMEOUT_S = 5.0
 
 
 def fake_repository() -> dict[str, bytes]:
-    """Both variants' weights, SD1.5's small files, and extras that must not be fetched."""
+    """Both variants' weights, SD1.5's small files, and extras that must not be fetched; each file holds what
+    its name promises (a safetensors file, a JSON object, text) around a few KB of random bytes."""
     rng = random.Random(1234)
     files = {}
     for path in sorted(SD15_FP16 | SD15_FP32 | {"safety_checker/model.safetensors", "v1-5-pruned.safetensors",
                                                  "feature_extractor/preprocessor_config.json"}):
-        size = rng.randrange(2000, 9000) if path.endswith(".safetensors") else rng.randrange(50, 400)
-        files[path] = bytes(rng.getrandbits(8) for _ in range(size))
+        if path.endswith(".safetensors"):
+            files[path] = safetensors_bytes(bytes(rng.getrandbits(8) for _ in range(rng.randrange(2000, 9000))))
+        elif path.endswith(".json"):
+            files[path] = json.dumps({"name": path, "noise": rng.getrandbits(64)}).encode()
+        else:
+            files[path] = ("#version: 0.2\n" + "\n".join(f"a{i} b{rng.getrandbits(16)}" for i in range(20))).encode()
     return files
+
+
+def safetensors_bytes(data: bytes) -> bytes:
+    """A safetensors file holding `data` as one uint8 tensor, written from the format's spec: an 8-byte
+    little-endian header length, the JSON header (padded with spaces to 8 bytes), then the data."""
+    header = json.dumps({"data": {"dtype": "U8", "shape": [len(data)], "data_offsets": [0, len(data)]}}).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data
 
 
 def sha256(data: bytes) -> str:
@@ -56,6 +74,8 @@ class FakeHub:
     wrong_size: set[str] = field(default_factory=set)
     cut_once: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before dropping the next GET
     ranges: bool = True
+    html: bool = False  # answer every path 200 with a web page, as a captive portal or a misconfigured mirror does
+    no_sha: bool = False  # send no sha256 at all (no X-Linked-Etag, no sha256 ETag), as a plain file server
     log: list[dict] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
@@ -85,6 +105,15 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         with hub.lock:
             hub.log.append({"method": self.command, "path": self.path, "file": path,
                             "range": self.headers.get("Range"), "auth": self.headers.get("Authorization")})
+        if hub.html:
+            page = b"<!DOCTYPE html><html><body>Please log in</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            if body:
+                self.wfile.write(page)
+            return
         if path is None or path not in hub.files:
             return self.error(404)
         if path in hub.status:
@@ -96,7 +125,8 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", f"{hub.cdn or hub.url}/cdn/{path}")
             self.send_header("X-Linked-Size", str(linked_size))
-            self.send_header("X-Linked-Etag", f'"{linked_sha}"')
+            if not hub.no_sha:
+                self.send_header("X-Linked-Etag", f'"{linked_sha}"')
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -111,7 +141,7 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         if on_cdn:
             self.send_header("ETag", f'"{hashlib.md5(data).hexdigest()}"')
         else:
-            self.send_header("ETag", f'"{linked_sha}"')
+            self.send_header("ETag", f'"{hashlib.md5(data).hexdigest() if hub.no_sha else linked_sha}"')
             self.send_header("X-Linked-Size", str(linked_size))
         self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
@@ -346,6 +376,122 @@ def test_bad_arguments_are_refused_before_any_request(hub, tmp_path, capsys):
     assert hub.log == []
 
 
+# ---------------------------------------------------------------------------------------------------
+# Nothing unverified gets a final name (issue 6)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_an_html_page_for_every_path_is_refused_and_nothing_is_kept(hub, tmp_path, capsys):
+    hub.html = True
+    assert cli(hub, tmp_path / "sd") == 1
+    err = capsys.readouterr().err
+    assert "HTML page" in err and "SD1.5" not in err
+    assert files_under(tmp_path / "sd") == set()
+
+
+def test_weights_without_a_sha256_are_refused(hub, tmp_path):
+    hub.no_sha = True
+    with pytest.raises(DownloadError, match=rf"{UNET16}: the server gave no sha256 .* unverified weights"):
+        fetch(hub, tmp_path)
+    assert not any(path.endswith(".safetensors") for path in files_under(tmp_path))
+
+
+def test_pinned_sha256_verifies_weights_from_a_server_without_hashes(hub, tmp_path):
+    hub.no_sha = True
+    pins = {path: sha256(hub.files[path]) for path in SD15_FP16 if path.endswith(".safetensors")}
+    fetch(hub, tmp_path, pins=pins)
+    for path in SD15_FP16:
+        assert (tmp_path / path).read_bytes() == hub.files[path], path
+
+
+def test_pin_flag_verifies_weights_from_a_server_without_hashes(hub, tmp_path, capsys):
+    hub.no_sha = True
+    assert cli(hub, tmp_path) == 1
+    assert f"--pin {UNET16}=SHA256" in capsys.readouterr().err
+    pins = [f"--pin={path}={sha256(hub.files[path])}" for path in SD15_FP16 if path.endswith(".safetensors")]
+    assert cli(hub, tmp_path, *pins) == 0
+    assert (tmp_path / UNET16).read_bytes() == hub.files[UNET16]
+    assert cli(hub, tmp_path, "--pin", f"{UNET16}=abc") == 2
+    assert "64 hex digits" in capsys.readouterr().err
+
+
+def test_a_wrong_pin_fails_and_leaves_nothing(hub, tmp_path):
+    with pytest.raises(DownloadError, match=f"sha256 mismatch .*{VAE16}.*expected {'1' * 64}"):
+        fetch(hub, tmp_path, pins={VAE16: "1" * 64})
+    assert not (tmp_path / VAE16).exists() and not (tmp_path / (VAE16 + ".part")).exists()
+
+
+@pytest.mark.parametrize("path, body, problem", [
+    ("unet/config.json", b'{"in_channels": 4,', "not valid JSON"),
+    ("tokenizer/vocab.json", b"[1, 2, 3]", "a list where an object belongs"),
+    ("tokenizer/merges.txt", b"\xff\xfe\x00 not text", "not UTF-8 text"),
+    (UNET16, bytes(range(256)) * 20, "not a safetensors file"),
+    (TEXT16, safetensors_bytes(b"x" * 100)[:-10], "wrong length"),
+], ids=["json-cut-short", "json-not-an-object", "merges-not-text", "weights-not-safetensors", "weights-cut-short"])
+def test_content_that_does_not_parse_is_refused_even_with_a_matching_hash(hub, tmp_path, path, body, problem):
+    hub.files[path] = body  # the server's size and sha256 describe these bytes: only parsing can tell
+    with pytest.raises(DownloadError, match=f"{path} sent .*{problem}.*deleted"):
+        fetch(hub, tmp_path)
+    assert not (tmp_path / path).exists() and not (tmp_path / (path + ".part")).exists()
+
+
+def test_a_full_disk_says_so_and_not_just_run_again(hub, tmp_path, monkeypatch):
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    def open_part(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        return FullDisk(handle) if str(file).endswith(".part") and "b" in mode and mode != "rb" else handle
+
+    monkeypatch.setattr(download_module, "open", open_part, raising=False)
+    with pytest.raises(DownloadError) as info:
+        fetch(hub, tmp_path)
+    message = str(info.value)
+    assert "is full" in message and "free space" in message and "--to on another disk" in message
+    assert "run the same command again" not in message
+
+
+def test_a_to_folder_under_a_file_is_refused_before_any_request(hub, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert cli(hub, tmp_path / "file" / "sd") == 2
+    assert "is a file" in capsys.readouterr().err
+    assert hub.log == []
+
+
+def test_sigterm_exits_143_and_keeps_finished_files(hub, tmp_path, capsys, monkeypatch):
+    real = download_module._stderr_progress
+
+    def terminate_at_the_unet(line):
+        show = real(line)
+
+        def report(p):
+            show(p)
+            if p.path == UNET16 and p.status == "downloading":
+                os.kill(os.getpid(), signal.SIGTERM)
+        return report
+
+    monkeypatch.setattr(download_module, "_stderr_progress", terminate_at_the_unet)
+    assert cli(hub, tmp_path) == 143
+    err = capsys.readouterr().err
+    assert err.endswith("interrupted; run the same command again to resume\n")
+    assert "\ninterrupted" in err  # the progress line was ended first
+    assert (tmp_path / "unet" / "config.json").read_bytes() == hub.files["unet/config.json"]
+    assert not (tmp_path / UNET16).exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is restored
+
+
 # ----------------------------------------------------------------------------------------------------
 # --model: the CLIPs for the editing metrics
 # ----------------------------------------------------------------------------------------------------
@@ -358,8 +504,10 @@ def clip_hub():
     """A CLIP repository as the hub holds openai/clip-vit-*: safetensors beside pickled, TF and Flax copies."""
     rng = random.Random(99)
     names = CLIP_WANTED | {"pytorch_model.bin", "tf_model.h5", "flax_model.msgpack", "vocab.json", "merges.txt"}
-    fake = FakeHub({n: bytes(rng.getrandbits(8) for _ in range(rng.randrange(500, 6000))) for n in sorted(names)},
-                   redirected={"model.safetensors"})
+    files = {n: bytes(rng.getrandbits(8) for _ in range(rng.randrange(500, 6000))) for n in sorted(names)}
+    files["config.json"] = json.dumps({"model_type": "clip", "noise": rng.getrandbits(64)}).encode()
+    files["model.safetensors"] = safetensors_bytes(files["model.safetensors"])
+    fake = FakeHub(files, redirected={"model.safetensors"})
     server, thread = serve(fake)
     yield fake
     stop(server, thread)

@@ -19,7 +19,10 @@ from diffusers import DDIMScheduler as DiffusersDDIM
 from safetensors.torch import save_file
 
 import stemref
+import stemref.inversion
+import stemref.sampling
 from stemref.attention import RunInfo
+from stemref.frames import NonFiniteError
 from stemref.context import AllFrames, SparseCausal, context_processor
 from stemref.inversion import InversionSettings
 from stemref.sampling import ddim_inversion_loop, ddim_sample_loop
@@ -328,6 +331,73 @@ def test_load_refuses_other_files(tmp_path):
         stemref.Inversion.load(garbage)
 
 
+def damaged(tmp_path, latents: torch.Tensor, meta: str) -> object:
+    path = tmp_path / "damaged.safetensors"
+    save_file({"latents": latents}, path, metadata={"stemref": meta})
+    return path
+
+
+@pytest.mark.parametrize("meta, match", [
+    ('{"format": "stemref.inversion/1", ', "metadata is not JSON"),
+    ('["stemref.inversion/1"]', "not a stemref inversion file"),
+    ('{"format": "stemref.inversion/1", "settings": {"prompt": "x"}}', "timesteps must be a list of integers"),
+    ('{"format": "stemref.inversion/1", "timesteps": [1, "501"], "settings": {"prompt": "x"}}',
+     "timesteps must be a list of integers"),
+    ('{"format": "stemref.inversion/1", "timesteps": [501, 1], "settings": {"prompt": "x"}}', "ascending"),
+    ('{"format": "stemref.inversion/1", "timesteps": [1, 501, 751], "settings": {"prompt": "x"}}',
+     "do not hold the 4"),
+    ('{"format": "stemref.inversion/1", "timesteps": [1, 501]}', "settings must be an object"),
+    ('{"format": "stemref.inversion/1", "timesteps": [1, 501], "settings": {"prompt": "x", "colour": 1}}',
+     "settings must be an object"),
+    ('{"format": "stemref.inversion/1", "timesteps": [1, 501], "settings": {"prompt": "x", "steps": "2"}}',
+     "settings steps have the wrong type"),
+], ids=["not-json", "not-an-object", "no-timesteps", "string-timestep", "descending", "count", "no-settings",
+        "unknown-setting", "steps-a-string"])
+def test_load_refuses_damaged_metadata_with_value_error(tmp_path, meta, match):
+    with pytest.raises(ValueError, match=match):
+        stemref.Inversion.load(damaged(tmp_path, torch.zeros(3, 1, 4, 8, 8), meta))
+
+
+def test_load_trusts_the_stored_timesteps_over_settings_steps(tiny_sd, tmp_path):
+    inv = stemref.invert(tiny_sd, video(2), PROMPT, steps=2, context="all-frame")
+    meta = '{"format": "stemref.inversion/1", "timesteps": [1, 501], "settings": {"prompt": "%s", ' \
+           '"steps": 50, "context": "all-frame"}}' % PROMPT
+    loaded = stemref.Inversion.load(damaged(tmp_path, inv.latents, meta))
+    assert loaded.settings.steps == 2 and loaded.timesteps == [1, 501]
+    assert torch.equal(stemref.reconstruct(tiny_sd, loaded), stemref.reconstruct(tiny_sd, inv))
+
+
+def test_reconstruct_refuses_timesteps_of_another_schedule(tiny_sd):
+    inv = stemref.invert(tiny_sd, video(2), PROMPT, steps=2, context="all-frame")
+    moved = stemref.Inversion(inv.latents, [1, 401], inv.settings)
+    with pytest.raises(ValueError, match="not this scheduler's 2-step DDIM path"):
+        stemref.reconstruct(tiny_sd, moved)
+
+
+def test_non_finite_results_raise(tiny_sd, monkeypatch):
+    """A NaN noise prediction (fp16 overflow) must not come back as NaN latents or a black image."""
+    def nan_noise(sd, x, *args):
+        return torch.full_like(x, float("nan"))
+
+    monkeypatch.setattr(stemref.inversion, "predict_noise", nan_noise)
+    monkeypatch.setattr(stemref.sampling, "predict_noise", nan_noise)
+    with pytest.raises(NonFiniteError, match="inverted latents contain .* NaN or infinite.*float32"):
+        stemref.invert(tiny_sd, video(2), PROMPT, steps=2, context="all-frame")
+    with pytest.raises(NonFiniteError, match="generated latents"):
+        stemref.txt2img(tiny_sd, PROMPT, steps=1, size=64)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(size="64"), "size must be an int or \\(height, width\\)"),
+    (dict(size=(64,)), "size must be an int or \\(height, width\\)"),
+    (dict(size=(64, 60)), "multiples of 8"),
+    (dict(guidance=float("inf")), "guidance must be a finite number"),
+])
+def test_txt2img_bad_arguments(tiny_sd, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        stemref.txt2img(tiny_sd, PROMPT, steps=1, **kwargs)
+
+
 def test_failed_save_leaves_no_file(tmp_path):
     inv = stemref.Inversion(torch.zeros(2, 1, 4, 8, 8), [1], InversionSettings(PROMPT, steps=1))
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -349,7 +419,12 @@ def test_failed_save_leaves_no_file(tmp_path):
     (torch.rand(2, 3, 36, 32, dtype=torch.float64), "multiple of 8"),
     ((torch.rand(2, 3, 32, 32) * 255).to(torch.uint8), "floating point"),
     ([[0.0]], "torch.Tensor"),
-], ids=["channels-last", "no-frame-axis", "empty", "not-multiple-of-8", "uint8", "list"])
+    (torch.rand(2, 3, 32, 32, dtype=torch.float64) * 255, r"must be in \[0, 1\].*divide 8-bit frames by 255"),
+    (torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1, r"must be in \[0, 1\].*\(x \+ 1\) / 2"),
+    (torch.full((2, 3, 32, 32), float("nan"), dtype=torch.float64), "NaN or infinite"),
+    (torch.rand(2, 3, 32, 32, dtype=torch.float64).where(torch.arange(32) != 5, float("inf")), "NaN or infinite"),
+], ids=["channels-last", "no-frame-axis", "empty", "not-multiple-of-8", "uint8", "list", "0-255", "minus-1-to-1",
+        "nan", "inf"])
 def test_bad_frames(tiny_sd, frames, match):
     with pytest.raises(ValueError, match=match):
         stemref.invert(tiny_sd, frames, PROMPT, steps=2)
@@ -365,8 +440,10 @@ def test_bad_frames(tiny_sd, frames, match):
     (dict(prompt="a very long prompt " * 40), "tokens long"),
     (dict(context="1-frame", num_bases=8), "takes no options"),
     (dict(steps=0), "steps must be"),
+    (dict(context="1-frame", guidance=float("nan")), "guidance must be a finite number"),
+    (dict(context="stem", num_bases=2), "STEM needs at least 2 tokens"),  # one 32×32 frame: 1 token deep down
 ], ids=["context", "batch-stem", "batch-all-frame", "batch-0", "bad-regex", "regex-matches-nothing",
-        "long-prompt", "option-for-wrong-context", "zero-steps"])
+        "long-prompt", "option-for-wrong-context", "zero-steps", "nan-guidance", "stem-one-tiny-frame"])
 def test_bad_settings(tiny_sd, kwargs, match):
     kwargs = {"prompt": PROMPT, "steps": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -377,3 +454,18 @@ def test_reconstruct_checks_its_batch(tiny_sd):
     inv = stemref.invert(tiny_sd, video(2), PROMPT, steps=1, context="all-frame")
     with pytest.raises(ValueError, match="only the 1-frame context"):
         stemref.reconstruct(tiny_sd, inv, batch=1)
+
+
+def test_vae_and_steps_report_progress(tiny_sd):
+    calls = {"encode": [], "steps": [], "decode": []}
+
+    def log(name):
+        return lambda done, total: calls[name].append((done, total))
+
+    frames = video(3)
+    torch.testing.assert_close(tiny_sd.encode_frames(frames, batch=2, progress=log("encode")),
+                               tiny_sd.encode_frames(frames), rtol=0, atol=1e-12)  # batches change only rounding
+    inv = stemref.invert(tiny_sd, frames, PROMPT, steps=2, context="all-frame", progress=log("steps"),
+                         vae_progress=log("encode"))
+    stemref.reconstruct(tiny_sd, inv, progress=log("steps"), vae_progress=log("decode"))
+    assert calls == {"encode": [(2, 3), (3, 3), (3, 3)], "steps": [(1, 2), (2, 2)] * 2, "decode": [(3, 3)]}

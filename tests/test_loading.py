@@ -264,3 +264,66 @@ def test_foreign_safetensors_file(tmp_path):
     save_file({"weight": torch.zeros(2)}, tmp_path / "lora.safetensors")
     with pytest.raises(stemref.WeightsError, match="not an original SD1.x single-file"):
         stemref.load(tmp_path / "lora.safetensors")
+
+
+# ---------------------------------------------------------------- messages that name the real problem (issue 6)
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"PK\x03\x04" + bytes(200), "PyTorch pickle"),  # torch.save's zip format
+    (b"\x80\x02}q\x00" + bytes(200), "Python pickle"),  # protocol-2 pickle
+    (b"<!DOCTYPE html><html>Sign in</html>", "HTML"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 3\n", "Git LFS pointer"),
+])
+def test_files_renamed_safetensors_are_named_for_what_they_are(tmp_path, content, what):
+    (tmp_path / "model.safetensors").write_bytes(content)
+    with pytest.raises(stemref.WeightsError, match=f"is (a|an) {what}"):
+        stemref.load(tmp_path / "model.safetensors")
+
+
+def test_unreadable_weights_say_permission_denied(tiny_root, tmp_path, monkeypatch):
+    import stemref.loading
+
+    def denied(file):
+        raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr(stemref.loading, "safetensors_problem", denied)  # root can read anything: simulate
+    with pytest.raises(stemref.WeightsError, match="permission denied") as info:
+        stemref.load(tiny_root)
+    assert "incomplete" not in str(info.value)
+
+
+@pytest.mark.parametrize("config, changes, field", [
+    ("unet/config.json", {"layers_per_block": "2"}, "layers_per_block"),
+    ("unet/config.json", {"block_out_channels": "abc"}, "block_out_channels"),
+    ("unet/config.json", {"norm_num_groups": -8}, "norm_num_groups"),
+    ("vae/config.json", {"scaling_factor": None}, "scaling_factor"),
+    ("text_encoder/config.json", {"num_hidden_layers": 2.5}, "num_hidden_layers"),
+    ("scheduler/scheduler_config.json", {"set_alpha_to_one": "no"}, "set_alpha_to_one"),
+])
+def test_configs_with_wrong_types_are_refused_naming_the_field(tiny_root, tmp_path, config, changes, field):
+    root = shutil.copytree(tiny_root, tmp_path / "sd")
+    f = root / config
+    f.write_text(json.dumps({**json.loads(f.read_text()), **changes}))
+    with pytest.raises(stemref.WeightsError, match=f"{re.escape(str(f))}.*{field}"):
+        stemref.load(root)
+
+
+def test_a_config_that_is_not_json_is_refused(tiny_root, tmp_path):
+    root = shutil.copytree(tiny_root, tmp_path / "sd")
+    (root / "vae" / "config.json").write_text('{"latent_channels": 4,')
+    with pytest.raises(stemref.WeightsError, match="vae/config.json: not valid JSON"):
+        stemref.load(root)
+
+
+def test_messages_advise_the_config_flag_that_exists(tiny_root, tmp_path):
+    root = shutil.copytree(tiny_root, tmp_path / "sd")
+    (root / "unet" / "config.json").unlink()  # SD1.5's default widths do not fit the tiny weights
+    with pytest.raises(stemref.WeightsError, match="--model-config FOLDER"):
+        stemref.load(root)
+
+
+def test_load_reports_progress(tiny_root):
+    calls = []
+    stemref.load(tiny_root, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]

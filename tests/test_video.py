@@ -519,3 +519,21 @@ def test_real_clip_with_audio_stream():
     back = read_video(path, count=1, size=256)
     assert back.shape == (1, 3, 144, 256)
     assert torch.equal(back[0], pillow_resize(decode_with_pyav(path, [0])[0], 256, 144))
+
+
+def test_a_decompression_bomb_is_refused_with_a_message(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64)).save(tmp_path / "0.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64×64 = 4096 > 2×1000: what Pillow calls a bomb
+    with pytest.raises(ValueError, match=r"0\.png: the image is too large to decode safely.*shrink it"):
+        read_video(tmp_path)
+
+
+@pytest.mark.parametrize("source", ["folder", "file"])
+def test_read_video_reports_progress(tmp_path, source):
+    frames = torch.rand(4, 3, 16, 16)
+    path = save_frames(tmp_path / "frames", frames)[0].parent if source == "folder" else \
+        write_video(tmp_path / "clip.mkv", frames)
+    calls = []
+    read_video(path, stride=2, count=5, progress=lambda done, total: calls.append((done, total)))
+    total = 2 if source == "folder" else 5  # a folder's length is known; a file's only when it ends
+    assert calls == [(1, total), (2, total)]

@@ -28,12 +28,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import NotSD1Error
+from ..config import DDIMConfig, NotSD1Error
 from ..loading import WeightsError, load
 from ..pipeline import StableDiffusion
+from ..scheduler import DDIMScheduler
 from ..tokenizer import TokenizerFilesError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}  # fp64: exact CPU checks
+HEAVY_SIDE = 1024  # pixels; above this, warn before work that the run will take very long or run out of memory
 MARKER = ".stemref-output"  # written into every output folder; --overwrite replaces only folders holding it
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what shells report for a process ended by SIGTERM
@@ -65,12 +67,12 @@ def run(main: Callable[[], None], failures: tuple[type[BaseException], ...] = ()
     with _sigterm_as_interrupt():
         try:
             main()
-        except (UserError, ValueError) as e:  # ValueError: the library's bad-input errors
+        except (UserError, ValueError, FileNotFoundError) as e:  # the library's bad-input errors
             return _fail(str(e), EXIT_USAGE)
         except OSError as e:
             return _fail(describe_os_error(e), EXIT_FAILURE)
-        except MemoryError:
-            return _fail("out of memory; use a smaller --size or fewer --frames", EXIT_FAILURE)
+        except (MemoryError, torch.OutOfMemoryError):
+            return _fail("out of memory; use a smaller --size, fewer --frames, or fp16 on a GPU", EXIT_FAILURE)
         except failures as e:
             return _fail(str(e), EXIT_FAILURE)
         except KeyboardInterrupt as e:
@@ -124,8 +126,9 @@ def describe_os_error(e: OSError) -> str:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, type=Path,
                         help="diffusers SD1.5 folder or original .safetensors file (get one: python -m stemref.download)")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="for a single .safetensors file of another size: a diffusers folder with its config.json files")
+    parser.add_argument("--model-config", type=Path, default=None,
+                        help="for a single .safetensors file of another size: a diffusers folder with its "
+                             "config.json files (default: SD1.5's configs)")
     add_device_arguments(parser)
 
 
@@ -145,8 +148,8 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     check_device(args)
     if not Path(args.weights).expanduser().exists():
         load(args.weights)  # raises the loader's message (how to get weights); cheap when the path is missing
-    if getattr(args, "config", None) is not None and not args.config.is_dir():
-        raise UserError(f"--config {args.config}: give a diffusers folder holding unet/config.json etc.")
+    if getattr(args, "model_config", None) is not None and not args.model_config.is_dir():
+        raise UserError(f"--model-config {args.model_config}: give a diffusers folder holding unet/config.json etc.")
 
 
 def check_device(args: argparse.Namespace) -> None:
@@ -170,15 +173,16 @@ def check_device(args: argparse.Namespace) -> None:
 def load_model(args: argparse.Namespace, progress: Callable[[int, int], None] | None = None) -> StableDiffusion:
     check_model_arguments(args)
     try:
-        return load(args.weights, dtype=chosen_dtype(args), device=args.device, config=getattr(args, "config", None),
+        return load(args.weights, dtype=chosen_dtype(args), device=args.device,
+                    config=getattr(args, "model_config", None),
                     progress=progress)
     except (WeightsError, NotSD1Error, TokenizerFilesError) as e:
         raise UserError(str(e)) from e
 
 
 def model_inputs(args: argparse.Namespace) -> list[Path]:
-    """The files an output must never replace: the weights (and --config)."""
-    return [p for p in (args.weights, getattr(args, "config", None)) if p is not None]
+    """The files an output must never replace: the weights (and --model-config)."""
+    return [p for p in (args.weights, getattr(args, "model_config", None)) if p is not None]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,8 +348,31 @@ def check_prompt(text: str, flag: str = "--prompt") -> None:
                         "or set a UTF-8 locale (e.g. LANG=C.UTF-8)") from e
 
 
+def checked(flag: str, check: Callable[[object], object], value: object) -> None:
+    """A library check of one argument's value, its ValueError reported as a user error naming the flag."""
+    try:
+        check(value)
+    except ValueError as e:
+        raise UserError(f"{flag}: {e}") from e
+
+
+def check_steps(steps: int, flag: str = "--steps") -> None:
+    """Refuse a step count SD1.x's 1000-step schedule cannot take, before any slow work."""
+    try:
+        DDIMScheduler(DDIMConfig()).timesteps(steps)
+    except ValueError as e:
+        raise UserError(f"{flag} {steps}: {e}") from e
+
+
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def warn_if_large(side: int, flag: str = "--size") -> None:
+    """SD1.5 was trained at 512 px: far above, every step costs many times more time and memory."""
+    if side > HEAVY_SIDE:
+        warn(f"{flag} {side}: SD1.5 was trained at 512 px; each frame costs about {(side / 512) ** 2:.0f}× the time "
+             "of a 512 px frame, and attention over all frames much more memory: expect hours")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -363,18 +390,27 @@ class progress_printer:  # noqa: N801 (a function to its callers: progress=progr
     def __init__(self, label: str, unit: str = "step"):
         self.label, self.unit = label, unit
         self.started = time.monotonic()
+        self.first: tuple[float, int] | None = None  # (time, done) of the first report
         self.open = False
 
     def __call__(self, done: int, total: int) -> None:
-        elapsed = time.monotonic() - self.started
-        line = f"\r{self.label}: {done}/{total} {self.unit}s"
+        now = time.monotonic()
+        self.first = self.first or (now, done)
+        since, before = self.first
+        # the rate from the first report on: the time before it may include another stage (a VAE encode)
+        per = (now - since) / (done - before) if done > before else (now - self.started) / max(done, 1)
+        text = f"{self.label}: {done}/{total} {self.unit}s"
         if done:
-            per = elapsed / done
-            line += f", {per:.2f} s/{self.unit}, ETA {_duration(per * (total - done))}"
-        print(f"{line:<79}", end="", file=sys.stderr, flush=True)
-        self.open = True
+            text += f", {per:.2f} s/{self.unit}, " + (f"ETA {_duration(per * (total - done))}" if done < total
+                                                      else f"{_duration(now - self.started)} in all")
+        self.show(text)
         if done >= total:
             self.end()
+
+    def show(self, text: str) -> None:
+        """Redraw the line with any text (the downloader shows bytes and rates)."""
+        print(f"\r{text:<79}", end="", file=sys.stderr, flush=True)
+        self.open = True
 
     def end(self) -> None:
         if self.open:
@@ -382,7 +418,6 @@ class progress_printer:  # noqa: N801 (a function to its callers: progress=progr
             self.open = False
 
     def __enter__(self) -> "progress_printer":
-        self.started = time.monotonic()
         return self
 
     def __exit__(self, *exc) -> None:

@@ -36,12 +36,12 @@ from typing import Any
 
 import torch
 
-from . import (DTYPES, UserError, check_model_arguments, check_output_folder, check_prompt, load_model,
-               output_folder, progress_printer, run, warn)
+from . import (DTYPES, UserError, check_model_arguments, check_output_folder, check_prompt, check_steps, load_model,
+               model_inputs, output_folder, progress_printer, run, warn, warn_if_large)
 from .measure import clock, consistency, peak_memory, reset_peak_memory, source_fps
 from ..context import CONTEXTS
 from ..download import DEFAULT_BASE_URL, DownloadError, download
-from ..edit import tokenflow, tuning
+from ..edit import fatezero, tokenflow, tuning
 from ..edit import tuned as tuned_editing
 from ..edit.cache import Cache, default_root, key_of, tensor_digest, weights_fingerprint
 from ..inversion import FORMAT as INVERSION_FORMAT
@@ -120,6 +120,8 @@ COMMON = (
     Option("fps", float, None, "frame rate of the written videos (default: the input's, divided by --stride)"),
     Option("format", str, "mp4", "written videos: mp4 (H.264, plays everywhere) or mkv (lossless FFV1)", ("mp4", "mkv")),
     Option("weights", Path, DEFAULT_WEIGHTS, "SD1.5 diffusers folder or .safetensors file; downloaded here if missing"),
+    Option("model_config", Path, None, "for a single .safetensors file of another size: a diffusers folder with "
+           "its config.json files"),
     Option("offline", bool, False, "never download: fail with the download command when --weights is missing"),
     Option("hub_url", str, DEFAULT_BASE_URL, "Hugging Face hub (or mirror) to download missing weights from"),
     Option("device", str, "cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, mps"),
@@ -140,6 +142,35 @@ TOKENFLOW = (
     Option("freeu", bool, True, "FreeU with STEM's settings (b1 1.2, b2 1.4, s1 0.9, s2 0.2)"),
     Option("blend", str, "official", "TokenFlow: how a frame mixes two keyframes: the official sigmoid of distances "
            "to batch centres, or linear in the distances to the sampled keyframes", tokenflow.BLENDS),
+)
+
+# FateZero: one official p2p_config entry; its key in brackets
+FATEZERO = (
+    Option("cross_window", float, 0.8, "FateZero: fraction of the steps whose cross-attention maps are fused "
+           "[cross_replace_steps]"),
+    Option("word_window", list, None, "FateZero: WORD=FRACTION, a target word's own cross window; repeatable"),
+    Option("self_window", float, 0.6, "FateZero: fraction of the steps whose self-attention maps are fused "
+           "[self_replace_steps]"),
+    Option("controller", str, "replace", "FateZero: replace (word swap; refine when the word counts differ) or "
+           "refine (token alignment) [is_replace_controller]", ("replace", "refine")),
+    Option("reweight", list, None, "FateZero: WORD=FACTOR, scale a target word's cross-attention [eq_params]; "
+           "repeatable"),
+    Option("blend_source", list, None, "FateZero: source words of the blend mask [blend_words[0]]; repeatable"),
+    Option("blend_target", list, None, "FateZero: target words of latent blending [blend_words[1]]; repeatable"),
+    Option("blend_self_attention", bool, False, "FateZero: keep the edit's self-attention inside the source words' "
+           "mask"),
+    Option("blend_latents", bool, False, "FateZero: reset the latents outside the source and target words' masks"),
+    Option("blend_threshold", float, 0.3, "FateZero: blend mask threshold [blend_th]"),
+    Option("fuse_all_layers", bool, False, "FateZero: fuse the 64² layers too (official: query length ≤ 1024)"),
+    Option("fix_shift", bool, False, "FateZero: keep the word-swap mapper aligned after a word whose token count "
+           "changes (corrects the official code)"),
+    Option("strip_punctuation", bool, False, "FateZero: find words with punctuation attached (corrects the "
+           "official code)"),
+    Option("st_attention", str, "mid", "FateZero's spatial-temporal attention, with --inversion fatezero: the middle "
+           "frame, or the previous and first frames", ("mid", "first+previous")),
+    Option("min_channels", int, 640, "FateZero: narrowest layer that attends to the middle frame [least_sc_channel]"),
+    Option("store_memory", int, 1024, "FateZero: MiB of attention store kept in memory; the rest goes to disk"),
+    Option("store_dir", Path, None, "FateZero: folder for the spilled attention store (default: a temporary one)"),
 )
 
 TUNING = (
@@ -180,7 +211,8 @@ def cached_inversion(job: Job, sd: StableDiffusion | None = None, prompt: str | 
     s = job.settings
     sd = sd or job.sd
     prompt = s["source"] if prompt is None else prompt
-    options = {"num_bases": s["num_bases"], "scope": s["scope"]} if s["inversion"] == "stem" else {}
+    options = {"stem": {"num_bases": s["num_bases"], "scope": s["scope"]},
+               "fatezero": {"mode": s["st_attention"], "min_channels": s["min_channels"]}}.get(s["inversion"], {})
     description = {"kind": "inversion", "format": INVERSION_FORMAT, "frames": tensor_digest(job.frames),
                    "prompt": prompt, "steps": s["steps"], "context": s["inversion"], "options": options,
                    "seed": s["seed"], "weights": weights_fingerprint(sd.unet, sd.vae, sd.text_encoder),
@@ -192,9 +224,10 @@ def cached_inversion(job: Job, sd: StableDiffusion | None = None, prompt: str | 
         job.timings["inversion"] = 0.0
         return found
     started = clock(job.sd.device)
-    with job.progress(f"{s['inversion']} inversion") as report:
-        context = None if s["inversion"] == "model" else s["inversion"]
-        inversion = invert(sd, job.frames, prompt, s["steps"], context, seed=s["seed"], progress=report, **options)
+    context = None if s["inversion"] == "model" else s["inversion"]
+    with job.progress("encoding frames", unit="frame") as encoding, job.progress(f"{s['inversion']} inversion") as report:
+        inversion = invert(sd, job.frames, prompt, s["steps"], context, seed=s["seed"], progress=report,
+                           vae_progress=encoding, **options)
     job.timings["inversion"] = clock(job.sd.device) - started
     if cache.put(key, inversion.save) is not None:
         job.say(f"inversion: cached as {cache.path(key)}")
@@ -209,6 +242,40 @@ def tokenflow_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
                                          pnp_conv=s["pnp_conv"], freeu=s["freeu"], seed=s["seed"], blend=s["blend"],
                                          progress=report)
     return decode(job, latents)
+
+
+def fatezero_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
+    s = job.settings
+    with job.progress(f"FateZero: {_short(target)}") as report:
+        latents = fatezero.edit_latents(job.sd, inversion, s["source"], target, guidance=s["guidance"],
+                                        negative_prompt=s["negative"], memory_budget=s["store_memory"] * 2**20,
+                                        store_dir=s["store_dir"], progress=report, **fatezero_settings(s))
+    return decode(job, latents)
+
+
+def fatezero_settings(s: dict[str, Any]) -> dict[str, Any]:
+    """The FateZeroSettings fields from the command's flat settings (WORD=NUMBER lists become dicts)."""
+    return dict(cross_window=s["cross_window"], word_windows=_word_numbers(s["word_window"], "word-window"),
+                self_window=s["self_window"], controller=s["controller"],
+                reweight=_word_numbers(s["reweight"], "reweight"),
+                blend_words=(s["blend_source"] or [], s["blend_target"] or [])
+                if s["blend_source"] or s["blend_target"] else None,
+                blend_self_attention=s["blend_self_attention"], blend_latents=s["blend_latents"],
+                blend_threshold=s["blend_threshold"], max_tokens=None if s["fuse_all_layers"] else 1024,
+                fix_shift=s["fix_shift"], strip_punctuation=s["strip_punctuation"])
+
+
+def _word_numbers(items: list[str] | None, flag: str) -> dict[str, float]:
+    out = {}
+    for item in items or []:
+        word, _, number = item.rpartition("=")
+        try:
+            out[word] = float(number)
+        except ValueError:
+            word = ""
+        if not word or not math.isfinite(out[word]):
+            raise UserError(f"--{flag} {item!r}: write WORD=NUMBER, e.g. --{flag} watercolor=10")
+    return out
 
 
 def cached_tuning(job: Job) -> tuning.Tuned:
@@ -256,19 +323,16 @@ def tuned_edit(job: Job, prepared: tuple[StableDiffusion, Inversion], target: st
 
 
 def decode(job: Job, latents: torch.Tensor) -> torch.Tensor:
-    """VAE-decode (F, 4, h, w) latents, with progress per batch of 8 frames."""
-    batches = list(latents.split(8))
-    frames = []
-    with job.progress("decoding", unit="chunk") as report:
-        for i, chunk in enumerate(batches):
-            frames.append(job.sd.decode_latents(chunk).cpu())
-            report(i + 1, len(batches))
-    return torch.cat(frames)
+    """VAE-decode (F, 4, h, w) latents to frames (F, 3, H, W) on the CPU, with progress."""
+    with job.progress("decoding", unit="frame") as report:
+        return job.sd.decode_latents(latents, progress=report).cpu()
 
 
 METHODS: dict[str, Method] = {
     "tokenflow": Method("TokenFlow (STEM's editor): PnP injection, keyframe attention, token propagation, FreeU",
                         TOKENFLOW, cached_inversion, tokenflow_edit, tokenflow.DEFAULT_NEGATIVE),
+    "fatezero": Method("FateZero: inversion attention fused into the edit (prompt-to-prompt replace, refine, "
+                       "reweight, blend masks)", FATEZERO, cached_inversion, fatezero_edit),
     "tune-a-video": Method("Tune-A-Video: one-shot tuning of an inflated UNet (sparse-causal and temporal attention), "
                            "DDIM inversion and guided sampling with the tuned model", TUNE_A_VIDEO, tuned_prepare,
                            tuned_edit, inversion="model", guidance=tuned_editing.GUIDANCE["tune-a-video"],
@@ -403,8 +467,8 @@ def check_settings(s: dict[str, Any]) -> None:
         check_prompt(text, flag)
         if not text.strip() and flag != "--negative":
             raise UserError(f"{flag} is empty; describe the video in a few words")
-    for name, low in (("steps", 1), ("stride", 1), ("start", 0), ("num_bases", 1), ("batch", 1), ("tune_steps", 1),
-                      ("ffam_r", 1)):
+    for name, low in (("steps", 1), ("stride", 1), ("start", 0), ("num_bases", 1), ("batch", 1), ("min_channels", 1),
+                      ("store_memory", 0), ("tune_steps", 1), ("ffam_r", 1)):
         if s[name] < low:
             raise UserError(f"--{_flag(name)} must be at least {low}, got {s[name]}")
     for name in ("frames", "scope"):
@@ -419,22 +483,33 @@ def check_settings(s: dict[str, Any]) -> None:
             raise UserError("--square crops to --size; it does not combine with --width/--height")
     elif s["size"] % 8 or s["size"] < 64:
         raise UserError(f"--size {s['size']}: use a multiple of 8 that is at least 64, such as 256 or 512")
-    for name in ("guidance", "pnp_attn", "pnp_conv", "lr"):
+    check_steps(s["steps"])
+    for name in ("guidance", "pnp_attn", "pnp_conv", "cross_window", "self_window", "blend_threshold", "lr"):
         if not math.isfinite(s[name]):
             raise UserError(f"--{_flag(name)} must be a finite number, got {s[name]}")
     if not 0 < s["lr"] < 1:
         raise UserError(f"--lr {s['lr']}: a learning rate between 0 and 1 (3e-5 is the papers')")
-    for name in ("pnp_attn", "pnp_conv"):
+    for name in ("pnp_attn", "pnp_conv", "cross_window", "self_window"):
         if not 0 <= s[name] <= 1:
             raise UserError(f"--{_flag(name)} is a fraction of the steps, from 0 to 1; got {s[name]}")
     if s["fps"] is not None and not 0 < s["fps"] <= 1000:
         raise UserError(f"--fps must be in (0, 1000], got {s['fps']}")
     if s["scope"] is not None and s["inversion"] != "stem":
         raise UserError("--scope is a STEM option; use it with --inversion stem")
+    if s["method"] == "fatezero":
+        check_fatezero(s)
     if not Path(s["video"]).exists():
         raise UserError(f"{s['video']}: no such video file or folder")
-    if s["steps"] > 1000:
-        raise UserError(f"--steps {s['steps']}: SD1.5 has 1000 timesteps; 50 is the usual setting")
+
+
+def check_fatezero(s: dict[str, Any]) -> None:
+    """What FateZero's own settings refuse (word lists, blending without words), before the model loads."""
+    try:
+        fatezero.FateZeroSettings(**fatezero_settings(s))
+    except ValueError as e:
+        raise UserError(f"FateZero settings: {e}") from None
+    if s["store_dir"] is not None and Path(s["store_dir"]).exists() and any(Path(s["store_dir"]).iterdir()):
+        raise UserError(f"--store-dir {s['store_dir']} is not empty; name a new or empty folder")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -448,8 +523,13 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         s = resolve_settings(parser, argv)
         method = METHODS[s["method"]]
-        model_args = argparse.Namespace(weights=s["weights"], device=s["device"], dtype=s["dtype"], config=None)
-        inputs = [s["video"], s["weights"], *([s["cache"]] if s["cache"] else [])]
+        model_args = argparse.Namespace(weights=s["weights"], device=s["device"], dtype=s["dtype"],
+                                        model_config=s["model_config"])
+        inputs = [s["video"], *model_inputs(model_args), *([s["cache"]] if s["cache"] else [])]
+        if s["width"] is not None:
+            warn_if_large(max(s["width"], s["height"]), "--width/--height")
+        else:
+            warn_if_large(s["size"])
         check_output_folder(s["out"], s["overwrite"], inputs)
         ensure_weights(s)
         check_model_arguments(model_args)
@@ -513,7 +593,9 @@ def _download_progress():
 def read_frames(s: dict[str, Any]) -> torch.Tensor:
     resize = (s["height"], s["width"]) if s["width"] is not None else None
     size = None if resize else s["size"]
-    return read_video(s["video"], s["start"], s["stride"], s["frames"], size, s["square"], resize=resize)
+    with progress_printer("reading video", unit="frame") as report:
+        return read_video(s["video"], s["start"], s["stride"], s["frames"], size, s["square"], resize=resize,
+                          progress=report)
 
 
 def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: float) -> None:

@@ -17,23 +17,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
-import av
 import torch
 
-from . import UserError, add_model_arguments, load_model, output_folder, progress_printer, run
+from . import (UserError, add_model_arguments, check_model_arguments, check_prompt, check_steps, load_model,
+               model_inputs, output_folder, progress_printer, run, warn, warn_if_large)
+from .measure import FEATURE_TIMESTEP, clock, consistency, peak_memory, reset_peak_memory, source_fps
 from ..context import CONTEXTS
 from ..inversion import invert, reconstruct
-from ..metrics import LAST_DECODER_SELF_ATTENTION, psnr, ssim, temporal_consistency, unet_features
+from ..metrics import LAST_DECODER_SELF_ATTENTION, psnr, ssim
 from ..pipeline import StableDiffusion
 from ..video import read_video, side_by_side, write_video
 
-DEFAULT_FPS = 8.0  # for image folders, which carry no frame rate
-FEATURE_TIMESTEP = 1  # unet_features' default: clean latents at the first DDIM timestep
+STEM_BASES = 256
+HEAVY_BASES = 4096  # above this, warn that the EM will take very long or run out of memory
 LABELS = {"1-frame": "DDIM inversion (1-frame)", "2-frame": "DDIM inversion (2-frame)",
           "all-frame": "DDIM inversion (all-frame)", "stem": "STEM inversion"}
 # STEM supplement, Table A3: mean of 5 videos, real SD1.5 weights (PSNR dB, SSIM)
@@ -46,21 +47,39 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         _check_arguments(args)
-        contexts = CONTEXTS if args.compare else (args.context,)
-        with output_folder(args.out, args.overwrite) as tmp:
-            frames = read_video(args.video, args.start, args.stride, args.frames, args.size, args.square)
-            fps = args.fps or _source_fps(args.video, args.stride)
-            sd = load_model(args)
+        contexts = tuple(PAPER_TABLE_A3) if args.compare else (args.context,)
+        # --compare keeps the contexts that finished when interrupted, for a rerun with the same arguments
+        resume = json.loads(json.dumps({k: v for k, v in vars(args).items() if k != "overwrite"}, default=str))
+        with output_folder(args.out, args.overwrite, [args.video, *model_inputs(args)],
+                           resume=resume if args.compare else None) as tmp:
+            with progress_printer("reading video", "frame") as report:
+                frames = read_video(args.video, args.start, args.stride, args.frames, args.size, args.square,
+                                    progress=report)
+            if len(frames) < args.frames:
+                warn(f"{args.video} has only {len(frames)} frames from --start {args.start} at --stride "
+                     f"{args.stride}; using {len(frames)}, not --frames {args.frames}")
+            fps = args.fps or source_fps(args.video, args.stride)
+            with progress_printer("loading weights", "part") as report:
+                sd = load_model(args, progress=report)
             sd.encode_prompt(args.prompt)  # an over-long prompt fails here, before minutes of inversion
-            input_consistency = _consistency(sd, frames, args.prompt)
+            with progress_printer("input consistency", "frame") as report:
+                input_consistency = consistency(sd, frames, args.prompt, report)
             rows = []
             for context in contexts:
                 folder = tmp / context if args.compare else tmp
+                if args.compare and (folder / "metrics.json").is_file():  # finished before an interruption
+                    rows.append(json.loads((folder / "metrics.json").read_text()))
+                    print(f"{context}: kept from the interrupted run", file=sys.stderr)
+                    continue
+                if args.compare:
+                    shutil.rmtree(folder, ignore_errors=True)  # an unfinished context starts over
                 folder.mkdir(exist_ok=True)
                 rows.append(_invert_and_reconstruct(sd, frames, context, args, folder, fps, input_consistency))
             if args.compare:
                 (tmp / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
                 (tmp / "compare.md").write_text(compare_table(rows, args.video))
+        H, W = frames.shape[-2:]
+        print(f"{len(frames)} frames of {W}×{H}, {args.steps} steps", file=sys.stderr)
         for row in rows:
             print(f"{row['context']}: PSNR {row['psnr']:.3f} dB, SSIM {row['ssim']:.4f}", file=sys.stderr)
         print(f"wrote {args.out}", file=sys.stderr)
@@ -69,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stemref.invert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m stemref.invert", description=__doc__.split("\n\nEverything")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("video", type=Path, help="video file (mp4, mov, webm, mkv, gif) or folder of images")
     parser.add_argument("--prompt", required=True, help="a caption of the source video (the inversion prompt)")
     which = parser.add_mutually_exclusive_group()
@@ -82,20 +102,27 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=512, help="longer side in pixels, a multiple of 8 (default 512)")
     parser.add_argument("--square", action="store_true", help="resize the shorter side to --size and crop a square")
     parser.add_argument("--seed", type=int, default=0, help="seeds STEM's random initial bases (default 0)")
-    parser.add_argument("--num-bases", type=int, default=None, help="STEM's K (default 256)")
+    parser.add_argument("--num-bases", type=int, default=None, help=f"STEM's K (default {STEM_BASES})")
     parser.add_argument("--scope", type=int, default=None,
                         help="frames per set of STEM bases (default: the whole video; 8 reproduces the official code)")
     parser.add_argument("--batch", type=int, default=None,
-                        help="frames per UNet call, 1-frame context only (with --compare: its 1-frame run)")
+                        help="frames per UNet call, 1-frame context only (with --compare: its 1-frame run; "
+                             "default: all)")
     parser.add_argument("--fps", type=float, default=None, help="frame rate of the written videos (default: the input's, divided by --stride)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (its files: see above)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if an earlier stemref run wrote it (never another folder)")
     add_model_arguments(parser)
     return parser
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    """Refuse bad settings before reading the video or loading weights."""
+    """Refuse bad settings before reading the video or loading weights; warn about very heavy ones."""
+    if not args.video.exists():
+        raise UserError(f"{args.video}: no such file or folder; check the path (relative paths start at {Path.cwd()})")
+    check_prompt(args.prompt)
+    check_steps(args.steps)
+    check_model_arguments(args)
     if args.size % 8 or args.size < 64:
         raise UserError(f"--size {args.size}: use a multiple of 8 that is at least 64 (SD works on 8× smaller "
                         "latents), such as 256 or 512")
@@ -119,6 +146,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise UserError(f"{flag} must be at least 1, got {value}")
         if not args.compare and args.context != "stem":
             raise UserError(f"{flag} is a STEM option; use it with --context stem (or --compare)")
+    warn_if_large(args.size)
+    if (args.num_bases or 0) > HEAVY_BASES:
+        warn(f"--num-bases {args.num_bases}: STEM uses {STEM_BASES}; the EM's time and memory grow with K")
 
 
 def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: str, args: argparse.Namespace,
@@ -127,15 +157,21 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
     options = {} if context != "stem" else {key: value for key, value in
                                             (("num_bases", args.num_bases), ("scope", args.scope)) if value}
     batch = args.batch if context == "1-frame" else None
-    _reset_peak_memory(sd.device)
-    started = _clock(sd.device)
-    inversion = invert(sd, frames, args.prompt, args.steps, context, seed=args.seed, batch=batch,
-                       progress=progress_printer(f"{context} inversion"), **options)
-    inverted = _clock(sd.device)
-    recon = reconstruct(sd, inversion, batch=batch, progress=progress_printer(f"{context} reconstruction")).cpu()
-    finished = _clock(sd.device)
-    peak, measure = _peak_memory(sd.device)
+    reset_peak_memory(sd.device)
+    started = clock(sd.device)
+    with progress_printer(f"{context} VAE encode", "frame") as encoding, \
+            progress_printer(f"{context} inversion") as stepping:
+        inversion = invert(sd, frames, args.prompt, args.steps, context, seed=args.seed, batch=batch,
+                           progress=stepping, vae_progress=encoding, **options)
+    inverted = clock(sd.device)
+    with progress_printer(f"{context} reconstruction") as stepping, \
+            progress_printer(f"{context} VAE decode", "frame") as decoding:
+        recon = reconstruct(sd, inversion, batch=batch, progress=stepping, vae_progress=decoding).cpu()
+    finished = clock(sd.device)
+    peak, measure = peak_memory(sd.device)
 
+    with progress_printer(f"{context} consistency", "frame") as report:
+        recon_consistency = consistency(sd, recon, args.prompt, report)
     inversion.save(folder / "inversion.safetensors")
     write_video(folder / "reconstruction.mp4", recon, fps)
     write_video(folder / "side_by_side.mp4", side_by_side(frames, recon), fps)
@@ -144,7 +180,7 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
         "psnr": psnr(recon, frames),
         "ssim": ssim(recon, frames),
         # cosine similarity of consecutive frames' last-decoder-layer features (metrics.temporal_consistency)
-        "consistency": {"reconstruction": _consistency(sd, recon, args.prompt), "input": input_consistency},
+        "consistency": {"reconstruction": recon_consistency, "input": input_consistency},
         "seconds": {"inversion": inverted - started, "reconstruction": finished - inverted},
         "peak_memory_bytes": peak,
         "peak_memory_measure": measure,
@@ -158,11 +194,6 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
     }
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
-
-
-def _consistency(sd: StableDiffusion, frames: torch.Tensor, prompt: str) -> float | None:
-    """Temporal consistency of a video's UNet features (None for a single frame: nothing to compare)."""
-    return temporal_consistency(unet_features(sd, frames, prompt, t=FEATURE_TIMESTEP)) if len(frames) > 1 else None
 
 
 def compare_table(rows: list[dict], video: Path) -> str:
@@ -203,42 +234,6 @@ def _number(value: float | None, digits: int) -> str:
 
 def _bytes(n: int | None) -> str:
     return "–" if n is None else f"{n / 2**30:.2f} GiB"
-
-
-def _source_fps(path: Path, stride: int) -> float:
-    """The clip's frame rate over the stride, so the outputs play at the input's speed; 8 for image folders."""
-    if path.is_dir():
-        return DEFAULT_FPS
-    try:
-        with av.open(str(path)) as container:
-            rate = container.streams.video[0].average_rate
-    except (av.FFmpegError, IndexError):
-        return DEFAULT_FPS
-    return min(float(rate) / stride, 1000.0) if rate else DEFAULT_FPS
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # GPU work is asynchronous: wait for it before reading the clock
-    return time.perf_counter()
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_memory(device: torch.device) -> tuple[int | None, str]:
-    """(bytes, what was measured) for the inversion and reconstruction just run."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated during the run"
-    try:
-        import resource  # Unix only
-    except ImportError:
-        return None, "not measured on this platform"
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes; the peak cannot be reset, so later --compare rows include earlier ones
-    return (peak if sys.platform == "darwin" else peak * 1024), "peak resident memory of the process so far"
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import av
@@ -27,9 +28,12 @@ def source_fps(path: Path, stride: int) -> float:
     return min(float(rate) / stride, 1000.0) if rate else DEFAULT_FPS
 
 
-def consistency(sd: StableDiffusion, frames: torch.Tensor, prompt: str) -> float | None:
+def consistency(sd: StableDiffusion, frames: torch.Tensor, prompt: str,
+                progress: Callable[[int, int], None] | None = None) -> float | None:
     """Temporal consistency of a video's UNet features (None for a single frame: nothing to compare)."""
-    return temporal_consistency(unet_features(sd, frames, prompt, t=FEATURE_TIMESTEP)) if len(frames) > 1 else None
+    if len(frames) < 2:
+        return None
+    return temporal_consistency(unet_features(sd, frames, prompt, t=FEATURE_TIMESTEP, progress=progress))
 
 
 def clock(device: torch.device) -> float:
