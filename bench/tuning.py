@@ -146,7 +146,8 @@ def print_report(a: argparse.Namespace, rows: list[dict], skipped: list[str], de
     for what, nbytes in static.items():
         print(f"  {what}: {nbytes / GiB:.2f} GiB")
     scale = (64 / (a.size // 8)) ** 2
-    print("\n| method | checkpointing | GiB per frame measured | 8 frames (GiB) | 24 frames (GiB) | 24 frames ≤ 24 GB? |")
+    print("\n| method | checkpointing | GiB per frame measured | 8 frames (GiB) | 24 frames (GiB) "
+          "| 24 frames ≤ 24 GB? |")
     print("|---|---|---:|---:|---:|---|")
     for method in a.methods:
         for ckpt in a.checkpointing:

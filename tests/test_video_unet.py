@@ -168,7 +168,8 @@ def test_pooled_group_norm_couples_frames(tiny_sd):
     with torch.no_grad():
         a, b = unet(x, 400, context, RunInfo(frames=3)), unet(changed, 400, context, RunInfo(frames=3))
         per_frame = tiny_sd.unet  # the same weights, GroupNorms per frame, with the same sparse-causal context
-        with per_frame.attention(lambda name: unet.attention_layers[name].processor if name.endswith("attn1") else None):
+        same_context = lambda name: unet.attention_layers[name].processor if name.endswith("attn1") else None
+        with per_frame.attention(same_context):
             c, d = per_frame(x, 400, context, RunInfo(frames=3)), per_frame(changed, 400, context, RunInfo(frames=3))
     assert (a[0] - b[0]).abs().max() > 1e-3
     assert torch.equal(c[0], d[0])

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 
+from ..attention import RunInfo
 from ..inversion import Inversion, invert
 from ..pipeline import StableDiffusion
 from ..sampling import Progress, ddim_sample_loop, predict_noise
-from ..attention import RunInfo
 
 GUIDANCE = {"tune-a-video": 12.5, "ei2": 7.5}
 INVERSIONS = ("model", "stem")

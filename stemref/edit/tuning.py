@@ -1,7 +1,7 @@
 """One-shot tuning of an inflated UNet on one video: Tune-A-Video (Wu et al., ICCV 2023) and EI² (NeurIPS 2023).
 
     base UNet ─inflate─► video UNet (temporal modules, frame-pooled GroupNorms, method's self-attention)
-    frames ─VAE─► posterior ─(every step: sample x_0, noise it to a random t)─► ε-MSE ─AdamW─► tuned tensors
+    frames ─VAE─► posterior ─(each step: sample x_0, noise it to a random t)─► ε-MSE ─AdamW─► tuned tensors
 
 The two methods differ in the model only:
 
@@ -167,8 +167,9 @@ class Tuned:
         """The tuned video UNet on `sd`'s weights (which must be the base it was tuned on)."""
         identity = weights_identity(sd)
         if identity != self.base:
-            raise ValueError(f"these tuned weights belong to other base weights (identity {self.base[:12]}…, this model "
-                             f"is {identity[:12]}…); load the Stable Diffusion weights they were tuned on, or tune again")
+            raise ValueError(f"these tuned weights belong to other base weights (identity {self.base[:12]}…, "
+                             f"this model is {identity[:12]}…); load the Stable Diffusion weights they were tuned "
+                             "on, or tune again")
         return inflate(sd.unet, self.method, self.options, self.settings.seed, self.tensors)
 
     def model(self, sd: StableDiffusion) -> StableDiffusion:
@@ -276,7 +277,8 @@ def tune(sd: StableDiffusion, frames: torch.Tensor, prompt: str, method: str = "
     draw = lambda shape: torch.randn(shape, generator=generator, dtype=torch.float32).to(sd.device, sd.dtype)
     losses = []
     for step in range(steps):
-        x0 = (posterior.mean + posterior.std * draw(posterior.mean.shape)) * sd.vae.config.scaling_factor  # (F, 4, h, w)
+        x0 = posterior.mean + posterior.std * draw(posterior.mean.shape)
+        x0 = x0 * sd.vae.config.scaling_factor  # (F, 4, h, w)
         noise = draw(x0.shape)
         t = torch.randint(0, sd.scheduler.config.num_train_timesteps, (1,), generator=generator).to(sd.device)
         losses.append(trainer.step(x0, noise, t))
@@ -294,5 +296,6 @@ def _check_settings(sd: StableDiffusion, s: TuneSettings) -> None:
     if s.autocast not in (None, "fp16", "bf16"):
         raise ValueError(f"autocast must be None, 'fp16' or 'bf16', got {s.autocast!r}")
     if s.autocast is not None and (sd.device.type != "cuda" or sd.dtype != torch.float32):
-        raise ValueError(f"autocast={s.autocast!r} needs the model in float32 on a CUDA device (float32 master weights; "
-                         f"this one is {sd.dtype} on {sd.device.type}); load it with dtype=torch.float32 on cuda")
+        raise ValueError(f"autocast={s.autocast!r} needs the model in float32 on a CUDA device (float32 master "
+                         f"weights; this one is {sd.dtype} on {sd.device.type}); load it with dtype=torch.float32 "
+                         "on cuda")
