@@ -156,6 +156,18 @@ def test_load_refuses_other_files(tmp_path):
         Tuned.load(bad)
 
 
+def test_load_refuses_damaged_metadata(tuned, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "damaged.safetensors"
+    meta = {"format": "stemref.tuned/1", "method": tuned.method, "options": tuned.options, "base": tuned.base}
+    save_file({k: v.contiguous() for k, v in tuned.tensors.items()}, path, metadata={"stemref": json.dumps(meta)})
+    with pytest.raises(ValueError, match="damaged stemref tuned-weights file"):
+        Tuned.load(path)
+
+
 # ---------------------------------------------------------------- editing
 
 def test_tuned_model_uses_the_methods_self_attention(tiny_sd, tuned):

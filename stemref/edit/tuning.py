@@ -200,12 +200,21 @@ class Tuned:
             raise ValueError(f"{path} is not a stemref tuned-weights file ({FORMAT}): not safetensors ({e})") from e
         with f:
             raw = (f.metadata() or {}).get("stemref")
-            meta = json.loads(raw) if raw is not None else {}
-            if meta.get("format") != FORMAT:
+            try:
+                meta = json.loads(raw) if raw is not None else {}
+            except ValueError:
+                meta = {}
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                 raise ValueError(f"{path} is not a stemref tuned-weights file ({FORMAT})")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        return cls(meta["method"], meta["options"], tensors, meta["base"], TuneSettings(**meta["settings"]),
-                   meta["losses"])
+        try:
+            tuned = cls(meta["method"], method_options(meta["method"], meta["options"]), tensors, meta["base"],
+                        TuneSettings(**meta["settings"]), list(meta["losses"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: damaged stemref tuned-weights file ({e!r}); tune again") from e
+        if not tensors or not all(TUNED.search(k) for k in tensors):
+            raise ValueError(f"{path}: damaged stemref tuned-weights file (unexpected tensors); tune again")
+        return tuned
 
 
 def diffusion_loss(unet: UNet2DConditionModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
