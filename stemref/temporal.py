@@ -9,7 +9,8 @@ the frames of each spatial location: the block's (B·F, N, C) rows become (B·N,
   positional encoding, so it is permutation-equivariant over frames). Its output weight starts at zero.
 - EI² (STAM, paper Eq. 6–9): norm_temp is Instance Centering, IC(z) = z − (1/F) Σ_i z^i per location and
   channel, with no rescaling; attn_temp's value and output maps are spectrally normalised, W̄ = W / σ_max(W),
-  so ‖W̄_v‖ = ‖W̄_L‖ = 1; the output bias starts at zero. A temporally constant input passes unchanged.
+  so ‖W̄_v‖ = ‖W̄_L‖ = 1 (σ_max by Miyato's power method by default, by SVD as an option); the output bias
+  starts at zero. A temporally constant input passes unchanged.
 
 `VideoConfig` names every choice the papers leave open; its defaults are documented field by field.
 
