@@ -11,7 +11,8 @@ import stemref
 from stemref.attention import RunInfo
 from stemref.context import EMAttention, FineCoarse, SparseCausal
 from stemref.edit import tuned as tuned_edit
-from stemref.edit.tuning import METHODS, Trainer, Tuned, TuneSettings, diffusion_loss, inflate, tune, weights_identity
+from stemref.edit.cache import weights_fingerprint
+from stemref.edit.tuning import METHODS, Trainer, Tuned, TuneSettings, diffusion_loss, inflate, tune
 
 PROMPT = "a mallard swimming"
 FRAMES = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -66,7 +67,7 @@ def test_training_loss_falls_on_the_tuned_clip(tiny_sd, method):
 
     start = loss(inflate(tiny_sd.unet, method, METHODS[method], settings.seed))
     losses = [trainer.step(x0, noise, t) for _ in range(settings.steps)]
-    tuned = Tuned(method, METHODS[method], trainer.tensors(), weights_identity(tiny_sd), settings, losses)
+    tuned = Tuned(method, METHODS[method], trainer.tensors(), weights_fingerprint(tiny_sd), settings, losses)
     end = loss(tuned.unet(tiny_sd))
     assert end < 0.7 * start, (start, end)
 
@@ -109,7 +110,7 @@ def test_other_base_weights_are_refused(tiny_sd, tuned):
 
 
 def test_identity_is_the_same_for_float32_and_float64(tiny_root, tiny_sd):
-    assert weights_identity(stemref.load(tiny_root)) == weights_identity(tiny_sd)
+    assert weights_fingerprint(stemref.load(tiny_root)) == weights_fingerprint(tiny_sd)
 
 
 @pytest.mark.parametrize("method", ["tune-a-video", "ei2"])

@@ -215,7 +215,7 @@ def cached_inversion(job: Job, sd: StableDiffusion | None = None, prompt: str | 
                "fatezero": {"mode": s["st_attention"], "min_channels": s["min_channels"]}}.get(s["inversion"], {})
     description = {"kind": "inversion", "format": INVERSION_FORMAT, "frames": tensor_digest(job.frames),
                    "prompt": prompt, "steps": s["steps"], "context": s["inversion"], "options": options,
-                   "seed": s["seed"], "weights": weights_fingerprint(sd.unet, sd.vae, sd.text_encoder),
+                   "seed": s["seed"], "weights": weights_fingerprint(sd),
                    "dtype": str(sd.dtype)}
     cache, key = Cache(job.cache_root, "inversions"), key_of(description)
     found = cache.get(key, Inversion.load)
@@ -288,7 +288,7 @@ def cached_tuning(job: Job) -> tuning.Tuned:
     description = {"kind": "tuned", "format": tuning.FORMAT, "frames": tensor_digest(job.frames),
                    "prompt": s["source"], "method": method, "options": options, "steps": s["tune_steps"],
                    "lr": s["lr"], "seed": s["seed"], "precision": precision,
-                   "weights": weights_fingerprint(sd.unet, sd.vae, sd.text_encoder), "dtype": str(sd.dtype)}
+                   "weights": weights_fingerprint(sd), "dtype": str(sd.dtype)}
     cache, key = Cache(job.cache_root, "tuned"), key_of(description)
     found = cache.get(key, tuning.Tuned.load)
     if found is not None:

@@ -24,7 +24,6 @@ Dimension legend: F frames, h × w latent grid, L text tokens, D text width.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -42,6 +41,7 @@ from ..files import atomic_path
 from ..pipeline import StableDiffusion, check_encodable
 from ..temporal import SpectralLinear, VideoConfig, init_temporal_
 from ..unet import BasicTransformerBlock, UNet2DConditionModel
+from .cache import weights_fingerprint
 
 FORMAT = "stemref.tuned/1"
 # The tensors tuning changes, by UNet checkpoint key: W_Q of self- and cross-attention, all of attn_temp
@@ -135,23 +135,6 @@ def _temporal_blocks(unet: UNet2DConditionModel) -> list[BasicTransformerBlock]:
     return [m for m in unet.modules() if isinstance(m, BasicTransformerBlock) and m.video is not None]
 
 
-def weights_identity(sd: StableDiffusion) -> str:
-    """A SHA-256 of the UNet, text encoder and VAE weights (names, shapes, values rounded to fp16).
-
-    Rounding to fp16 makes the same checkpoint loaded in float32, float16 or float64 one identity, so weights
-    tuned with float32 masters can edit with an fp16 model. (A bfloat16-loaded model rounds differently and
-    has its own identity.)
-    """
-    digest = hashlib.sha256()
-    for part, model in (("unet", sd.unet), ("text_encoder", sd.text_encoder), ("vae", sd.vae)):
-        for name, tensor in sorted(model.state_dict().items()):
-            if ".attn_temp." in name or ".norm_temp." in name:  # a video UNet's own modules are not the base
-                continue
-            digest.update(f"{part}.{name}{tuple(tensor.shape)}".encode())
-            digest.update(tensor.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 @dataclass
 class Tuned:
     """The outcome of one-shot tuning: the tuned tensors and everything they depend on."""
@@ -159,13 +142,13 @@ class Tuned:
     method: str
     options: dict
     tensors: dict[str, torch.Tensor]  # UNet checkpoint key -> tuned tensor
-    base: str  # weights_identity of the base model
+    base: str  # weights_fingerprint of the base model
     settings: TuneSettings
     losses: list[float] = field(default_factory=list)  # the training loss at each step
 
     def unet(self, sd: StableDiffusion) -> UNet2DConditionModel:
         """The tuned video UNet on `sd`'s weights (which must be the base it was tuned on)."""
-        identity = weights_identity(sd)
+        identity = weights_fingerprint(sd)
         if identity != self.base:
             raise ValueError(f"these tuned weights belong to other base weights (identity {self.base[:12]}…, "
                              f"this model is {identity[:12]}…); load the Stable Diffusion weights they were tuned "
@@ -293,7 +276,7 @@ def tune(sd: StableDiffusion, frames: torch.Tensor, prompt: str, method: str = "
         losses.append(trainer.step(x0, noise, t))
         if progress:
             progress(step + 1, steps, losses[-1])
-    return Tuned(method, options, trainer.tensors(), weights_identity(sd), settings, losses)
+    return Tuned(method, options, trainer.tensors(), weights_fingerprint(sd), settings, losses)
 
 
 def _check_settings(sd: StableDiffusion, s: TuneSettings) -> None:
