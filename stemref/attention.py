@@ -23,7 +23,8 @@ How each method plugs in (all through `UNet2DConditionModel.set_attention`):
   to the keyframes' and gathers their attention outputs.
 - FateZero: a processor that computes probabilities explicitly, stores them under (name, step)
   during inversion and fuses them during editing; `call.info.hw` reshapes maps to the latent grid.
-- EI²'s FFAM: a processor on self-attention that reweights the attention with frame-level terms.
+- EI²'s FFAM (`context.FineCoarse`): a processor on self-attention whose keys and values are the frame's own
+  tokens plus the other frames' tokens pooled r×r.
 - Trainable temporal modules (EI²'s STAM, Tune-A-Video's temporal attention) are not processors but
   real submodules with their own checkpoint keys, inserted into `BasicTransformerBlock`; their inner
   attention is again an `Attention`, so processors can reach them by name.
@@ -54,6 +55,9 @@ class RunInfo:
     # Plug-and-play injection: layers (ResNets, by checkpoint name: their residual; attention layers: their
     # q and k) in which branch 0, the source video, hands its features to every other branch in this call.
     inject: frozenset[str] = frozenset()
+    # Gradient checkpointing: when gradients are on, the UNet recomputes each ResNet's and transformer's
+    # activations in the backward pass instead of keeping them (tuning's memory saver; no effect on values).
+    checkpoint: bool = False
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@
     "stem"       EMAttention     K bases estimated by EM from every token of every frame (STEM inversion)
     "fatezero"   SpatialTemporal FateZero's spatial-temporal attention: the middle frame in wide layers, the frame
                                  itself in narrow ones ("mid"), or the previous and the first frame ("first+previous")
+                 FineCoarse      the frame's own tokens and the other frames' tokens pooled r×r (EI²'s FFAM;
+                                 the self-attention of a tuned EI² model, not an inversion context)
 
 All are processors `(q, k, v, call) -> out` (see attention.py): q, k, v arrive head-split, one row per
 frame, branch-major (row = branch·F + frame, F = call.info.frames); each branch (e.g. the conditional and
@@ -174,6 +176,48 @@ def gather_frames(xf: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     picked = xf[:, index]  # (B, F, m, h, N, d)
     B, F_, m, h, N, d = picked.shape
     return picked.permute(0, 1, 3, 2, 4, 5).reshape(B, F_, h, m * N, d)  # (B, F, h, m·N, d)
+
+
+class FineCoarse:
+    """EI²'s Fine-coarse Frame Attention (FFAM, paper Eq. 10): frame i attends to its own N tokens (fine) and to
+    the tokens of every other frame of its video downsampled by r on the latent grid (coarse):
+    N + (F − 1)·⌈H/r⌉·⌈W/r⌉ keys per query, one softmax over all of them.
+
+    Pooling the projected keys and values equals projecting pooled tokens (the projections are linear and
+    bias-free), so the processor pools k and v. `downsample` is the paper's unspecified downsample(·, r):
+    "avg" averages each r×r cell (anti-aliased; partial cells at odd sizes average what they hold), "stride"
+    keeps every r-th token in each direction. With one frame, FFAM is plain self-attention.
+    """
+
+    def __init__(self, r: int = 2, downsample: str = "avg"):
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"r must be a positive integer downsampling factor (the paper uses 2 or 4), got {r!r}")
+        if downsample not in ("avg", "stride"):
+            raise ValueError(f"downsample must be 'avg' or 'stride', got {downsample!r}")
+        self.r, self.downsample = r, downsample
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
+        if call.is_cross or call.info.frames == 1:
+            return sdpa(q, k, v, call)
+        frames, (H, W) = call.info.frames, call.info.hw
+        # others[i] = the frames j ≠ i, in order: (F, F − 1)
+        others = torch.arange(frames, device=k.device).expand(frames, frames)[~torch.eye(frames, dtype=torch.bool)]
+        others = others.view(frames, frames - 1)
+        keys = torch.cat([k, self._coarse(k, frames, H, W, others)], dim=-2)  # (B·F, h, N + (F−1)·n, d)
+        values = torch.cat([v, self._coarse(v, frames, H, W, others)], dim=-2)  # (B·F, h, N + (F−1)·n, dv)
+        return F.scaled_dot_product_attention(q, keys, values)
+
+    def _coarse(self, x: torch.Tensor, frames: int, H: int, W: int, others: torch.Tensor) -> torch.Tensor:
+        """The other frames' downsampled tokens for every frame: (B·F, h, N, d) -> (B·F, h, (F − 1)·n, d)."""
+        BF, h, N, d = x.shape
+        grid = x.reshape(BF * h, H, W, d).permute(0, 3, 1, 2)  # (B·F·h, d, H, W)
+        if self.downsample == "avg":
+            grid = F.avg_pool2d(grid, self.r, ceil_mode=True)  # (B·F·h, d, ⌈H/r⌉, ⌈W/r⌉)
+        else:
+            grid = grid[:, :, ::self.r, ::self.r]  # (B·F·h, d, ⌈H/r⌉, ⌈W/r⌉)
+        n = grid.shape[-2] * grid.shape[-1]
+        coarse = split_frames(grid.reshape(BF, h, d, n).transpose(-1, -2), frames)  # (B, F, h, n, d)
+        return _rows(gather_frames(coarse, others))  # (B·F, h, (F − 1)·n, d)
 
 
 def context_processor(name: str, generator: torch.Generator | None = None, **options) -> Processor:

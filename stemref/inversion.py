@@ -36,7 +36,7 @@ FORMAT = "stemref.inversion/1"
 class InversionSettings:
     prompt: str
     steps: int = 50
-    context: str = "stem"
+    context: str | None = "stem"  # None: the UNet's own self-attention (a tuned video UNet's)
     guidance: float = 1.0
     layers: str = SELF_ATTENTION  # regex over attention-layer names that get the context
     seed: int = 0  # seeds the EM's random initial bases
@@ -120,8 +120,8 @@ def _checked(latents: torch.Tensor, meta: dict, path: Path) -> Inversion:
     if not isinstance(raw, dict) or not {"prompt"} <= set(raw) <= names:
         raise bad(f"settings must be an object with the keys {sorted(names)}, got {raw!r:.120}")
     settings = InversionSettings(**raw)
-    types = {"prompt": str, "steps": int, "context": str, "guidance": (int, float), "layers": str, "seed": int,
-             "options": dict}
+    types = {"prompt": str, "steps": int, "context": (str, type(None)), "guidance": (int, float), "layers": str,
+             "seed": int, "options": dict}
     wrong = [name for name, kind in types.items()
              if not isinstance(getattr(settings, name), kind) or isinstance(getattr(settings, name), bool)]
     if wrong:
@@ -130,14 +130,15 @@ def _checked(latents: torch.Tensor, meta: dict, path: Path) -> Inversion:
     return Inversion(latents, timesteps, replace(settings, steps=len(timesteps)))
 
 
-def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 50, context: str = "stem",
+def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 50, context: str | None = "stem",
            guidance: float = 1.0, layers: str = SELF_ATTENTION, seed: int = 0, batch: int | None = None,
            progress: Progress | None = None, vae_progress: Progress | None = None, **options) -> Inversion:
     """DDIM-invert `frames` (F, 3, H, W) in [0, 1] under `context` in the layers matching `layers`.
 
     `guidance` 1 (the default, as STEM and TokenFlow invert) uses the prompt only. `batch` bounds memory for
     the 1-frame context by running that many frames per UNet call; the other contexts need every frame in
-    one call. `options` go to the context (for "stem": num_bases, iters, tau, scope, chunk). `progress`
+    one call. `options` go to the context (for "stem": num_bases, iters, tau, scope, chunk). context=None keeps
+    the processors installed in the UNet (a tuned video UNet's own self-attention, edit/tuning.py). `progress`
     follows the DDIM steps, `vae_progress` the frames through the VAE encoder.
     """
     check_encodable(frames)
@@ -176,8 +177,10 @@ def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = N
 
 def _check_settings(s: InversionSettings, batch: int | None) -> None:
     check_guidance(s.guidance)
-    if s.context not in CONTEXTS:
+    if s.context is not None and s.context not in CONTEXTS:
         raise ValueError(f"unknown context {s.context!r}; choose one of {', '.join(CONTEXTS)}")
+    if s.context is None and s.options:
+        raise ValueError(f"context=None keeps the UNet's own self-attention and takes no options; got {', '.join(s.options)}")
     if batch is not None and s.context != "1-frame":
         raise ValueError(f"batch={batch} splits the video across UNet calls, which only the 1-frame context allows; "
                          f"the {s.context} context needs every frame in one call")
@@ -190,7 +193,11 @@ def _check_settings(s: InversionSettings, batch: int | None) -> None:
 
 
 def _chooser(sd: StableDiffusion, s: InversionSettings, frames: torch.Tensor | None = None):
-    """processor-for-layer-name for `sd.unet.attention`; with `frames`, first checks that STEM can run on them."""
+    """processor-for-layer-name for `sd.unet.attention`; with `frames`, first checks that STEM can run on them.
+
+    context None keeps every layer's installed processor (a tuned video UNet's own self-attention)."""
+    if s.context is None:
+        return lambda name: None
     pattern = re.compile(s.layers)
     chosen = [name for name in sd.unet.attention_layers if pattern.search(name)]
     if not chosen:

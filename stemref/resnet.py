@@ -1,6 +1,7 @@
 """Convolutional pieces shared by the UNet and the VAE: the residual block and the resamplers.
 
-Dimension legend: B batch, C channels, H × W spatial size, E time-embedding width.
+Dimension legend: B batch (for video: branches × frames, branch-major), F frames per branch, C channels,
+H × W spatial size, E time-embedding width.
 """
 from __future__ import annotations
 
@@ -8,7 +9,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import RunInfo, from_source
+from .attention import RunInfo, from_source, split_frames
+
+
+def frame_group_norm(norm: nn.GroupNorm, x: torch.Tensor, frames: int) -> torch.Tensor:
+    """GroupNorm whose statistics pool over the frames of each video: C/G × F × H × W values per group.
+
+    This is what Tune-A-Video's ResNets compute on their 5-D (b, c, f, h, w) tensors, coupling the frames;
+    with frames=1 it is `norm(x)`.
+    """
+    B, C, H, W = x.shape
+    video = split_frames(x, frames).transpose(1, 2)  # (B/F, C, F, H, W)
+    out = F.group_norm(video, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    return out.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
 
 
 class ResnetBlock2D(nn.Module):
@@ -16,10 +29,14 @@ class ResnetBlock2D(nn.Module):
 
     In the UNet, a ResNet named in `RunInfo.inject` takes its residual (after conv2, before the shortcut
     is added) from the source branch in every branch: plug-and-play feature injection (TokenFlow, PnP).
+    With `pool_frames` (an inflated video UNet), both GroupNorms pool their statistics over the frames of
+    each video (`frame_group_norm`, F = info.frames).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int, eps: float):
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int, eps: float,
+                 pool_frames: bool = False):
         super().__init__()
+        self.pool_frames = pool_frames
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
@@ -29,14 +46,17 @@ class ResnetBlock2D(nn.Module):
         self.name = ""  # the checkpoint prefix, set once by the UNet that owns this block
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None, info: RunInfo | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(F.silu(self._norm(self.norm1, x, info)))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, C, 1, 1) broadcast over H, W
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(F.silu(self._norm(self.norm2, h, info)))
         if info is not None and self.name in info.inject:
             h = from_source(h, info.frames)
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h
+
+    def _norm(self, norm: nn.GroupNorm, x: torch.Tensor, info: RunInfo | None) -> torch.Tensor:
+        return frame_group_norm(norm, x, info.frames) if self.pool_frames else norm(x)
 
 
 class Downsample2D(nn.Module):

@@ -10,8 +10,13 @@ named extensions take part in a forward: `RunInfo.inject` (plug-and-play injecti
 in the ResNets and attention layers it names) and the `freeu` argument (FreeU re-weighting of the
 decoder's backbone and skip features, freeu.py).
 
+An inflated UNet (`video=VideoConfig(...)`, temporal.py) is the video model of Tune-A-Video and EI²: every
+transformer block gets a temporal module (norm_temp, attn_temp) over the frames of each location, and the
+ResNet GroupNorms and conv_norm_out pool their statistics over the frames of each video (the transformers'
+GroupNorm stays per frame). Without `video` nothing of this exists and the UNet is SD's 2-D one.
+
 Dimension legend:
-  B  batch rows (for video: branches × frames, branch-major)
+  B  batch rows (for video: branches × frames, branch-major), F frames per branch (RunInfo.frames)
   C  channels, H × W latent grid, N = H·W tokens
   L  text tokens (77), D text width (768), E time-embedding width (4 × base channels)
 """
@@ -25,11 +30,13 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .attention import Attention, Processor, RunInfo, name_attention_layers
+from .attention import Attention, Processor, RunInfo, name_attention_layers, split_frames
 from .config import UNetConfig
 from .freeu import FreeU
-from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from .resnet import Downsample2D, ResnetBlock2D, Upsample2D, frame_group_norm
+from .temporal import VideoConfig, temporal_modules
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -80,11 +87,12 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention and feed-forward, each with a residual.
 
-    Trainable temporal modules (Tune-A-Video's temporal attention, EI²'s STAM) belong here, as
-    extra submodules with their own checkpoint keys that run after attn1 on (B·N, F, C) tokens.
+    In an inflated UNet the block also holds a temporal module (norm_temp, attn_temp: Tune-A-Video's
+    temporal attention or EI²'s STAM, temporal.py) that runs after the feed-forward or before the
+    cross-attention (`VideoConfig.position`) on each location's frames.
     """
 
-    def __init__(self, dim: int, heads: int, context_dim: int):
+    def __init__(self, dim: int, heads: int, context_dim: int, video: VideoConfig | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads, dim // heads)
@@ -92,21 +100,40 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = Attention(dim, heads, dim // heads, context_dim=context_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
+        self.video = video
+        if video is not None:
+            self.norm_temp, self.attn_temp = temporal_modules(dim, heads, video)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, info: RunInfo) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x), info=info)
+        if self.video is not None and self.video.position == "before_cross":
+            x = self.temporal(x, info)
         x = x + self.attn2(self.norm2(x), context, info=info)
-        return x + self.ff(self.norm3(x))
+        x = x + self.ff(self.norm3(x))
+        if self.video is not None and self.video.position == "after_ff":
+            x = self.temporal(x, info)
+        return x
+
+    def temporal(self, x: torch.Tensor, info: RunInfo) -> torch.Tensor:
+        """x + attn_temp(norm_temp(x)) over the F frames of each location of each video.
+
+        attn_temp sees one sequence of F tokens per (video, location), so its processors get B·N rows.
+        """
+        BF, N, C = x.shape
+        frames = info.frames
+        h = split_frames(x, frames).transpose(1, 2).reshape(-1, frames, C)  # (B·N, F, C)
+        h = h + self.attn_temp(self.norm_temp(h), info=info)
+        return h.view(BF // frames, N, frames, C).transpose(1, 2).reshape(BF, N, C)  # (B·F, N, C)
 
 
 class Transformer2DModel(nn.Module):
     """Spatial transformer: the image grid as a token sequence, with a residual around it."""
 
-    def __init__(self, channels: int, heads: int, context_dim: int, groups: int):
+    def __init__(self, channels: int, heads: int, context_dim: int, groups: int, video: VideoConfig | None = None):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)  # per frame, in a video UNet too
         self.proj_in = nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)])
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim, video)])
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, info: RunInfo) -> torch.Tensor:
@@ -120,25 +147,33 @@ class Transformer2DModel(nn.Module):
         return self.proj_out(h.contiguous()) + x
 
 
+def run(module: nn.Module, info: RunInfo, *args) -> torch.Tensor:
+    """module(*args), gradient-checkpointed when the call asks for it (info.checkpoint) and gradients are on."""
+    if info.checkpoint and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
+
+
 class DownBlock(nn.Module):
     """One resolution level going down: diffusers' CrossAttnDownBlock2D (has_attn) or DownBlock2D."""
 
-    def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig, has_attn: bool, downsample: bool):
+    def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig, has_attn: bool, downsample: bool,
+                 video: VideoConfig | None = None):
         super().__init__()
-        E, groups = 4 * cfg.block_out_channels[0], cfg.norm_num_groups
+        E, groups, pool = 4 * cfg.block_out_channels[0], cfg.norm_num_groups, video is not None
         self.resnets = nn.ModuleList(
-            [ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, E, groups, cfg.norm_eps) for j in range(cfg.layers_per_block)])
+            [ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, E, groups, cfg.norm_eps, pool) for j in range(cfg.layers_per_block)])
         self.attentions = nn.ModuleList(
-            [Transformer2DModel(out_ch, cfg.heads, cfg.cross_attention_dim, groups) for _ in range(cfg.layers_per_block)]
+            [Transformer2DModel(out_ch, cfg.heads, cfg.cross_attention_dim, groups, video) for _ in range(cfg.layers_per_block)]
             if has_attn else [])
         self.downsamplers = nn.ModuleList([Downsample2D(out_ch)] if downsample else [])
 
     def forward(self, x, temb, context, info) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for j, resnet in enumerate(self.resnets):
-            x = resnet(x, temb, info)
+            x = run(resnet, info, x, temb, info)
             if self.attentions:
-                x = self.attentions[j](x, context, info)
+                x = run(self.attentions[j], info, x, context, info)
             skips.append(x)
         for down in self.downsamplers:
             x = down(x)
@@ -149,16 +184,16 @@ class DownBlock(nn.Module):
 class MidBlock(nn.Module):
     """diffusers' UNetMidBlock2DCrossAttn: ResNet, Transformer2D, ResNet."""
 
-    def __init__(self, ch: int, cfg: UNetConfig):
+    def __init__(self, ch: int, cfg: UNetConfig, video: VideoConfig | None = None):
         super().__init__()
-        E, groups = 4 * cfg.block_out_channels[0], cfg.norm_num_groups
-        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, E, groups, cfg.norm_eps) for _ in range(2)])
-        self.attentions = nn.ModuleList([Transformer2DModel(ch, cfg.heads, cfg.cross_attention_dim, groups)])
+        E, groups, pool = 4 * cfg.block_out_channels[0], cfg.norm_num_groups, video is not None
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, E, groups, cfg.norm_eps, pool) for _ in range(2)])
+        self.attentions = nn.ModuleList([Transformer2DModel(ch, cfg.heads, cfg.cross_attention_dim, groups, video)])
 
     def forward(self, x, temb, context, info) -> torch.Tensor:
-        x = self.resnets[0](x, temb, info)
-        x = self.attentions[0](x, context, info)
-        return self.resnets[1](x, temb, info)
+        x = run(self.resnets[0], info, x, temb, info)
+        x = run(self.attentions[0], info, x, context, info)
+        return run(self.resnets[1], info, x, temb, info)
 
 
 class UpBlock(nn.Module):
@@ -168,14 +203,17 @@ class UpBlock(nn.Module):
     last resnet's skip comes from the level below (the down level's input), hence `skip_in_ch`.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, skip_in_ch: int, cfg: UNetConfig, has_attn: bool, upsample: bool):
+    def __init__(self, in_ch: int, out_ch: int, skip_in_ch: int, cfg: UNetConfig, has_attn: bool, upsample: bool,
+                 video: VideoConfig | None = None):
         super().__init__()
         E, groups, n = 4 * cfg.block_out_channels[0], cfg.norm_num_groups, cfg.layers_per_block + 1
         self.resnets = nn.ModuleList([
-            ResnetBlock2D((in_ch if j == 0 else out_ch) + (skip_in_ch if j == n - 1 else out_ch), out_ch, E, groups, cfg.norm_eps)
+            ResnetBlock2D((in_ch if j == 0 else out_ch) + (skip_in_ch if j == n - 1 else out_ch), out_ch, E, groups,
+                          cfg.norm_eps, video is not None)
             for j in range(n)])
         self.attentions = nn.ModuleList(
-            [Transformer2DModel(out_ch, cfg.heads, cfg.cross_attention_dim, groups) for _ in range(n)] if has_attn else [])
+            [Transformer2DModel(out_ch, cfg.heads, cfg.cross_attention_dim, groups, video) for _ in range(n)]
+            if has_attn else [])
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)] if upsample else [])
 
     def forward(self, x, skips: list[torch.Tensor], temb, context, info, freeu: FreeU | None = None,
@@ -184,28 +222,31 @@ class UpBlock(nn.Module):
             skip = skips.pop()
             if freeu is not None:
                 x, skip = freeu(x, skip, top_channels)
-            x = resnet(torch.cat([x, skip], dim=1), temb, info)  # (B, C + C_skip, H, W) -> (B, C, H, W)
+            x = run(resnet, info, torch.cat([x, skip], dim=1), temb, info)  # (B, C + C_skip, H, W) -> (B, C, H, W)
             if self.attentions:
-                x = self.attentions[j](x, context, info)
+                x = run(self.attentions[j], info, x, context, info)
         for up in self.upsamplers:
             x = up(x, size=skips[-1].shape[-2:])  # back to the next skip's grid, odd sizes included
         return x
 
 
 class UNet2DConditionModel(nn.Module):
-    def __init__(self, cfg: UNetConfig = UNetConfig()):
+    """SD1.x's UNet; with `video` (temporal.py) the inflated video UNet of Tune-A-Video and EI²."""
+
+    def __init__(self, cfg: UNetConfig = UNetConfig(), video: VideoConfig | None = None):
         super().__init__()
-        self.config = cfg
+        self.config, self.video = cfg, video
         chans, levels = cfg.block_out_channels, cfg.attention_levels
         n, E = len(chans), 4 * chans[0]
         self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chans[0], E)
         self.down_blocks = nn.ModuleList([
-            DownBlock(chans[max(i - 1, 0)], chans[i], cfg, levels[i], downsample=i < n - 1) for i in range(n)])
-        self.mid_block = MidBlock(chans[-1], cfg)
+            DownBlock(chans[max(i - 1, 0)], chans[i], cfg, levels[i], downsample=i < n - 1, video=video) for i in range(n)])
+        self.mid_block = MidBlock(chans[-1], cfg, video)
         up_chans, up_levels = chans[::-1], levels[::-1]
         self.up_blocks = nn.ModuleList([
-            UpBlock(up_chans[max(i - 1, 0)], up_chans[i], up_chans[min(i + 1, n - 1)], cfg, up_levels[i], upsample=i < n - 1)
+            UpBlock(up_chans[max(i - 1, 0)], up_chans[i], up_chans[min(i + 1, n - 1)], cfg, up_levels[i], upsample=i < n - 1,
+                    video=video)
             for i in range(n)])
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chans[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
@@ -230,7 +271,8 @@ class UNet2DConditionModel(nn.Module):
         x = self.mid_block(x, temb, context, info)
         for block in self.up_blocks:
             x = block(x, skips, temb, context, info, freeu, self.config.block_out_channels[-1])
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        x = self.conv_norm_out(x) if self.video is None else frame_group_norm(self.conv_norm_out, x, info.frames)
+        return self.conv_out(F.silu(x))
 
     def set_attention(self, choose: Callable[[str], Processor | None]) -> dict[str, Processor]:
         """Install processors by layer name; `choose(name)` returns a processor or None to keep the current one.

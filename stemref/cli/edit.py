@@ -11,8 +11,9 @@ Settings come from, in rising priority: the defaults, `--config FILE.toml` (each
 with underscores, e.g. `pnp_attn = 0.5`; `target` is a list; relative paths are relative to the file) and
 the command line.
 
-The inversion (and any other costly preparation shared by all targets) is cached under --cache, keyed by
-everything it depends on (the frames, prompt, steps, context and its options, seed, weights, dtype): a
+The inversion (and any other costly preparation shared by all targets: the one-shot tuning of tune-a-video
+and ei2) is cached under --cache, keyed by everything it depends on (the frames, prompt, steps, context and
+its options, seed, weights, dtype; for tuning the method, its options, --tune-steps, --lr and precision): a
 second edit of the same video skips it. Missing weights are downloaded into --weights first (~2 GB,
 resumable, checksummed) unless --offline. Everything is written into a hidden folder that becomes OUT only
 when the run succeeds.
@@ -40,7 +41,8 @@ from . import (DTYPES, UserError, check_model_arguments, check_output_folder, ch
 from .measure import clock, consistency, peak_memory, reset_peak_memory, source_fps
 from ..context import CONTEXTS
 from ..download import DEFAULT_BASE_URL, DownloadError, download
-from ..edit import fatezero, tokenflow
+from ..edit import fatezero, tokenflow, tuning
+from ..edit import tuned as tuned_editing
 from ..edit.cache import Cache, default_root, key_of, tensor_digest, weights_fingerprint
 from ..inversion import FORMAT as INVERSION_FORMAT
 from ..inversion import Inversion, invert
@@ -89,6 +91,10 @@ class Method:
     prepare: Callable[[Job], Any]  # once per video (cached): e.g. the inversion
     edit: Callable[[Job, Any, str], torch.Tensor]  # once per target prompt: the edited frames (F, 3, H, W)
     negative: str = ""  # the unconditional prompt when --negative is not given
+    inversion: str = "stem"  # the inversion context when --inversion is not given
+    guidance: float = 7.5  # the guidance scale when --guidance is not given
+    gpu_dtype: str = "fp16"  # the model precision on a GPU when --dtype is not given
+    inversions: tuple[str, ...] = CONTEXTS  # the --inversion values it accepts
 
 
 COMMON = (
@@ -96,7 +102,8 @@ COMMON = (
     Option("source", str, None, "a caption of the source video (the inversion prompt)"),
     Option("target", list, None, "the edit: a caption of the video you want; repeat for several edits"),
     Option("method", str, "tokenflow", "editing method", None),  # choices filled in from METHODS
-    Option("inversion", str, "stem", "self-attention context of the inversion", CONTEXTS),
+    Option("inversion", str, None, "self-attention context of the inversion (default: the method's; model = a "
+           "tuned model's own self-attention)", (*CONTEXTS, "model")),
     Option("num_bases", int, 256, "STEM's K: bases per set (with --inversion stem)"),
     Option("scope", int, None, "frames per set of STEM bases (default: the whole video; 8 reproduces the official code)"),
     Option("frames", int, None, "how many frames to edit (default: all)"),
@@ -107,9 +114,9 @@ COMMON = (
     Option("width", int, None, "resize to exactly this width (with --height; then cropped to a multiple of 8)"),
     Option("height", int, None, "resize to exactly this height (with --width)"),
     Option("steps", int, 50, "DDIM steps, for the inversion and the edit"),
-    Option("guidance", float, 7.5, "classifier-free guidance scale of the edit"),
+    Option("guidance", float, None, "classifier-free guidance scale of the edit (default: the method's)"),
     Option("negative", str, None, "negative prompt of the edit (default: the method's)"),
-    Option("seed", int, 1, "seeds every random choice (STEM's initial bases, keyframes)"),
+    Option("seed", int, 1, "seeds every random choice (STEM's initial bases, keyframes, tuning's draws)"),
     Option("fps", float, None, "frame rate of the written videos (default: the input's, divided by --stride)"),
     Option("format", str, "mp4", "written videos: mp4 (H.264, plays everywhere) or mkv (lossless FFV1)", ("mp4", "mkv")),
     Option("weights", Path, DEFAULT_WEIGHTS, "SD1.5 diffusers folder or .safetensors file; downloaded here if missing"),
@@ -118,7 +125,8 @@ COMMON = (
     Option("offline", bool, False, "never download: fail with the download command when --weights is missing"),
     Option("hub_url", str, DEFAULT_BASE_URL, "Hugging Face hub (or mirror) to download missing weights from"),
     Option("device", str, "cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1, mps"),
-    Option("dtype", str, None, "model precision (default: fp16 on GPU, fp32 on CPU)", tuple(DTYPES)),
+    Option("dtype", str, None, "model precision (default: fp32 on CPU; on GPU fp16, fp32 for the tuned methods' "
+           "master weights)", tuple(DTYPES)),
     Option("clip", Path, DEFAULT_CLIP, "CLIP folder (transformers layout) for the CLIP metrics in metrics.json; "
            "skipped with a note when absent"),
     Option("cache", Path, None, f"cache folder for inversions (default: {default_root()})"),
@@ -165,21 +173,50 @@ FATEZERO = (
     Option("store_dir", Path, None, "FateZero: folder for the spilled attention store (default: a temporary one)"),
 )
 
+TUNING = (
+    Option("tune_steps", int, 500, "tune-a-video/ei2: one-shot tuning steps"),
+    Option("lr", float, 3e-5, "tune-a-video/ei2: AdamW learning rate of the tuning"),
+    Option("checkpointing", bool, True, "tune-a-video/ei2: gradient checkpointing while tuning (less memory, "
+           "same result)"),
+    Option("tune_precision", str, "fp16", "tune-a-video/ei2: autocast precision of the tuning on a GPU (fp32 "
+           "master weights; ignored on CPU)", ("fp16", "bf16")),
+)
+TUNE_A_VIDEO = TUNING + (
+    Option("temporal_bias", str, "random", "tune-a-video: initial output bias of the temporal attention: random "
+           "(the official code's) or zero", ("random", "zero")),
+)
+EI2 = TUNING + (
+    Option("stam_position", str, "before_cross", "ei2: STAM before the cross-attention (the paper) or after the "
+           "feed-forward (Tune-A-Video's slot)", ("before_cross", "after_ff")),
+    Option("stam_centring", str, "frames", "ei2: Instance Centering over the frames (Eq. 6) or over the channels",
+           ("frames", "channels")),
+    Option("spectral_norm", str, "power", "ei2: spectral normalisation by Miyato's power method or exact SVD",
+           ("power", "exact")),
+    Option("ffam_r", int, 2, "ei2: FFAM's downsampling factor of the other frames"),
+    Option("ffam_downsample", str, "avg", "ei2: FFAM's downsampling: average r×r cells or keep every r-th token",
+           ("avg", "stride")),
+)
+
 
 # ---------------------------------------------------------------------------------------------------
 # Methods
 # ---------------------------------------------------------------------------------------------------
 
 
-def cached_inversion(job: Job) -> Inversion:
-    """The inversion of job.frames with the source prompt and the --inversion context, from the cache if there."""
+def cached_inversion(job: Job, sd: StableDiffusion | None = None, prompt: str | None = None) -> Inversion:
+    """The inversion of job.frames with the source prompt and the --inversion context, from the cache if there.
+
+    `sd` and `prompt` replace job.sd and the source prompt: a tuned model inverts with the empty prompt.
+    """
     s = job.settings
+    sd = sd or job.sd
+    prompt = s["source"] if prompt is None else prompt
     options = {"stem": {"num_bases": s["num_bases"], "scope": s["scope"]},
                "fatezero": {"mode": s["st_attention"], "min_channels": s["min_channels"]}}.get(s["inversion"], {})
     description = {"kind": "inversion", "format": INVERSION_FORMAT, "frames": tensor_digest(job.frames),
-                   "prompt": s["source"], "steps": s["steps"], "context": s["inversion"], "options": options,
-                   "seed": s["seed"], "weights": weights_fingerprint(job.sd.unet, job.sd.vae, job.sd.text_encoder),
-                   "dtype": str(job.sd.dtype)}
+                   "prompt": prompt, "steps": s["steps"], "context": s["inversion"], "options": options,
+                   "seed": s["seed"], "weights": weights_fingerprint(sd),
+                   "dtype": str(sd.dtype)}
     cache, key = Cache(job.cache_root, "inversions"), key_of(description)
     found = cache.get(key, Inversion.load)
     if found is not None:
@@ -187,9 +224,10 @@ def cached_inversion(job: Job) -> Inversion:
         job.timings["inversion"] = 0.0
         return found
     started = clock(job.sd.device)
+    context = None if s["inversion"] == "model" else s["inversion"]
     with job.progress("encoding frames", unit="frame") as encoding, job.progress(f"{s['inversion']} inversion") as report:
-        inversion = invert(job.sd, job.frames, s["source"], s["steps"], s["inversion"], seed=s["seed"],
-                           progress=report, vae_progress=encoding, **options)
+        inversion = invert(sd, job.frames, prompt, s["steps"], context, seed=s["seed"], progress=report,
+                           vae_progress=encoding, **options)
     job.timings["inversion"] = clock(job.sd.device) - started
     if cache.put(key, inversion.save) is not None:
         job.say(f"inversion: cached as {cache.path(key)}")
@@ -240,6 +278,50 @@ def _word_numbers(items: list[str] | None, flag: str) -> dict[str, float]:
     return out
 
 
+def cached_tuning(job: Job) -> tuning.Tuned:
+    """The one-shot tuning of --method on job.frames with the source prompt, from the cache if there."""
+    s, sd = job.settings, job.sd
+    method = s["method"]
+    options = {name: s[name] for name in tuning.METHODS[method]}
+    precision = s["tune_precision"] if sd.device.type == "cuda" else None
+    # checkpointing is left out: it changes memory and time, not the result
+    description = {"kind": "tuned", "format": tuning.FORMAT, "frames": tensor_digest(job.frames),
+                   "prompt": s["source"], "method": method, "options": options, "steps": s["tune_steps"],
+                   "lr": s["lr"], "seed": s["seed"], "precision": precision,
+                   "weights": weights_fingerprint(sd), "dtype": str(sd.dtype)}
+    cache, key = Cache(job.cache_root, "tuned"), key_of(description)
+    found = cache.get(key, tuning.Tuned.load)
+    if found is not None:
+        job.say(f"tuning: reusing {cache.path(key)}")
+        job.timings["tuning"] = 0.0
+        return found
+    started = clock(sd.device)
+    with job.progress(f"{method} tuning") as report:
+        def show(done: int, total: int, loss: float) -> None:
+            report.label = f"{method} tuning (loss {loss:.4f})"
+            report(done, total)
+        result = tuning.tune(sd, job.frames, s["source"], method, steps=s["tune_steps"], lr=s["lr"], seed=s["seed"],
+                             checkpointing=s["checkpointing"], autocast=precision, progress=show, **options)
+    job.timings["tuning"] = clock(sd.device) - started
+    if cache.put(key, result.save) is not None:
+        job.say(f"tuning: cached as {cache.path(key)}")
+    return result
+
+
+def tuned_prepare(job: Job) -> tuple[StableDiffusion, Inversion]:
+    """Tune (or reuse the tuning), then invert with the tuned model and the empty prompt."""
+    model = cached_tuning(job).model(job.sd)
+    return model, cached_inversion(job, model, prompt="")
+
+
+def tuned_edit(job: Job, prepared: tuple[StableDiffusion, Inversion], target: str) -> torch.Tensor:
+    s = job.settings
+    model, inversion = prepared
+    with job.progress(f"{s['method']}: {_short(target)}") as report:
+        latents = tuned_editing.edit_latents(model, inversion, target, s["guidance"], s["negative"], report)
+    return decode(job, latents)
+
+
 def decode(job: Job, latents: torch.Tensor) -> torch.Tensor:
     """VAE-decode (F, 4, h, w) latents to frames (F, 3, H, W) on the CPU, with progress."""
     with job.progress("decoding", unit="frame") as report:
@@ -251,6 +333,13 @@ METHODS: dict[str, Method] = {
                         TOKENFLOW, cached_inversion, tokenflow_edit, tokenflow.DEFAULT_NEGATIVE),
     "fatezero": Method("FateZero: inversion attention fused into the edit (prompt-to-prompt replace, refine, "
                        "reweight, blend masks)", FATEZERO, cached_inversion, fatezero_edit),
+    "tune-a-video": Method("Tune-A-Video: one-shot tuning of an inflated UNet (sparse-causal and temporal attention), "
+                           "DDIM inversion and guided sampling with the tuned model", TUNE_A_VIDEO, tuned_prepare,
+                           tuned_edit, inversion="model", guidance=tuned_editing.GUIDANCE["tune-a-video"],
+                           gpu_dtype="fp32", inversions=tuned_editing.INVERSIONS),
+    "ei2": Method("EI²: Tune-A-Video with STAM (shift-restricted temporal attention) and FFAM (fine-coarse frame "
+                  "attention)", EI2, tuned_prepare, tuned_edit, inversion="model",
+                  guidance=tuned_editing.GUIDANCE["ei2"], gpu_dtype="fp32", inversions=tuned_editing.INVERSIONS),
 }
 
 
@@ -260,7 +349,9 @@ METHODS: dict[str, Method] = {
 
 
 def all_options() -> tuple[Option, ...]:
-    return COMMON + tuple(o for m in METHODS.values() for o in m.options)
+    """Every option once (methods may share options, e.g. the two tuned methods' TUNING)."""
+    options = {o.name: o for o in reversed(COMMON + tuple(o for m in METHODS.values() for o in m.options))}
+    return tuple(reversed(options.values()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,11 +385,15 @@ def resolve_settings(parser: argparse.ArgumentParser, argv: list[str] | None) ->
     if config is not None:
         settings.update(read_config(config))
     settings.update(given)
+    method = METHODS.get(settings["method"])
+    for name in ("inversion", "guidance"):
+        if settings[name] is None and method is not None:
+            settings[name] = getattr(method, name)
     check_settings(settings)
     if settings["negative"] is None:
-        settings["negative"] = METHODS[settings["method"]].negative
+        settings["negative"] = method.negative
     if settings["dtype"] is None:  # as load_model would choose, written down so a rerun elsewhere is the same
-        settings["dtype"] = "fp16" if str(settings["device"]).startswith("cuda") else "fp32"
+        settings["dtype"] = method.gpu_dtype if str(settings["device"]).startswith("cuda") else "fp32"
     if settings["out"] is None:
         settings["out"] = free_folder(Path("out") / (Path(settings["video"]).stem or "video"))
     return settings
@@ -361,6 +456,9 @@ def check_settings(s: dict[str, Any]) -> None:
             raise UserError(f"missing {what}; see python -m stemref.edit --help")
     if s["method"] not in METHODS:
         raise UserError(f"--method {s['method']}: choose one of {', '.join(METHODS)}")
+    if s["inversion"] not in METHODS[s["method"]].inversions:
+        raise UserError(f"--inversion {s['inversion']} does not go with --method {s['method']}; choose one of "
+                        f"{', '.join(METHODS[s['method']].inversions)}")
     for o in all_options():
         if o.choices and s[o.name] is not None and s[o.name] not in o.choices:
             raise UserError(f"--{_flag(o.name)} {s[o.name]}: choose one of {', '.join(map(str, o.choices))}")
@@ -370,7 +468,7 @@ def check_settings(s: dict[str, Any]) -> None:
         if not text.strip() and flag != "--negative":
             raise UserError(f"{flag} is empty; describe the video in a few words")
     for name, low in (("steps", 1), ("stride", 1), ("start", 0), ("num_bases", 1), ("batch", 1), ("min_channels", 1),
-                      ("store_memory", 0)):
+                      ("store_memory", 0), ("tune_steps", 1), ("ffam_r", 1)):
         if s[name] < low:
             raise UserError(f"--{_flag(name)} must be at least {low}, got {s[name]}")
     for name in ("frames", "scope"):
@@ -386,9 +484,11 @@ def check_settings(s: dict[str, Any]) -> None:
     elif s["size"] % 8 or s["size"] < 64:
         raise UserError(f"--size {s['size']}: use a multiple of 8 that is at least 64, such as 256 or 512")
     check_steps(s["steps"])
-    for name in ("guidance", "pnp_attn", "pnp_conv", "cross_window", "self_window", "blend_threshold"):
+    for name in ("guidance", "pnp_attn", "pnp_conv", "cross_window", "self_window", "blend_threshold", "lr"):
         if not math.isfinite(s[name]):
             raise UserError(f"--{_flag(name)} must be a finite number, got {s[name]}")
+    if not 0 < s["lr"] < 1:
+        raise UserError(f"--lr {s['lr']}: a learning rate between 0 and 1 (3e-5 is the papers')")
     for name in ("pnp_attn", "pnp_conv", "cross_window", "self_window"):
         if not 0 <= s[name] <= 1:
             raise UserError(f"--{_flag(name)} is a fraction of the steps, from 0 to 1; got {s[name]}")
@@ -534,7 +634,8 @@ def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: fl
         "clip_measure": "clip_score: 100 × mean cosine of frame and prompt; frame_accuracy: share of frames closer "
                         "to the target than to the source prompt; clip_consistency: mean cosine of consecutive "
                         f"frames (CLIP at {s['clip']})" if scores is not None else None,
-        "seconds": {"inversion": job.timings.get("inversion"), "total": clock(sd.device) - started},
+        "seconds": {"inversion": job.timings.get("inversion"), **({"tuning": job.timings["tuning"]}
+                    if "tuning" in job.timings else {}), "total": clock(sd.device) - started},
         "peak_memory_bytes": peak, "peak_memory_measure": measure,
         "device": str(sd.device), "dtype": str(sd.dtype).removeprefix("torch."),
     }

@@ -5,6 +5,10 @@
     fatezero.py          FateZero (Qi et al., ICCV 2023): inversion attention fused into the edit, with
     p2p.py               prompt-to-prompt's word swap, refinement, reweighting and blend masks as pure functions,
     attention_store.py   and a compact attention store that spills to disk beyond a memory budget
+    tuning.py            one-shot tuning of an inflated video UNet on the input video: Tune-A-Video (Wu et al.,
+                         ICCV 2023) and EI² (STAM + FFAM, NeurIPS 2023); tuned weights as a small safetensors file
+    tuned.py             editing with a tuned model: DDIM inversion with the empty prompt (or STEM's EM attention),
+                         then guided sampling with the target prompt
     cache.py             the on-disk cache of inversions (and other costly preparations) keyed by what they depend on
 
 `python -m stemref.edit` is the command (stemref/cli/edit.py). Editors take frames or an `Inversion`

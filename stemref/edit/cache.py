@@ -20,9 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..files import atomic_path
+from ..pipeline import StableDiffusion
 
 SAMPLES_PER_TENSOR = 256  # values read from each weight tensor for the fingerprint
 
@@ -46,21 +46,22 @@ def tensor_digest(x: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def weights_fingerprint(*models: nn.Module) -> str:
-    """A cheap identity of loaded weights: every tensor's name, shape and dtype with a strided sample of its values.
+def weights_fingerprint(sd: StableDiffusion) -> str:
+    """The identity of a model's weights: every tensor's name and shape with a strided sample of its values.
 
-    Reading all 1.1 billion values would take seconds; a fine-tune or another checkpoint changes nearly every
-    value, so 256 evenly spaced values per tensor tell weights apart. Independent of the file layout (a
-    diffusers folder and the single file of the same weights agree) and of the device.
+    Reading all 1.1 billion values would take seconds and a copy; a fine-tune or another checkpoint changes
+    nearly every value, so 256 evenly spaced values per tensor tell weights apart. The values are rounded to
+    fp16, so the same checkpoint loaded in float32, float16 or float64 has one identity (bfloat16 rounds
+    differently); the file layout (a diffusers folder or the single file) and the device do not matter.
+    A tuned video model's temporal modules count too, so its inversions are cached apart from the base's.
     """
     h = hashlib.sha256()
-    for model in models:
+    for part, model in (("unet", sd.unet), ("text_encoder", sd.text_encoder), ("vae", sd.vae)):
         for name, tensor in sorted(model.state_dict().items()):
             flat = tensor.detach().reshape(-1)
-            step = max(1, flat.numel() // SAMPLES_PER_TENSOR)
-            sample = flat[::step][:SAMPLES_PER_TENSOR].to("cpu", torch.float64)
-            h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-            h.update(sample.numpy().tobytes())
+            sample = flat[::max(1, flat.numel() // SAMPLES_PER_TENSOR)][:SAMPLES_PER_TENSOR]
+            h.update(f"{part}.{name}{tuple(tensor.shape)}".encode())
+            h.update(sample.to("cpu", torch.float16).numpy().tobytes())
     return h.hexdigest()
 
 

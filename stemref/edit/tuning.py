@@ -1,0 +1,293 @@
+"""One-shot tuning of an inflated UNet on one video: Tune-A-Video (Wu et al., ICCV 2023) and EI² (NeurIPS 2023).
+
+    base UNet ─inflate─► video UNet (temporal modules, frame-pooled GroupNorms, method's self-attention)
+    frames ─VAE─► posterior ─(each step: sample x_0, noise it to a random t)─► ε-MSE ─AdamW─► tuned tensors
+
+The two methods differ in the model only:
+
+  Tune-A-Video   self-attention: sparse-causal (frame 0 and the previous frame, context.SparseCausal)
+                 temporal module after the feed-forward: LayerNorm + attention, output weight zeroed
+  EI²            self-attention: FFAM (own frame fine, other frames pooled r×r, context.FineCoarse)
+                 temporal module before the cross-attention: STAM (Instance Centering, spectrally
+                 normalised value and output maps, zero output bias)
+
+Both tune the same tensors (`TUNED`): the self- and cross-attention query maps and all of the temporal
+attention; everything else is frozen, holds no gradient and no optimiser state. The training loop is Tune-A-Video's
+code (the EI² paper gives only AdamW, lr 3e-5, 500 steps): a fresh posterior sample of the clip's latents
+every step, one timestep per video shared by its frames, i.i.d. noise per frame, ε-prediction MSE in fp32,
+AdamW (β 0.9/0.999, weight decay 1e-2, eps 1e-8) at a constant learning rate, gradients clipped to norm 1.
+
+The result, `Tuned`, holds only the tuned tensors plus what they depend on (method, options, the base
+weights' identity, the training settings); `Tuned.unet(sd)` rebuilds the tuned model from the base bit for bit.
+
+Dimension legend: F frames, h × w latent grid, L text tokens, D text width.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..attention import Processor, RunInfo
+from ..context import FineCoarse, SparseCausal
+from ..files import atomic_path
+from ..pipeline import StableDiffusion, check_encodable
+from ..temporal import SpectralLinear, VideoConfig, init_temporal_
+from ..unet import BasicTransformerBlock, UNet2DConditionModel
+from .cache import weights_fingerprint
+
+FORMAT = "stemref.tuned/1"
+# The tensors tuning changes, by UNet checkpoint key: W_Q of self- and cross-attention, all of attn_temp
+# (its parameters, and STAM's power-iteration vectors when spectral_norm="power").
+TUNED = re.compile(r"(attn1\.to_q\.weight|attn2\.to_q\.weight|attn_temp\..+)$")
+# Each method's options and their defaults (`python -m stemref.edit` exposes them as flags and TOML keys).
+METHODS = {
+    "tune-a-video": {"temporal_bias": "random"},
+    "ei2": {"stam_position": "before_cross", "stam_centring": "frames", "spectral_norm": "power",
+            "ffam_r": 2, "ffam_downsample": "avg"},
+}
+TuneProgress = Callable[[int, int, float], None]  # (steps done, steps in all, this step's loss)
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """Everything the training run depended on besides the frames, the method and the base weights."""
+
+    prompt: str
+    steps: int = 500
+    lr: float = 3e-5
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    seed: int = 33  # Tune-A-Video's seed: initial temporal weights, posterior samples, timesteps, noise
+    checkpointing: bool = False
+    autocast: str | None = None  # None (the model's dtype), "fp16" or "bf16" (CUDA, float32 master weights)
+
+
+def method_options(method: str, options: dict) -> dict:
+    """The method's options with defaults filled in; unknown methods and options are refused."""
+    if method not in METHODS:
+        raise ValueError(f"unknown tuning method {method!r}; choose one of {', '.join(METHODS)}")
+    unknown = sorted(set(options) - set(METHODS[method]))
+    if unknown:
+        raise ValueError(f"method {method!r} takes the options {', '.join(METHODS[method])}; got {', '.join(unknown)}")
+    return {**METHODS[method], **options}
+
+
+def video_config(method: str, options: dict) -> VideoConfig:
+    """The inflation (temporal modules, their slot and options) a method's model has."""
+    o = method_options(method, options)
+    if method == "tune-a-video":
+        return VideoConfig(temporal="attention", position="after_ff", out_bias=o["temporal_bias"])
+    return VideoConfig(temporal="stam", position=o["stam_position"], centring=o["stam_centring"],
+                       spectral_norm=o["spectral_norm"])
+
+
+def self_attention(method: str, options: dict) -> Processor:
+    """The method's self-attention processor: sparse-causal (Tune-A-Video) or FFAM (EI²)."""
+    o = method_options(method, options)
+    if method == "tune-a-video":
+        return SparseCausal()
+    return FineCoarse(o["ffam_r"], o["ffam_downsample"])
+
+
+def inflate(unet: UNet2DConditionModel, method: str, options: dict | None = None, seed: int = 33,
+            tensors: dict[str, torch.Tensor] | None = None) -> UNet2DConditionModel:
+    """The method's video UNet on `unet`'s 2-D weights: the base tensors are *shared* with `unet` (no copy), the
+    temporal modules fresh from `seed`, and every key in `tensors` taken from there (cast to unet's device and
+    dtype; pass copies of tensors that will be trained).
+
+    The method's self-attention processor is installed in every attn1 layer; all parameters are frozen.
+    """
+    if unet.video is not None:
+        raise ValueError("inflate takes a 2-D UNet; this one is already a video UNet")
+    options = options or {}
+    video = video_config(method, options)
+    with torch.device("meta"):
+        model = UNet2DConditionModel(unet.config, video)
+    device, dtype = unet.conv_in.weight.device, unet.conv_in.weight.dtype
+    base = unet.state_dict()
+    unknown = sorted(set(tensors or {}) - set(model.state_dict()))
+    if unknown:
+        raise ValueError(f"tuned tensors {', '.join(unknown[:3])} do not exist in the {method} model")
+    model.load_state_dict(base, strict=False, assign=True)  # the temporal modules stay on meta until drawn
+    generator = torch.Generator().manual_seed(seed)
+    for block in _temporal_blocks(model):
+        block.norm_temp.to_empty(device="cpu")
+        block.attn_temp.to_empty(device="cpu")
+        init_temporal_(block.norm_temp, block.attn_temp, video, generator)
+        block.norm_temp.to(device, dtype)
+        block.attn_temp.to(device, dtype)
+    if tensors:
+        model.load_state_dict({k: v.to(device, dtype) for k, v in tensors.items()}, strict=False, assign=True)
+    processor = self_attention(method, options)
+    model.set_attention(lambda name: processor if name.endswith("attn1") else None)
+    return model.eval().requires_grad_(False)
+
+
+def _temporal_blocks(unet: UNet2DConditionModel) -> list[BasicTransformerBlock]:
+    return [m for m in unet.modules() if isinstance(m, BasicTransformerBlock) and m.video is not None]
+
+
+@dataclass
+class Tuned:
+    """The outcome of one-shot tuning: the tuned tensors and everything they depend on."""
+
+    method: str
+    options: dict
+    tensors: dict[str, torch.Tensor]  # UNet checkpoint key -> tuned tensor
+    base: str  # weights_fingerprint of the base model
+    settings: TuneSettings
+    losses: list[float] = field(default_factory=list)  # the training loss at each step
+
+    def unet(self, sd: StableDiffusion) -> UNet2DConditionModel:
+        """The tuned video UNet on `sd`'s weights (which must be the base it was tuned on)."""
+        identity = weights_fingerprint(sd)
+        if identity != self.base:
+            raise ValueError(f"these tuned weights belong to other base weights (identity {self.base[:12]}…, "
+                             f"this model is {identity[:12]}…); load the Stable Diffusion weights they were tuned "
+                             "on, or tune again")
+        return inflate(sd.unet, self.method, self.options, self.settings.seed, self.tensors)
+
+    def model(self, sd: StableDiffusion) -> StableDiffusion:
+        """`sd` with its UNet replaced by the tuned video UNet (tokenizer, text encoder, VAE shared)."""
+        return replace(sd, unet=self.unet(sd))
+
+    def save(self, path: str | Path) -> Path:
+        """One .safetensors file: only the tuned tensors; method, options, base identity and settings as metadata."""
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"cannot save the tuned weights to {path}: folder {path.parent} does not exist; "
+                                    "create it first")
+        meta = {"format": FORMAT, "method": self.method, "options": self.options, "base": self.base,
+                "settings": asdict(self.settings), "losses": self.losses}
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}, tmp,
+                      metadata={"stemref": json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tuned":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no tuned-weights file at {path}; make one with stemref.edit.tuning.tune")
+        try:
+            f = safe_open(str(path), framework="pt")
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a stemref tuned-weights file ({FORMAT}): not safetensors ({e})") from e
+        with f:
+            raw = (f.metadata() or {}).get("stemref")
+            try:
+                meta = json.loads(raw) if raw is not None else {}
+            except ValueError:
+                meta = {}
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a stemref tuned-weights file ({FORMAT})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            tuned = cls(meta["method"], method_options(meta["method"], meta["options"]), tensors, meta["base"],
+                        TuneSettings(**meta["settings"]), list(meta["losses"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: damaged stemref tuned-weights file ({e!r}); tune again") from e
+        if not tensors or not all(TUNED.search(k) for k in tensors):
+            raise ValueError(f"{path}: damaged stemref tuned-weights file (unexpected tensors); tune again")
+        return tuned
+
+
+def diffusion_loss(unet: UNet2DConditionModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   context: torch.Tensor, scheduler, info: RunInfo) -> torch.Tensor:
+    """ε-prediction MSE (in fp32, float64 for a float64 model) of one video x0 (F, 4, h, w) noised to timestep t
+    (one for all frames)."""
+    x_t = scheduler.add_noise(x0, noise, t)
+    eps = unet(x_t, t, context, info)
+    work = torch.promote_types(eps.dtype, torch.float32)
+    return F.mse_loss(eps.to(work), noise.to(work))
+
+
+class Trainer:
+    """One tuning run's state: the video UNet (tuned tensors trainable, the rest frozen and shared with the
+    base), AdamW over the tuned tensors only, the prompt embedding and fp16 loss scaling. `step` is one
+    optimisation step on a given batch; `tune` feeds it fresh draws."""
+
+    def __init__(self, sd: StableDiffusion, method: str, options: dict, settings: TuneSettings, frames: int):
+        _check_settings(sd, settings)
+        self.sd, self.settings = sd, settings
+        masters = {k: v.detach().clone() for k, v in sd.unet.state_dict().items() if TUNED.search(k)}  # base untouched
+        self.unet = inflate(sd.unet, method, options, settings.seed, masters)
+        self.tuned = [p for name, p in self.unet.named_parameters() if TUNED.search(name)]
+        for p in self.tuned:
+            p.requires_grad_(True)
+        self.optimiser = torch.optim.AdamW(self.tuned, lr=settings.lr, betas=(0.9, 0.999),
+                                           weight_decay=settings.weight_decay, eps=1e-8)
+        self.context = sd.encode_prompt(settings.prompt).expand(frames, -1, -1)  # (F, L, D)
+        self.info = RunInfo(frames=frames, checkpoint=settings.checkpointing)
+        self.amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(settings.autocast)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.spectral = [m for m in self.unet.modules() if isinstance(m, SpectralLinear)]
+
+    def step(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> float:
+        """One AdamW step on the ε-MSE of latents x0 (F, 4, h, w) noised by `noise` to timestep t (1,); the loss."""
+        for layer in self.spectral:  # STAM's spectral-norm estimates follow the weights (Miyato: once per step)
+            layer.power_iteration_()
+        with torch.autocast(self.sd.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            loss = diffusion_loss(self.unet, x0, noise, t, self.context, self.sd.scheduler, self.info)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimiser)
+        torch.nn.utils.clip_grad_norm_(self.tuned, self.settings.max_grad_norm)
+        self.scaler.step(self.optimiser)
+        self.scaler.update()
+        self.optimiser.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Copies of the tuned tensors, by UNet key."""
+        return {k: v.detach().clone() for k, v in self.unet.state_dict().items() if TUNED.search(k)}
+
+
+def tune(sd: StableDiffusion, frames: torch.Tensor, prompt: str, method: str = "tune-a-video", *, steps: int = 500,
+         lr: float = 3e-5, seed: int = 33, checkpointing: bool = False, autocast: str | None = None,
+         progress: TuneProgress | None = None, **options) -> Tuned:
+    """One-shot tuning of `method`'s video UNet on `frames` (F, 3, H, W) in [0, 1] captioned by `prompt`.
+
+    `checkpointing` recomputes activations in the backward pass (less memory, ~1/3 more time). `autocast`
+    "fp16"/"bf16" runs the UNet in that precision on CUDA with float32 master weights (the model must be
+    loaded in float32); fp16 uses loss scaling. `options` are the method's (METHODS).
+    """
+    check_encodable(frames)
+    options = method_options(method, options)
+    settings = TuneSettings(prompt, steps, lr, seed=seed, checkpointing=checkpointing, autocast=autocast)
+    trainer = Trainer(sd, method, options, settings, frames.shape[0])
+    with torch.no_grad():
+        posterior = sd.vae.encode(frames.to(sd.device, sd.dtype) * 2 - 1)
+    generator = torch.Generator().manual_seed(seed)  # CPU draws: the same run on every device
+    draw = lambda shape: torch.randn(shape, generator=generator, dtype=torch.float32).to(sd.device, sd.dtype)
+    losses = []
+    for step in range(steps):
+        x0 = posterior.mean + posterior.std * draw(posterior.mean.shape)
+        x0 = x0 * sd.vae.config.scaling_factor  # (F, 4, h, w)
+        noise = draw(x0.shape)
+        t = torch.randint(0, sd.scheduler.config.num_train_timesteps, (1,), generator=generator).to(sd.device)
+        losses.append(trainer.step(x0, noise, t))
+        if progress:
+            progress(step + 1, steps, losses[-1])
+    return Tuned(method, options, trainer.tensors(), weights_fingerprint(sd), settings, losses)
+
+
+def _check_settings(sd: StableDiffusion, s: TuneSettings) -> None:
+    if isinstance(s.steps, bool) or not isinstance(s.steps, int) or s.steps < 1:
+        raise ValueError(f"steps must be a positive number of training steps (500 is the papers'), got {s.steps!r}")
+    if not isinstance(s.lr, (int, float)) or not 0 < s.lr < 1:
+        raise ValueError(f"lr must be a learning rate between 0 and 1 (3e-5 is the papers'), got {s.lr!r}")
+    sd.encode_prompt(s.prompt)  # an over-long prompt is refused before any work
+    if s.autocast not in (None, "fp16", "bf16"):
+        raise ValueError(f"autocast must be None, 'fp16' or 'bf16', got {s.autocast!r}")
+    if s.autocast is not None and (sd.device.type != "cuda" or sd.dtype != torch.float32):
+        raise ValueError(f"autocast={s.autocast!r} needs the model in float32 on a CUDA device (float32 master "
+                         f"weights; this one is {sd.dtype} on {sd.device.type}); load it with dtype=torch.float32 "
+                         "on cuda")

@@ -1,0 +1,69 @@
+"""`python -m stemref.edit --method tune-a-video|ei2` end to end on the shipped clip with the tiny model.
+
+The tuning is cached like the inversion (keyed by the frames, prompt, method, options, steps, lr, seed and
+weights); a second edit of the same clip reuses both; bad combinations fail with one line and exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+
+import pytest
+
+from test_edit_cli import edit, stderr_lines
+
+TUNE = ["--tune-steps", "2", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def tuned_run(tiny_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tuned")
+    assert edit(tmp, tiny_root, "tav", "--method", "tune-a-video", *TUNE, "--clip", str(tmp / "no-clip")) == 0
+    return tmp
+
+
+def test_tune_a_video_writes_the_edit_and_its_settings(tuned_run):
+    out = tuned_run / "tav"
+    assert {"source.mp4", "edit-01-a-bear-on-a-hill.mp4", "side_by_side.mp4"} <= {p.name for p in out.iterdir()}
+    config = tomllib.loads((out / "config.toml").read_text())
+    assert config["method"] == "tune-a-video" and config["tune_steps"] == 2 and config["lr"] == 1e-3
+    assert config["inversion"] == "model" and config["guidance"] == 12.5 and config["temporal_bias"] == "random"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "tune-a-video" and metrics["seconds"]["tuning"] > 0
+    assert len(list((tuned_run / "cache" / "tuned").glob("*.safetensors"))) == 1
+
+
+def test_second_edit_reuses_tuning_and_inversion(tuned_run, tiny_root, capsys):
+    capsys.readouterr()
+    assert edit(tuned_run, tiny_root, "again", "--method", "tune-a-video", *TUNE, "--target", "a fox",
+                "--clip", str(tuned_run / "no-clip")) == 0
+    lines = stderr_lines(capsys)
+    assert any(line.startswith("tuning: reusing") for line in lines)
+    assert any(line.startswith("inversion: reusing") for line in lines)
+    # another learning rate is another tuning
+    capsys.readouterr()
+    assert edit(tuned_run, tiny_root, "other-lr", "--method", "tune-a-video", "--tune-steps", "2", "--lr", "2e-3",
+                "--clip", str(tuned_run / "no-clip")) == 0
+    assert any(line.startswith("tuning: cached as") for line in stderr_lines(capsys))
+
+
+def test_ei2_with_stem_inversion_and_its_options(tiny_root, tmp_path):
+    assert edit(tmp_path, tiny_root, "ei2", "--method", "ei2", *TUNE, "--inversion", "stem", "--ffam-r", "1",
+                "--spectral-norm", "exact", "--clip", str(tmp_path / "no-clip")) == 0
+    config = tomllib.loads((tmp_path / "ei2" / "config.toml").read_text())
+    assert (config["method"], config["inversion"], config["ffam_r"], config["spectral_norm"], config["guidance"]) == \
+           ("ei2", "stem", 1, "exact", 7.5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--inversion", "model"], "--inversion model does not go with --method tokenflow"),
+    (["--method", "ei2", "--inversion", "2-frame"], "--inversion 2-frame does not go with --method ei2"),
+    (["--method", "tune-a-video", "--lr", "2"], "--lr 2.0: a learning rate"),
+    (["--method", "ei2", "--tune-steps", "0"], "--tune-steps must be at least 1"),
+    (["--method", "ei2", "--ffam-r", "0"], "--ffam-r must be at least 1"),
+])
+def test_bad_settings_fail_before_any_work(tiny_root, tmp_path, capsys, extra, message):
+    assert edit(tmp_path, tiny_root, "out", *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
