@@ -45,12 +45,10 @@ def em_bases(keys: torch.Tensor, values: torch.Tensor, num_bases: int = 256, ite
     dtype = compute_dtype(keys)
     mu = _initial_bases(keys, num_bases, generator, chunk, dtype) if init is None else init.to(dtype)  # (..., h, K, d)
     for _ in range(iters - 1):
-        z_sum, zk, _ = _m_step_sums(keys, None, mu, tau, chunk, dtype)
-        mu = zk / (z_sum.unsqueeze(-1) + EPS)  # (..., h, K, d) = z̄ᵀk
+        mu, _ = _em_step(keys, None, mu, tau, chunk, dtype)
     # the last iteration also accumulates zᵀv: ν shares the final responsibilities with μ
-    z_sum, zk, zv = _m_step_sums(keys, values, mu, tau, chunk, dtype)
-    norm = z_sum.unsqueeze(-1) + EPS  # (..., h, K, 1): Σ_t z per basis
-    return (zk / norm).to(keys.dtype), (zv / norm).to(values.dtype)  # μ = z̄ᵀk, ν = z̄ᵀv
+    mu, nu = _em_step(keys, values, mu, tau, chunk, dtype)
+    return mu.to(keys.dtype), nu.to(values.dtype)
 
 
 def responsibilities(keys: torch.Tensor, bases: torch.Tensor, tau: float) -> torch.Tensor:
@@ -59,10 +57,19 @@ def responsibilities(keys: torch.Tensor, bases: torch.Tensor, tau: float) -> tor
     keys (..., T, d), bases (..., K, d). Computed and returned in float32 (float64 for float64 keys).
     """
     dtype = compute_dtype(keys)
-    k, mu = keys.to(dtype), bases.to(dtype)
-    mu_hat = mu / (mu.norm(dim=-1, keepdim=True) + EPS)  # (..., K, d)
-    logits = k @ mu_hat.transpose(-1, -2)  # (..., T, K)
-    return torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / tau, dim=-1)  # (..., T, K)
+    return _e_step(keys.to(dtype), _logit_weights(bases.to(dtype), tau))
+
+
+def responsibility_weights(keys: torch.Tensor, bases: torch.Tensor, tau: float) -> torch.Tensor:
+    """z̄ (..., T, K): the E-step's responsibilities normalised over tokens, z̄_tk = z_tk / (Σ_t z_tk + 1e-4).
+
+    These are the weights of one EM iteration's M-step: with `bases` the bases entering the last iteration
+    (em_bases(..., iters=R - 1)[0] for the same initial bases), em_bases(..., iters=R) returns z̄ᵀk and z̄ᵀv.
+    Forming value bases from other values with a source video's weights, z̄_srcᵀ v, is what an editor that
+    reuses the source's EM needs. Holds the whole T × K matrix: for the bases alone use em_bases, which streams.
+    """
+    z = responsibilities(keys, bases, tau)  # (..., T, K)
+    return z / (z.sum(dim=-2, keepdim=True) + EPS)  # (..., T, K)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -121,20 +128,39 @@ def _initial_bases(keys: torch.Tensor, num_bases: int, generator: torch.Generato
     return mean.to(dtype).unsqueeze(-2) + std.to(dtype).unsqueeze(-2) * noise  # (..., h, K, d)
 
 
-def _m_step_sums(keys: torch.Tensor, values: torch.Tensor | None, mu: torch.Tensor, tau: float, chunk: int | None,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Σ_t z (..., h, K), zᵀk (..., h, K, d) and, if values are given, zᵀv (..., h, K, dv), over token chunks."""
+def _logit_weights(mu: torch.Tensor, tau: float) -> torch.Tensor:
+    """w = μ̂ / τ (..., K, d) with μ̂ = μ / (‖μ‖ + 1e-4): k · wᵀ are the E-step's logits.
+
+    Dividing the K × d bases once, instead of the T × K logits, takes two passes over T × K out of every
+    iteration; the logits' row max need not be subtracted by hand either, since softmax subtracts it itself.
+    """
+    return mu / ((mu.norm(dim=-1, keepdim=True) + EPS) * tau)  # (..., K, d)
+
+
+def _e_step(k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(k @ w.transpose(-1, -2), dim=-1)  # (..., c, K)
+
+
+def _em_step(keys: torch.Tensor, values: torch.Tensor | None, mu: torch.Tensor, tau: float, chunk: int | None,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One EM iteration streamed over token chunks: μ = z̄ᵀk (..., h, K, d) and, if values are given, ν = z̄ᵀv.
+
+    Each chunk's responsibilities are formed once and used at once (Σ_t z, zᵀk and zᵀv) while they are still
+    in cache; a chunk of a few thousand tokens keeps them there (see context.DEFAULT_CHUNK).
+    """
+    w = _logit_weights(mu, tau)  # (..., h, K, d)
     z_sum = zk = zv = None
     value_pieces = _chunks(values, chunk) if values is not None else None
     for i, piece in enumerate(_chunks(keys, chunk)):
         k = piece.to(dtype)  # (..., h, c, d): only one chunk is ever upcast
-        z = responsibilities(k, mu, tau)  # (..., h, c, K)
-        zt = z.transpose(-1, -2)  # (..., h, K, c)
+        z = _e_step(k, w)  # (..., h, c, K)
+        zt = z.transpose(-1, -2)  # (..., h, K, c), a view: the products read z in place
         z_sum = _add(z_sum, z.sum(dim=-2))  # (..., h, K)
         zk = _add(zk, zt @ k)  # (..., h, K, d)
         if value_pieces is not None:
             zv = _add(zv, zt @ value_pieces[i].to(dtype))  # (..., h, K, dv)
-    return z_sum, zk, zv
+    norm = z_sum.unsqueeze(-1) + EPS  # (..., h, K, 1): Σ_t z per basis
+    return zk / norm, (zv / norm if zv is not None else None)
 
 
 def _add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
