@@ -26,12 +26,15 @@ import torch.nn.functional as F
 from .attention import AttnCall, Processor, sdpa, split_frames
 from .em import check_em_options, em_bases
 
-# Tokens per EM/attention chunk: 4 frames of a 512² video's top level. Holds the E-step to 16,384 × K
-# responsibilities per head (16 MiB at K = 256 in fp32) however long the video is.
-DEFAULT_CHUNK = 16_384
+# Tokens per EM/attention chunk. The EM makes three passes over each chunk's responsibilities (softmax,
+# Σ_t z, zᵀk); 1,024 × K per head (1 MiB at K = 256 in fp32, 8 MiB for 8 heads) stays in a CPU's cache
+# between them, where 16,384 tokens ran the EM 2-4× slower (bench/README.md). A GPU prefers larger chunks.
+DEFAULT_CHUNK = 1024
 CONTEXTS = ("1-frame", "2-frame", "all-frame", "stem", "fatezero")
 CONTEXT_OPTIONS = {"1-frame": (), "2-frame": (), "all-frame": ("chunk_frames",),
-                   "stem": ("num_bases", "iters", "tau", "scope", "chunk"), "fatezero": ("mode", "min_channels")}
+                   "stem": ("num_bases", "iters", "tau", "scope", "chunk", "warm_start_iters",
+                            "all_frame_if_few_tokens", "low_precision_products"),
+                   "fatezero": ("mode", "min_channels")}
 
 
 def per_frame(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
@@ -98,16 +101,33 @@ class EMAttention:
     tokens the EM and the attention process at once (see em.py); it changes nothing but rounding.
     None processes all tokens at once.
     `generator` seeds the random initial bases, drawn afresh at every call; with it, runs repeat exactly.
+
+    Options that change the method, all off by default (bench/README.md measures what they change):
+    - `warm_start_iters` R′: start the EM from the bases this layer ended with at the previous step
+      (RunInfo.step − 1, same scope) and run R′ iterations instead of `iters`; calls without such bases
+      (the first step, or a step that does not follow the last one) draw and run `iters` as usual. The
+      bases are kept in `self.previous`, keyed by layer name and scope, with the step they belong to.
+    - `all_frame_if_few_tokens`: where a scope holds no more tokens than bases (n·N ≤ K), skip the EM and
+      attend to all its tokens (all-frame attention: exact, and cheaper than the EM there).
+    - `low_precision_products`: the EM's M-step products in the model's fp16/bf16 (see em.em_bases).
     """
 
     def __init__(self, num_bases: int = 256, iters: int = 5, tau: float = 0.01, scope: int | None = None,
-                 chunk: int | None = DEFAULT_CHUNK, generator: torch.Generator | None = None):
+                 chunk: int | None = DEFAULT_CHUNK, generator: torch.Generator | None = None, *,
+                 warm_start_iters: int | None = None, all_frame_if_few_tokens: bool = False,
+                 low_precision_products: bool = False):
         check_em_options(num_bases, iters, tau, chunk)
         if scope is not None and (not isinstance(scope, int) or scope < 1):
             raise ValueError(f"scope must be a positive number of frames per set of bases, or None for the whole "
                              f"video (the official code's batches correspond to scope=8), got {scope!r}")
+        if warm_start_iters is not None and (not isinstance(warm_start_iters, int) or warm_start_iters < 1):
+            raise ValueError(f"warm_start_iters must be a positive number of EM iterations, or None (off), "
+                             f"got {warm_start_iters!r}")
         self.num_bases, self.iters, self.tau = num_bases, iters, tau
         self.scope, self.chunk, self.generator = scope, chunk, generator
+        self.warm_start_iters, self.all_frame_if_few_tokens = warm_start_iters, all_frame_if_few_tokens
+        self.low_precision_products = low_precision_products
+        self.previous: dict[tuple[str, int], tuple[int, torch.Tensor]] = {}  # (layer, scope) -> (step, μ)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
         if call.is_cross:
@@ -115,17 +135,37 @@ class EMAttention:
         frames = call.info.frames
         qf, kf, vf = split_frames(q, frames), split_frames(k, frames), split_frames(v, frames)  # (B, F, h, N, ·)
         scope = self.scope or frames
-        out = [self._attend(*group) for group in zip(qf.split(scope, 1), kf.split(scope, 1), vf.split(scope, 1))]
+        groups = zip(qf.split(scope, 1), kf.split(scope, 1), vf.split(scope, 1))
+        out = [self._attend(*group, call, i) for i, group in enumerate(groups)]
         return _rows(torch.cat(out, dim=1))  # (B·F, h, N, dv)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall, group: int) -> torch.Tensor:
         """n frames (B, n, h, N, ·) share one set of bases; returns (B, n, h, N, dv)."""
-        mu, nu = em_bases(_video_tokens(k), _video_tokens(v), self.num_bases, self.iters, self.tau,
-                          generator=self.generator, chunk=self.chunk)  # (B, h, K, d), (B, h, K, dv)
-        q_video = _video_tokens(q)  # (B, h, n·N, d)
-        # each query attends to the K bases independently, so query tokens can go in chunks as well
-        out = [F.scaled_dot_product_attention(qc, mu, nu) for qc in q_video.split(self.chunk or q_video.shape[-2], -2)]
-        return _unmerge(torch.cat(out, dim=-2), q.shape[1])  # (B, n, h, N, dv)
+        k_video, v_video, q_video = _video_tokens(k), _video_tokens(v), _video_tokens(q)  # (B, h, n·N, ·)
+        if self.all_frame_if_few_tokens and k_video.shape[-2] <= self.num_bases:
+            return _unmerge(F.scaled_dot_product_attention(q_video, k_video, v_video), q.shape[1])
+        mu, nu = self.bases(k_video, v_video, call, group)  # (B, h, K, d), (B, h, K, dv)
+        return _unmerge(self.attend_to_bases(q_video, mu, nu), q.shape[1])  # (B, n, h, N, dv)
+
+    def bases(self, k: torch.Tensor, v: torch.Tensor, call: AttnCall, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value bases (B, h, K, d), (B, h, K, dv) of one scope's tokens k (B, h, T, d), v (B, h, T, dv)."""
+        iters, init = self.iters, None
+        if self.warm_start_iters is not None:
+            if call.info.step is None:
+                raise ValueError("warm_start_iters needs the step of every call: pass RunInfo(step=...) to the UNet")
+            step, mu = self.previous.get((call.name, group), (None, None))
+            if step == call.info.step - 1 and mu.shape[:-2] == k.shape[:-2]:
+                iters, init = self.warm_start_iters, mu
+        mu, nu = em_bases(k, v, self.num_bases, iters, self.tau, init=init, generator=self.generator,
+                          chunk=self.chunk, low_precision_products=self.low_precision_products)
+        if self.warm_start_iters is not None:
+            self.previous[(call.name, group)] = (call.info.step, mu)
+        return mu, nu
+
+    def attend_to_bases(self, q: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
+        """softmax(q μᵀ / √d) ν for queries q (B, h, L, d); each query is independent, so they go in chunks."""
+        chunks = q.split(self.chunk or q.shape[-2], dim=-2)  # pieces (B, h, c, d)
+        return torch.cat([F.scaled_dot_product_attention(qc, mu, nu) for qc in chunks], dim=-2)  # (B, h, L, dv)
 
 
 class SpatialTemporal:

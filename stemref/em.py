@@ -28,26 +28,31 @@ from __future__ import annotations
 import torch
 
 EPS = 1e-4  # in the basis normalisation of the E-step and the column normalisation of the M-step
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def em_bases(keys: torch.Tensor, values: torch.Tensor, num_bases: int = 256, iters: int = 5, tau: float = 0.01,
              init: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             chunk: int | None = None, *, low_precision_products: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Key bases μ (..., h, K, d) and value bases ν (..., h, K, dv) of keys (..., h, T, d), values (..., h, T, dv).
 
     The initial bases are μ₀ = mean + std · ε with the per-(head, channel) mean and (unbiased) std of the
     keys over T, and ε = torch.randn((..., h, K, d), generator=generator, dtype=<compute dtype>) drawn on
     the generator's device; `init` (..., h, K, d) replaces that draw. `chunk` bounds the tokens processed at
     once (None: all T in one chunk); the result does not depend on it beyond float rounding.
+
+    `low_precision_products` (off by default; changes the result) runs the M-step products zᵀk and zᵀv in
+    the keys' dtype when that is fp16 or bf16 (tensor cores on a GPU), summing them over chunks in fp32; the
+    E-step's logits and softmax stay fp32, since τ multiplies the logits' errors by 1/τ = 100.
     """
     check_em_options(num_bases, iters, tau, chunk)
     _check_inputs(keys, values, num_bases, init)
     dtype = compute_dtype(keys)
     mu = _initial_bases(keys, num_bases, generator, chunk, dtype) if init is None else init.to(dtype)  # (..., h, K, d)
     for _ in range(iters - 1):
-        mu, _ = _em_step(keys, None, mu, tau, chunk, dtype)
+        mu, _ = _em_step(keys, None, mu, tau, chunk, dtype, low_precision_products)
     # the last iteration also accumulates zᵀv: ν shares the final responsibilities with μ
-    mu, nu = _em_step(keys, values, mu, tau, chunk, dtype)
+    mu, nu = _em_step(keys, values, mu, tau, chunk, dtype, low_precision_products)
     return mu.to(keys.dtype), nu.to(values.dtype)
 
 
@@ -142,23 +147,24 @@ def _e_step(k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _em_step(keys: torch.Tensor, values: torch.Tensor | None, mu: torch.Tensor, tau: float, chunk: int | None,
-             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+             dtype: torch.dtype, low_precision_products: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One EM iteration streamed over token chunks: μ = z̄ᵀk (..., h, K, d) and, if values are given, ν = z̄ᵀv.
 
     Each chunk's responsibilities are formed once and used at once (Σ_t z, zᵀk and zᵀv) while they are still
-    in cache; a chunk of a few thousand tokens keeps them there (see context.DEFAULT_CHUNK).
+    in cache; context.DEFAULT_CHUNK tokens keep them there on a CPU.
     """
     w = _logit_weights(mu, tau)  # (..., h, K, d)
+    product_dtype = keys.dtype if low_precision_products and keys.dtype in LOW_PRECISION else dtype
     z_sum = zk = zv = None
     value_pieces = _chunks(values, chunk) if values is not None else None
     for i, piece in enumerate(_chunks(keys, chunk)):
         k = piece.to(dtype)  # (..., h, c, d): only one chunk is ever upcast
         z = _e_step(k, w)  # (..., h, c, K)
-        zt = z.transpose(-1, -2)  # (..., h, K, c), a view: the products read z in place
+        zt = z.transpose(-1, -2).to(product_dtype)  # (..., h, K, c); in fp32 a view: the products read z in place
         z_sum = _add(z_sum, z.sum(dim=-2))  # (..., h, K)
-        zk = _add(zk, zt @ k)  # (..., h, K, d)
+        zk = _add(zk, (zt @ (k if product_dtype == dtype else piece)).to(dtype))  # (..., h, K, d)
         if value_pieces is not None:
-            zv = _add(zv, zt @ value_pieces[i].to(dtype))  # (..., h, K, dv)
+            zv = _add(zv, (zt @ value_pieces[i].to(product_dtype)).to(dtype))  # (..., h, K, dv)
     norm = z_sum.unsqueeze(-1) + EPS  # (..., h, K, 1): Σ_t z per basis
     return zk / norm, (zv / norm if zv is not None else None)
 

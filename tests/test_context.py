@@ -201,12 +201,79 @@ def test_em_attention_repeats_with_a_seed_and_keeps_the_input_dtype():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def naive_video_em_attention(q, k, v, frames, mu0, iters, tau=0.01):
+    """STEM attention over whole videos from given initial bases mu0 (B, h, K, d): (output, final key bases)."""
+    qf, kf, vf = frame_rows(q, frames), frame_rows(k, frames), frame_rows(v, frames)
+    out, bases = torch.empty_like(qf), torch.empty_like(mu0)
+    for b in range(qf.shape[0]):
+        keys, values = torch.cat(list(kf[b]), dim=-2), torch.cat(list(vf[b]), dim=-2)  # (h, F·N, d)
+        for h in range(H):
+            bases[b, h], nu = naive_em(keys[h], values[h], mu0[b, h], iters, tau)
+            for f in range(frames):
+                out[b, f, h] = naive_attention(qf[b, f, h], bases[b, h], nu)
+    return out.reshape(q.shape), bases
+
+
+def naive_initial_bases(k, frames, num_bases, noise):
+    """mean + std · noise per branch, head and channel over each video's tokens; noise (B, h, K, d)."""
+    kf = frame_rows(k, frames)
+    keys = torch.stack([torch.cat(list(kf[b]), dim=-2) for b in range(kf.shape[0])])  # (B, h, F·N, d)
+    return keys.mean(dim=-2, keepdim=True) + keys.std(dim=-2, keepdim=True) * noise
+
+
+def step_call(frames: int, step: int | None, name="down_blocks.0.attentions.0.transformer_blocks.0.attn1") -> AttnCall:
+    return AttnCall(name, False, RunInfo(frames=frames, step=step))
+
+
+def test_warm_start_continues_from_the_previous_steps_bases_of_the_same_layer():
+    frames, K = 3, 4
+    (q0, k0, v0), (q1, k1, v1) = qkv(branches=2, frames=frames, seed=14), qkv(branches=2, frames=frames, seed=15)
+    g = torch.Generator().manual_seed(16)
+    noise = [torch.randn((2, H, K, D), generator=g, dtype=torch.float64) for _ in range(3)]
+    stem = EMAttention(num_bases=K, generator=torch.Generator().manual_seed(16), warm_start_iters=2)
+    # step 0 has no previous bases: the usual random draw and 5 iterations
+    ref0, bases0 = naive_video_em_attention(q0, k0, v0, frames, naive_initial_bases(k0, frames, K, noise[0]), 5)
+    torch.testing.assert_close(stem(q0, k0, v0, step_call(frames, 0)), ref0, rtol=0, atol=1e-10)
+    # step 1 of the same layer starts from step 0's bases and runs 2 iterations (no draw)
+    ref1, bases1 = naive_video_em_attention(q1, k1, v1, frames, bases0, 2)
+    torch.testing.assert_close(stem(q1, k1, v1, step_call(frames, 1)), ref1, rtol=0, atol=1e-10)
+    # another layer at step 2 has no step-1 bases of its own: a cold start (the generator's second draw)
+    other = step_call(frames, 2, name="up_blocks.1.attentions.0.transformer_blocks.0.attn1")
+    ref2, _ = naive_video_em_attention(q1, k1, v1, frames, naive_initial_bases(k1, frames, K, noise[1]), 5)
+    torch.testing.assert_close(stem(q1, k1, v1, other), ref2, rtol=0, atol=1e-10)
+    # a step that does not follow the layer's last one (a new loop starting at 0) is cold as well
+    ref3, _ = naive_video_em_attention(q0, k0, v0, frames, naive_initial_bases(k0, frames, K, noise[2]), 5)
+    torch.testing.assert_close(stem(q0, k0, v0, step_call(frames, 0)), ref3, rtol=0, atol=1e-10)
+    assert not torch.allclose(ref1, naive_video_em_attention(q1, k1, v1, frames, bases0, 5)[0])
+
+
+def test_warm_start_needs_the_step():
+    q, k, v = qkv(branches=1, frames=2)
+    stem = EMAttention(num_bases=4, generator=torch.Generator(), warm_start_iters=1)
+    with pytest.raises(ValueError, match="RunInfo\\(step"):
+        stem(q, k, v, step_call(2, None))
+    with pytest.raises(ValueError, match="warm_start_iters"):
+        EMAttention(warm_start_iters=0)
+
+
+@pytest.mark.parametrize("num_bases", [3 * N, 3 * N - 1])
+def test_all_frame_if_few_tokens_is_all_frame_attention_up_to_k_tokens(num_bases):
+    frames = 3  # 3·N tokens per video
+    q, k, v = qkv(branches=2, frames=frames, seed=17)
+    out = run_stem(q, k, v, frames, seed=18, num_bases=num_bases, all_frame_if_few_tokens=True)
+    if num_bases >= frames * N:
+        torch.testing.assert_close(out, AllFrames()(q, k, v, self_call(frames)), rtol=0, atol=1e-12)
+    else:
+        torch.testing.assert_close(out, run_stem(q, k, v, frames, seed=18, num_bases=num_bases), rtol=0, atol=0)
+
+
 def test_context_processor_names_and_options():
     assert context_processor("1-frame") is per_frame
     assert isinstance(context_processor("2-frame", generator=torch.Generator()), SparseCausal)
     assert context_processor("all-frame", chunk_frames=2).chunk_frames == 2
     stem = context_processor("stem", generator=torch.Generator(), num_bases=8, scope=8)
     assert isinstance(stem, EMAttention) and (stem.num_bases, stem.scope) == (8, 8)
+    assert context_processor("stem", warm_start_iters=2, all_frame_if_few_tokens=True).warm_start_iters == 2
     with pytest.raises(ValueError, match="choose one of"):
         context_processor("3-frame")
     with pytest.raises(ValueError, match="takes no options"):

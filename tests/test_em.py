@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stemref.em import em_bases, responsibilities
+from stemref.em import em_bases, responsibilities, responsibility_weights
 
 EPS = 1e-4
 H, T, D, DV, K = 2, 37, 8, 5, 6
@@ -111,6 +111,11 @@ def test_bases_are_nonnegative_combinations_of_the_tokens_with_the_last_responsi
         assert (weights.sum(0) < 1).all()
         torch.testing.assert_close(mu[h], weights.T @ k[h], rtol=0, atol=1e-10)
         torch.testing.assert_close(nu[h], weights.T @ v[h], rtol=0, atol=1e-10)
+    # the same weights, as an editor gets them to form value bases from other values
+    torch.testing.assert_close(responsibility_weights(k, before_last, 0.01),
+                               torch.stack([naive_e_step(k[h], before_last[h], 0.01) for h in range(H)])
+                               .div(torch.stack([naive_e_step(k[h], before_last[h], 0.01).sum(0) + EPS for h in range(H)])
+                                    .unsqueeze(1)), rtol=0, atol=1e-12)
 
 
 def test_generator_makes_runs_repeat_and_seeds_differ():
@@ -152,6 +157,23 @@ def test_low_precision_inputs_run_the_em_in_float32(dtype):
     ref64 = naive_em_heads(k.double(), v.double(), mu0, 5, 0.01)
     torch.testing.assert_close(ref_mu.double(), ref64[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ref_nu.double(), ref64[1], rtol=1e-5, atol=1e-5)
+
+
+def test_low_precision_products_are_the_m_step_products_in_the_input_dtype():
+    k, v = clustered_tokens(14, dtype=torch.bfloat16)
+    mu0 = naive_init(k, K, 15, noise_dtype=torch.float32).float()
+    mu, nu = em_bases(k, v, num_bases=K, iters=1, init=mu0, low_precision_products=True)
+    z = responsibilities(k, mu0, 0.01)  # (h, T, K) in float32, as the EM forms them (tested above)
+    norm = z.sum(1).unsqueeze(-1) + EPS  # (h, K, 1)
+    zt = z.transpose(1, 2).bfloat16()  # the products' inputs in bf16, their sums kept in fp32
+    torch.testing.assert_close(mu.float(), ((zt @ k).float() / norm).bfloat16().float(), rtol=0, atol=0)
+    torch.testing.assert_close(nu.float(), ((zt @ v).float() / norm).bfloat16().float(), rtol=0, atol=0)
+    # float32 and float64 inputs have no lower precision to use: the option changes nothing
+    for dtype in (torch.float32, torch.float64):
+        k, v = clustered_tokens(16, dtype=dtype)
+        g = lambda: torch.Generator().manual_seed(17)
+        a, b = em_bases(k, v, K, generator=g()), em_bases(k, v, K, generator=g(), low_precision_products=True)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 @pytest.mark.parametrize("options,message", [
