@@ -42,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's stemref, even if another is installed
 
 from stemref.context import DEFAULT_CHUNK  # noqa: E402
+from stemref.em import em_bases  # noqa: E402
 
 CONTEXTS = ("1-frame", "2-frame", "all-frame", "stem")
 TARGET_FRAMES, TARGET_SIZE, TARGET_GIB = 128, 512, 24.0  # the issue's bar
@@ -79,18 +80,29 @@ def random_unet(device: str, dtype, seed: int):
 
 
 class TimedProcessor:
-    """A processor that times the processor it wraps; `seconds` sums the wall time of its calls."""
+    """A processor that times the processor it wraps; `seconds` sums the wall time of its calls, `levels` the
+    same per tokens per frame (N = h·w of the layer) with `calls` counting them, and `outputs` keeps each
+    layer's last output if asked."""
 
-    def __init__(self, inner, sync):
-        self.inner, self.sync, self.seconds = inner, sync, 0.0
+    def __init__(self, inner, sync, keep_outputs: bool = False):
+        self.inner, self.sync, self.keep_outputs = inner, sync, keep_outputs
+        self.seconds, self.levels, self.calls, self.outputs = 0.0, {}, {}, {}
 
     def __call__(self, q, k, v, call):
         self.sync()
         start = time.perf_counter()
         out = self.inner(q, k, v, call)
         self.sync()
-        self.seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        self.levels[q.shape[-2]] = self.levels.get(q.shape[-2], 0.0) + seconds
+        self.calls[q.shape[-2]] = self.calls.get(q.shape[-2], 0) + 1
+        if self.keep_outputs:
+            self.outputs[call.name] = out.clone()
         return out
+
+    def reset(self):
+        self.seconds, self.levels, self.calls, self.outputs = 0.0, {}, {}, {}
 
 
 def current_rss() -> int:
@@ -132,7 +144,7 @@ def measure(context: str, frames: int, a: argparse.Namespace) -> dict:
         else:
             base = current_rss()
         for i in range(a.repeats):
-            timed.seconds = 0.0
+            timed.reset()
             sync()
             start = time.perf_counter()
             out = forward(frames)
@@ -309,6 +321,235 @@ def print_extrapolation(a: argparse.Namespace, stem: list[dict]) -> None:
           f"**{total / GiB:,.1f} GiB** → {'fits within' if total < TARGET_GIB * GiB else 'exceeds'} "
           f"{TARGET_GIB:.0f} GiB")
 
+# --------------------------------------------------------------------------------------------- targets
+# Issue 10's targets, each ratio measured side by side in this one process (both sides under the same load):
+# em_bases + attention to the bases vs per-frame SDPA, and the whole STEM forward vs the 1-frame forward.
+
+SD15_LEVELS = ((4096, 40), (1024, 80), (256, 160), (64, 160))  # (tokens per frame at 512², head dim)
+EM_TARGET, FORWARD_TARGET = 1.0, 1.2  # issue 10's bars: STEM / per-frame at 4096 tokens, STEM / 1-frame forward
+
+
+def timed_stem(sync, **options):
+    """An EMAttention that also sums the time of its two parts per tokens per frame: parts[N] = {em, attention}."""
+    from stemref.context import EMAttention
+
+    class TimedStem(EMAttention):
+        def __call__(self, q, k, v, call):
+            self.level = q.shape[-2]  # N: tokens per frame of this layer
+            return super().__call__(q, k, v, call)
+
+        def bases(self, k, v, call, group=0):
+            return self._timed("em", lambda: super(TimedStem, self).bases(k, v, call, group))
+
+        def attend_to_bases(self, q, mu, nu):
+            return self._timed("attention", lambda: super(TimedStem, self).attend_to_bases(q, mu, nu))
+
+        def _timed(self, part: str, run):
+            sync()
+            start = time.perf_counter()
+            out = run()
+            sync()
+            level = self.parts.setdefault(self.level, {"em": 0.0, "attention": 0.0})
+            level[part] += time.perf_counter() - start
+            return out
+
+    stem = TimedStem(**options)
+    stem.parts = {}
+    return stem
+
+
+def best_of(rounds: int, runs: dict) -> dict:
+    """Minimum wall time of each named run over `rounds` rounds; every other round runs them in reverse (ABBA)."""
+    best = {name: math.inf for name in runs}
+    for r in range(rounds):
+        for name, run in (list(runs.items()) if r % 2 == 0 else list(reversed(runs.items()))):
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def verdict(ratio: float, target: float) -> str:
+    return f"{ratio:.2f}× ({'meets' if ratio <= target else 'misses'} ≤ {target:g}×)"
+
+
+def em_targets(a: argparse.Namespace, frames: int, heads: int = 8) -> None:
+    """em_bases + attention to the bases vs per-frame SDPA at each SD1.5 level, and bf16 inputs at the top."""
+    import torch
+    import torch.nn.functional as F
+
+    from stemref.context import EMAttention
+
+    print(f"\n**EM attention vs per-frame attention**: {frames} frames, {heads} heads, K={a.num_bases}, 5 EM "
+          f"iterations, chunk {a.chunk} tokens, fp32; minimum of {a.em_rounds} interleaved rounds\n")
+    print("| tokens per frame | head dim | per-frame SDPA | `em_bases` | attend to bases | STEM / per-frame |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    g = torch.Generator().manual_seed(a.seed)
+    top = None
+    for n_tokens, d in SD15_LEVELS:
+        q, k, v = (torch.randn(frames, heads, n_tokens, d, generator=g) for _ in range(3))  # (F, h, N, d)
+        qv, kv, vv = (x.transpose(0, 1).reshape(1, heads, frames * n_tokens, d) for x in (q, k, v))  # (1, h, F·N, d)
+        stem = EMAttention(a.num_bases, chunk=a.chunk)
+        mu, nu = em_bases(kv, vv, a.num_bases, chunk=a.chunk, generator=g)
+        best = best_of(a.em_rounds, {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+                                     "em": lambda: em_bases(kv, vv, a.num_bases, chunk=a.chunk, generator=g),
+                                     "attend": lambda: stem.attend_to_bases(qv, mu, nu)})
+        ratio = (best["em"] + best["attend"]) / best["sdpa"]
+        cell = verdict(ratio, EM_TARGET) if n_tokens == 4096 else f"{ratio:.2f}×"
+        print(f"| {n_tokens} | {d} | {best['sdpa'] * 1e3:,.0f} ms | {best['em'] * 1e3:,.0f} ms | "
+              f"{best['attend'] * 1e3:,.0f} ms | {cell} |")
+        top = top or (qv, kv, vv, stem)
+    low_precision_table(a, *top)
+
+
+def low_precision_table(a: argparse.Namespace, q, k, v, stem) -> None:
+    """The top level's EM on bf16 keys and values: fp32 products (the default) vs bf16 products, against the
+    fp32 EM of the same bf16-rounded keys and values (the inputs' own rounding moves the bases far more)."""
+    import torch
+
+    kb, vb = k.bfloat16(), v.bfloat16()
+    ref_mu, ref_nu = em_bases(kb.float(), vb.float(), a.num_bases, chunk=a.chunk,
+                              generator=torch.Generator().manual_seed(a.seed))
+    ref = stem.attend_to_bases(q, ref_mu, ref_nu)
+    runs = {name: (lambda lp=lp: em_bases(kb, vb, a.num_bases, chunk=a.chunk, low_precision_products=lp,
+                                          generator=torch.Generator().manual_seed(a.seed)))
+            for name, lp in (("bf16 keys/values, fp32 products (default)", False),
+                             ("bf16 keys/values, bf16 products (`low_precision_products`)", True))}
+    best = best_of(a.em_rounds, runs)
+    print(f"\nThe top level's ({SD15_LEVELS[0][0]} tokens per frame) EM on bf16 keys and values, against the fp32 "
+          "EM of the same rounded inputs with the same initial draw (CPU: no bf16 matrix units, so this shows what the option does "
+          "to the bases, not a GPU's speed); distance = max |attention output − fp32's| / max |fp32's|\n")
+    print("| EM | time | μ max abs diff to fp32 | attention output distance |")
+    print("|---|---:|---:|---:|")
+    print(f"| fp32 bases rounded to bf16 (rounding alone) | — | {(ref_mu.bfloat16().float() - ref_mu).abs().max():.1e} | "
+          f"{relative(stem.attend_to_bases(q, ref_mu.bfloat16().float(), ref_nu.bfloat16().float()), ref):.1e} |")
+    for name, run in runs.items():
+        mu, nu = run()
+        print(f"| {name} | {best[name] * 1e3:,.0f} ms | {(mu.float() - ref_mu).abs().max():.1e} | "
+              f"{relative(stem.attend_to_bases(q, mu.float(), nu.float()), ref):.1e} |")
+
+
+def relative(x, ref) -> float:
+    return float((x - ref).abs().max() / ref.abs().max())
+
+
+def forward_targets(a: argparse.Namespace, unet, size: int, frames: int) -> None:
+    """Whole forward, STEM vs 1-frame, ABBA; then where STEM's self-attention time goes, level by level."""
+    import torch
+
+    from stemref.attention import RunInfo
+    from stemref.context import per_frame
+
+    sync = lambda: None
+    g = torch.Generator().manual_seed(a.seed + 1)
+    x = torch.randn(frames, 4, size // 8, size // 8, generator=g)  # (F, 4, h, w)
+    prompt = torch.randn(1, 77, 768, generator=g).expand(frames, -1, -1)  # (F, L, D), one prompt for every frame
+    one = TimedProcessor(per_frame, sync)
+    stem_parts = timed_stem(sync, num_bases=a.num_bases, chunk=a.chunk,
+                            generator=torch.Generator().manual_seed(a.seed))
+    stem = TimedProcessor(stem_parts, sync)
+    forwards = {}
+    for name, timed in (("1-frame", one), ("stem", stem)):
+        def forward(timed=timed):
+            timed.reset()
+            stem_parts.parts = {}
+            with unet.attention(lambda layer: timed if layer.endswith("attn1") else None):
+                unet(x, 500, prompt, RunInfo(frames=frames))
+            timed.last = (timed.seconds, dict(timed.levels), dict(stem_parts.parts), dict(timed.calls))
+        forwards[name] = forward
+    with unet.attention(lambda layer: per_frame if layer.endswith("attn1") else None):
+        unet(x[:1], 500, prompt[:1], RunInfo(frames=1))  # one-off allocations and kernel choices, for neither side
+    best = best_of(a.repeats * 2, forwards)  # 2·repeats rounds: A B B A ...
+    ratio = best["stem"] / best["1-frame"]
+    attn_one, levels_one, _, _ = one.last
+    attn_stem, levels_stem, parts, layers = stem.last
+    print(f"\n**Whole inversion forward, {size}² px ({size // 8}×{size // 8} latent), {frames} frames**: minimum of "
+          f"{a.repeats * 2} forwards each, ABBA order; self-attention = the 16 attn1 processors (last forward)\n")
+    print("| context | forward | self-attention | share |")
+    print("|---|---:|---:|---:|")
+    for name, seconds, attn in (("1-frame", best["1-frame"], attn_one), ("stem", best["stem"], attn_stem)):
+        print(f"| {name} | {seconds:.2f} s | {attn:.2f} s | {100 * attn / seconds:.0f} % |")
+    print(f"\nSTEM / 1-frame: {verdict(ratio, FORWARD_TARGET)}\n")
+    print(f"STEM's self-attention by level ({size}², {frames} frames; time summed over the level's layers, "
+          f"share of the STEM forward):\n")
+    print("| tokens per frame | layers | EM | attend to bases | STEM total | share | 1-frame SDPA |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n in sorted(levels_stem, reverse=True):
+        p = parts.get(n, {"em": 0.0, "attention": 0.0})
+        print(f"| {n} | {layers[n]} | {p['em']:.2f} s | {p['attention']:.2f} s | {levels_stem[n]:.2f} s | "
+              f"{100 * levels_stem[n] / best['stem']:.1f} % | {levels_one.get(n, 0.0):.2f} s |")
+
+
+def option_effects(a: argparse.Namespace, unet, size: int, frames: int) -> None:
+    """What STEM's optional speed-ups change, at the second step of an inversion (step 1, t = 21).
+
+    Step 0 runs once with warm-start bookkeeping (its EM is the default's); step 1 then runs the default
+    (two seeds: the method's own randomness), warm starts from step 0's bases, and all-frame attention
+    where a level holds no more tokens than bases. Distances are to the default's (same seed) self-attention
+    output of each layer, max |Δ| / max |default| (worst layer and mean over layers), and of the UNet's ε.
+    """
+    import torch
+
+    from stemref.attention import RunInfo
+    from stemref.context import EMAttention
+    from stemref.scheduler import DDIMScheduler
+
+    sync = lambda: None
+    scheduler = DDIMScheduler()
+    t0, t1 = scheduler.timesteps(50).flip(0).tolist()[:2]
+    g = torch.Generator().manual_seed(a.seed + 1)
+    x0 = torch.randn(frames, 4, size // 8, size // 8, generator=g)  # (F, 4, h, w)
+    prompt = torch.randn(1, 77, 768, generator=g).expand(frames, -1, -1)  # (F, L, D)
+
+    def stem(seed=a.seed, **options):
+        return EMAttention(a.num_bases, chunk=a.chunk, generator=torch.Generator().manual_seed(seed), **options)
+
+    def forward(processor, x, t, step):
+        timed = TimedProcessor(processor, sync, keep_outputs=True)
+        with unet.attention(lambda layer: timed if layer.endswith("attn1") else None):
+            start = time.perf_counter()
+            eps = unet(x, t, prompt, RunInfo(frames=frames, step=step))
+            return eps, time.perf_counter() - start, timed
+
+    warm2, warm1 = stem(warm_start_iters=2), stem(warm_start_iters=1)
+    eps0, _, _ = forward(warm2, x0, t0, 0)
+    warm1.previous = dict(warm2.previous)  # both continue from the same step-0 bases
+    x1 = scheduler.inverse_step(eps0, t0, x0, 50)
+    variants = {"default (5 iterations, fresh draw)": stem(), "default, another seed": stem(seed=a.seed + 1),
+                "`warm_start_iters=2`": warm2, "`warm_start_iters=1`": warm1,
+                "`all_frame_if_few_tokens`": stem(all_frame_if_few_tokens=True)}
+    runs = {name: forward(p, x1, t1, 1) for name, p in variants.items()}
+    ref_eps, _, ref = runs["default (5 iterations, fresh draw)"]
+    print(f"\n**Optional speed-ups** (off by default; {size}², {frames} frames, inversion step 1 at t = {t1} "
+          f"after step 0 at t = {t0}; one forward each)\n")
+    print("| variant | self-attention | forward | worst layer distance | mean layer distance | ε distance |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, (eps, seconds, timed) in runs.items():
+        d = [relative(timed.outputs[layer], out) for layer, out in ref.outputs.items()]
+        print(f"| {name} | {timed.seconds:.2f} s | {seconds:.2f} s | {max(d):.1e} | {statistics.fmean(d):.1e} | "
+              f"{relative(eps, ref_eps):.1e} |")
+
+
+def run_targets(a: argparse.Namespace) -> None:
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    frames = a.target_frames
+    load_before = os.getloadavg()
+    print(f"Issue 10's targets: CPU fp32, {torch.get_num_threads()} of {os.cpu_count()} cores, torch "
+          f"{torch.__version__}; STEM K={a.num_bases}, chunk {a.chunk} tokens")
+    with torch.inference_mode():
+        em_targets(a, frames)
+        unet = random_unet("cpu", torch.float32, a.seed)
+        for size in a.target_sizes:
+            forward_targets(a, unet, size, frames)
+        if a.options_size:
+            option_effects(a, unet, a.options_size, frames)
+    load_after = os.getloadavg()
+    print(f"\nLoad average (1, 5, 15 min) at the start {', '.join(f'{x:.1f}' for x in load_before)}; at the end "
+          f"{', '.join(f'{x:.1f}' for x in load_after)} ({os.cpu_count()} cores, shared with other work)")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -326,6 +567,14 @@ def main() -> None:
     parser.add_argument("--max-memory-gb", type=float, default=10, help="CPU: limit on a run's resident memory (GiB)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--targets", action="store_true", help="instead of the scaling runs: issue 10's speed "
+                        "targets, STEM vs per-frame attention and vs the 1-frame forward, side by side in one process")
+    parser.add_argument("--target-sizes", type=int, nargs="*", default=[256, 512], help="--targets: frame sides "
+                        "for the whole-forward comparison (--repeats ABBA pairs each)")
+    parser.add_argument("--target-frames", type=int, default=8, help="--targets: frames per video")
+    parser.add_argument("--em-rounds", type=int, default=3, help="--targets: rounds of the EM-vs-SDPA table")
+    parser.add_argument("--options-size", type=int, default=256, help="--targets: frame side for measuring the "
+                        "optional speed-ups (0: skip)")
     parser.add_argument("--child", nargs=2, metavar=("CONTEXT", "FRAMES"), help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.size < 64 or a.size % 8:
@@ -339,6 +588,13 @@ def main() -> None:
         parser.error("fp16 is for --device cuda; on the CPU use fp32")
     if a.child:
         print(json.dumps(measure(a.child[0], int(a.child[1]), a)))
+        return
+    if a.targets:
+        if a.device != "cpu" or a.dtype != "fp32":
+            parser.error("--targets measures issue 10's CPU fp32 targets: leave --device and --dtype at cpu, fp32")
+        if any(n < 64 or n % 8 for n in a.target_sizes + ([a.options_size] if a.options_size else [])):
+            parser.error("--target-sizes and --options-size must be multiples of 8 of at least 64")
+        run_targets(a)
         return
 
     import torch
