@@ -417,12 +417,14 @@ def low_precision_table(a: argparse.Namespace, q, k, v, stem) -> None:
                              ("bf16 keys/values, bf16 products (`low_precision_products`)", True))}
     best = best_of(a.em_rounds, runs)
     print(f"\nThe top level's ({SD15_LEVELS[0][0]} tokens per frame) EM on bf16 keys and values, against the fp32 "
-          "EM of the same rounded inputs with the same initial draw (CPU: no bf16 matrix units, so this shows what the option does "
-          "to the bases, not a GPU's speed); distance = max |attention output − fp32's| / max |fp32's|\n")
+          "EM of the same rounded inputs with the same initial draw (CPU: no bf16 matrix units, so this shows what "
+          "the option does to the bases, not a GPU's speed); distance = max |attention output − fp32's| / "
+          "max |fp32's|\n")
     print("| EM | time | μ max abs diff to fp32 | attention output distance |")
     print("|---|---:|---:|---:|")
-    print(f"| fp32 bases rounded to bf16 (rounding alone) | — | {(ref_mu.bfloat16().float() - ref_mu).abs().max():.1e} | "
-          f"{relative(stem.attend_to_bases(q, ref_mu.bfloat16().float(), ref_nu.bfloat16().float()), ref):.1e} |")
+    mu16, nu16 = ref_mu.bfloat16().float(), ref_nu.bfloat16().float()
+    print(f"| fp32 bases rounded to bf16 (rounding alone) | — | {(mu16 - ref_mu).abs().max():.1e} | "
+          f"{relative(stem.attend_to_bases(q, mu16, nu16), ref):.1e} |")
     for name, run in runs.items():
         mu, nu = run()
         print(f"| {name} | {best[name] * 1e3:,.0f} ms | {(mu.float() - ref_mu).abs().max():.1e} | "

@@ -147,8 +147,9 @@ class EMAttention:
         mu, nu = self.bases(k_video, v_video, call, group)  # (B, h, K, d), (B, h, K, dv)
         return _unmerge(self.attend_to_bases(q_video, mu, nu), q.shape[1])  # (B, n, h, N, dv)
 
-    def bases(self, k: torch.Tensor, v: torch.Tensor, call: AttnCall, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key and value bases (B, h, K, d), (B, h, K, dv) of one scope's tokens k (B, h, T, d), v (B, h, T, dv)."""
+    def bases(self, k: torch.Tensor, v: torch.Tensor, call: AttnCall,
+              group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value bases (B, h, K, d), (B, h, K, dv) of scope `group`'s tokens k (B, h, T, d), v (B, h, T, dv)."""
         iters, init = self.iters, None
         if self.warm_start_iters is not None:
             if call.info.step is None:

@@ -112,10 +112,9 @@ def test_bases_are_nonnegative_combinations_of_the_tokens_with_the_last_responsi
         torch.testing.assert_close(mu[h], weights.T @ k[h], rtol=0, atol=1e-10)
         torch.testing.assert_close(nu[h], weights.T @ v[h], rtol=0, atol=1e-10)
     # the same weights, as an editor gets them to form value bases from other values
-    torch.testing.assert_close(responsibility_weights(k, before_last, 0.01),
-                               torch.stack([naive_e_step(k[h], before_last[h], 0.01) for h in range(H)])
-                               .div(torch.stack([naive_e_step(k[h], before_last[h], 0.01).sum(0) + EPS for h in range(H)])
-                                    .unsqueeze(1)), rtol=0, atol=1e-12)
+    z = torch.stack([naive_e_step(k[h], before_last[h], 0.01) for h in range(H)])  # (h, T, K)
+    torch.testing.assert_close(responsibility_weights(k, before_last, 0.01), z / (z.sum(1, keepdim=True) + EPS),
+                               rtol=0, atol=1e-12)
 
 
 def test_generator_makes_runs_repeat_and_seeds_differ():
