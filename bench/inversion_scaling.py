@@ -461,12 +461,13 @@ def forward_targets(a: argparse.Namespace, unet, size: int, frames: int) -> None
         forwards[name] = forward
     with unet.attention(lambda layer: per_frame if layer.endswith("attn1") else None):
         unet(x[:1], 500, prompt[:1], RunInfo(frames=1))  # one-off allocations and kernel choices, for neither side
-    best = best_of(a.repeats * 2, forwards)  # 2·repeats rounds: A B B A ...
+    best = best_of(a.repeats, forwards)  # A B, then B A, ...
     ratio = best["stem"] / best["1-frame"]
     attn_one, levels_one, _, _ = one.last
     attn_stem, levels_stem, parts, layers = stem.last
-    print(f"\n**Whole inversion forward, {size}² px ({size // 8}×{size // 8} latent), {frames} frames**: minimum of "
-          f"{a.repeats * 2} forwards each, ABBA order; self-attention = the 16 attn1 processors (last forward)\n")
+    print(f"\n**Whole inversion forward, {size}² px ({size // 8}×{size // 8} latent), {frames} frames**: "
+          f"{'minimum of ' + str(a.repeats) + ' forwards' if a.repeats > 1 else 'one forward'} each after a warm-up, "
+          f"order A B, B A, …; self-attention = the 16 attn1 processors (last forward)\n")
     print("| context | forward | self-attention | share |")
     print("|---|---:|---:|---:|")
     for name, seconds, attn in (("1-frame", best["1-frame"], attn_one), ("stem", best["stem"], attn_stem)):

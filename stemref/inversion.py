@@ -137,9 +137,10 @@ def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 
 
     `guidance` 1 (the default, as STEM and TokenFlow invert) uses the prompt only. `batch` bounds memory for
     the 1-frame context by running that many frames per UNet call; the other contexts need every frame in
-    one call. `options` go to the context (for "stem": num_bases, iters, tau, scope, chunk). context=None keeps
-    the processors installed in the UNet (a tuned video UNet's own self-attention, edit/tuning.py). `progress`
-    follows the DDIM steps, `vae_progress` the frames through the VAE encoder.
+    one call. `options` go to the context (for "stem": num_bases, iters, tau, scope, chunk, and the
+    off-by-default warm_start_iters, all_frame_if_few_tokens, low_precision_products; see context.EMAttention).
+    context=None keeps the processors installed in the UNet (a tuned video UNet's own self-attention,
+    edit/tuning.py). `progress` follows the DDIM steps, `vae_progress` the frames through the VAE encoder.
     """
     check_encodable(frames)
     settings = InversionSettings(prompt, steps, context, guidance, layers, seed, options)
