@@ -132,20 +132,30 @@ class EMAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
         if call.is_cross:
             return sdpa(q, k, v, call)
+        return self.attend(q, k, v, call)[0]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               call: AttnCall) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """The self-attention output (B·F, h, N, dv) and, per scope, the key bases (B, h, K, d) it attended to
+        (None for a scope that attended to all its tokens: all_frame_if_few_tokens)."""
         frames = call.info.frames
         qf, kf, vf = split_frames(q, frames), split_frames(k, frames), split_frames(v, frames)  # (B, F, h, N, ·)
         scope = self.scope or frames
-        groups = zip(qf.split(scope, 1), kf.split(scope, 1), vf.split(scope, 1))
-        out = [self._attend(*group, call, i) for i, group in enumerate(groups)]
-        return _rows(torch.cat(out, dim=1))  # (B·F, h, N, dv)
+        outs, bases = [], []
+        for i, group in enumerate(zip(qf.split(scope, 1), kf.split(scope, 1), vf.split(scope, 1))):
+            out, mu = self._attend(*group, call, i)
+            outs.append(out)
+            bases.append(mu)
+        return _rows(torch.cat(outs, dim=1)), bases  # (B·F, h, N, dv)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall, group: int) -> torch.Tensor:
-        """n frames (B, n, h, N, ·) share one set of bases; returns (B, n, h, N, dv)."""
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall,
+                group: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """n frames (B, n, h, N, ·) share one set of bases; returns (B, n, h, N, dv) and the bases (B, h, K, d)."""
         k_video, v_video, q_video = _video_tokens(k), _video_tokens(v), _video_tokens(q)  # (B, h, n·N, ·)
         if self.all_frame_if_few_tokens and k_video.shape[-2] <= self.num_bases:
-            return _unmerge(F.scaled_dot_product_attention(q_video, k_video, v_video), q.shape[1])
+            return _unmerge(F.scaled_dot_product_attention(q_video, k_video, v_video), q.shape[1]), None
         mu, nu = self.bases(k_video, v_video, call, group)  # (B, h, K, d), (B, h, K, dv)
-        return _unmerge(self.attend_to_bases(q_video, mu, nu), q.shape[1])  # (B, n, h, N, dv)
+        return _unmerge(self.attend_to_bases(q_video, mu, nu), q.shape[1]), mu  # (B, n, h, N, dv)
 
     def bases(self, k: torch.Tensor, v: torch.Tensor, call: AttnCall,
               group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

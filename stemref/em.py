@@ -50,9 +50,9 @@ def em_bases(keys: torch.Tensor, values: torch.Tensor, num_bases: int = 256, ite
     dtype = compute_dtype(keys)
     mu = _initial_bases(keys, num_bases, generator, chunk, dtype) if init is None else init.to(dtype)  # (..., h, K, d)
     for _ in range(iters - 1):
-        mu, _ = _em_step(keys, None, mu, tau, chunk, dtype, low_precision_products)
-    # the last iteration also accumulates zᵀv: ν shares the final responsibilities with μ
-    mu, nu = _em_step(keys, values, mu, tau, chunk, dtype, low_precision_products)
+        (mu,) = m_step(keys, mu, tau, keys, chunk=chunk, low_precision_products=low_precision_products)
+    # the last iteration also pools the values: ν shares the final responsibilities with μ
+    mu, nu = m_step(keys, mu, tau, keys, values, chunk=chunk, low_precision_products=low_precision_products)
     return mu.to(keys.dtype), nu.to(values.dtype)
 
 
@@ -63,18 +63,6 @@ def responsibilities(keys: torch.Tensor, bases: torch.Tensor, tau: float) -> tor
     """
     dtype = compute_dtype(keys)
     return _e_step(keys.to(dtype), _logit_weights(bases.to(dtype), tau))
-
-
-def responsibility_weights(keys: torch.Tensor, bases: torch.Tensor, tau: float) -> torch.Tensor:
-    """z̄ (..., T, K): the E-step's responsibilities normalised over tokens, z̄_tk = z_tk / (Σ_t z_tk + 1e-4).
-
-    These are the weights of one EM iteration's M-step: with `bases` the bases entering the last iteration
-    (em_bases(..., iters=R - 1)[0] for the same initial bases), em_bases(..., iters=R) returns z̄ᵀk and z̄ᵀv.
-    Forming value bases from other values with a source video's weights, z̄_srcᵀ v, is what an editor that
-    reuses the source's EM needs. Holds the whole T × K matrix: for the bases alone use em_bases, which streams.
-    """
-    z = responsibilities(keys, bases, tau)  # (..., T, K)
-    return z / (z.sum(dim=-2, keepdim=True) + EPS)  # (..., T, K)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -146,27 +134,32 @@ def _e_step(k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.softmax(k @ w.transpose(-1, -2), dim=-1)  # (..., c, K)
 
 
-def _em_step(keys: torch.Tensor, values: torch.Tensor | None, mu: torch.Tensor, tau: float, chunk: int | None,
-             dtype: torch.dtype, low_precision_products: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One EM iteration streamed over token chunks: μ = z̄ᵀk (..., h, K, d) and, if values are given, ν = z̄ᵀv.
+def m_step(keys: torch.Tensor, bases: torch.Tensor, tau: float, *pooled: torch.Tensor, chunk: int | None = None,
+           low_precision_products: bool = False) -> list[torch.Tensor]:
+    """One M-step, streamed over token chunks: z̄ᵀx for each x in `pooled`, with z̄ the responsibilities of
+    `keys` (..., T, d) to `bases` (..., K, d) normalised over the tokens, z̄_tk = z_tk / (Σ_t z_tk + 1e-4).
 
-    Each chunk's responsibilities are formed once and used at once (Σ_t z, zᵀk and zᵀv) while they are still
-    in cache; context.DEFAULT_CHUNK tokens keep them there on a CPU.
+    With pooled = (keys,) it is an EM iteration's new μ; with (keys, values) the last one's μ and ν. An editor
+    that forms an edited video's bases from the *source* video's responsibilities passes the source keys and
+    bases and pools the edited keys and values. Each x is (..., T, ·); results (..., K, ·) in float32 (float64
+    for float64 keys). Each chunk's responsibilities are formed once and used at once (Σ_t z and every zᵀx)
+    while they are still in cache; context.DEFAULT_CHUNK tokens keep them there on a CPU.
+    `low_precision_products`: see em_bases.
     """
-    w = _logit_weights(mu, tau)  # (..., h, K, d)
-    product_dtype = keys.dtype if low_precision_products and keys.dtype in LOW_PRECISION else dtype
-    z_sum = zk = zv = None
-    value_pieces = _chunks(values, chunk) if values is not None else None
+    dtype = compute_dtype(keys)
+    w = _logit_weights(bases.to(dtype), tau)  # (..., K, d)
+    pieces = [_chunks(x, chunk) for x in pooled]
+    product_dtypes = [x.dtype if low_precision_products and x.dtype in LOW_PRECISION else dtype for x in pooled]
+    z_sum, sums = None, [None] * len(pooled)
     for i, piece in enumerate(_chunks(keys, chunk)):
-        k = piece.to(dtype)  # (..., h, c, d): only one chunk is ever upcast
-        z = _e_step(k, w)  # (..., h, c, K)
-        zt = z.transpose(-1, -2).to(product_dtype)  # (..., h, K, c); in fp32 a view: the products read z in place
-        z_sum = _add(z_sum, z.sum(dim=-2))  # (..., h, K)
-        zk = _add(zk, (zt @ (k if product_dtype == dtype else piece)).to(dtype))  # (..., h, K, d)
-        if value_pieces is not None:
-            zv = _add(zv, (zt @ value_pieces[i].to(product_dtype)).to(dtype))  # (..., h, K, dv)
-    norm = z_sum.unsqueeze(-1) + EPS  # (..., h, K, 1): Σ_t z per basis
-    return zk / norm, (zv / norm if zv is not None else None)
+        z = _e_step(piece.to(dtype), w)  # (..., c, K): only one chunk is ever upcast
+        z_sum = _add(z_sum, z.sum(dim=-2))  # (..., K)
+        for j, (x_pieces, product_dtype) in enumerate(zip(pieces, product_dtypes)):
+            # in fp32 the transpose is a view: the product reads z in place
+            zx = z.transpose(-1, -2).to(product_dtype) @ x_pieces[i].to(product_dtype)  # (..., K, ·)
+            sums[j] = _add(sums[j], zx.to(dtype))
+    norm = z_sum.unsqueeze(-1) + EPS  # (..., K, 1): Σ_t z per basis
+    return [total / norm for total in sums]  # each (..., K, ·)
 
 
 def _add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:

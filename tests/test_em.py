@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stemref.em import em_bases, responsibilities, responsibility_weights
+from stemref.em import em_bases, m_step, responsibilities
 
 EPS = 1e-4
 H, T, D, DV, K = 2, 37, 8, 5, 6
@@ -111,10 +111,16 @@ def test_bases_are_nonnegative_combinations_of_the_tokens_with_the_last_responsi
         assert (weights.sum(0) < 1).all()
         torch.testing.assert_close(mu[h], weights.T @ k[h], rtol=0, atol=1e-10)
         torch.testing.assert_close(nu[h], weights.T @ v[h], rtol=0, atol=1e-10)
-    # the same weights, as an editor gets them to form value bases from other values
+    # one streamed M-step with those responsibilities, pooling other tokens too (an editor forming an edited
+    # video's bases from the source's responsibilities)
+    other = torch.randn(k.shape, generator=torch.Generator().manual_seed(9), dtype=k.dtype)
     z = torch.stack([naive_e_step(k[h], before_last[h], 0.01) for h in range(H)])  # (h, T, K)
-    torch.testing.assert_close(responsibility_weights(k, before_last, 0.01), z / (z.sum(1, keepdim=True) + EPS),
-                               rtol=0, atol=1e-12)
+    weights = z / (z.sum(1, keepdim=True) + EPS)  # (h, T, K)
+    for chunk in (None, 5):
+        pooled_k, pooled_other, pooled_v = m_step(k, before_last, 0.01, k, other, v, chunk=chunk)
+        torch.testing.assert_close(pooled_k, mu, rtol=0, atol=1e-12)
+        torch.testing.assert_close(pooled_other, weights.transpose(1, 2) @ other, rtol=0, atol=1e-12)
+        torch.testing.assert_close(pooled_v, nu, rtol=0, atol=1e-12)
 
 
 def test_generator_makes_runs_repeat_and_seeds_differ():

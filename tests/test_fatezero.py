@@ -236,13 +236,14 @@ def test_maps_recomputed_from_the_store_equal_maps_stored_directly(tiny_sd, inve
 
 
 def test_stem_bases_of_the_recorder_are_the_inversions(tiny_sd):
-    """stem_attention is EMAttention (same draws, same output) and hands out the bases it used."""
+    """EMAttention.attend (what the recorder calls) is EMAttention's output and hands out the bases it used."""
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(6, 2, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
     for scope in (None, 2):
         em = context_processor("stem", generator=torch.Generator().manual_seed(0), num_bases=3, scope=scope)
         twin = context_processor("stem", generator=torch.Generator().manual_seed(0), num_bases=3, scope=scope)
-        out, mu = fatezero.stem_attention(em, q, k, v, frames=3)
+        out, bases = em.attend(q, k, v, call(3))
+        mu = torch.stack([b[-1] for b in bases])  # the conditional branch's bases, one set per scope
         assert torch.equal(out, twin(q, k, v, call(3)))
         assert mu.shape == (1 if scope is None else 2, 2, 3, 4)
         # the stored maps: softmax(q μᵀ/√d) of the conditional branch, recomputed from (q, μ)

@@ -63,11 +63,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from ..attention import AttnCall, Processor, RunInfo, sdpa, split_frames, split_heads
+from ..attention import AttnCall, Processor, RunInfo, sdpa, split_heads
 from ..context import AllFrames, EMAttention, SparseCausal, SpatialTemporal, context_processor, gather_frames
-from ..em import EPS, compute_dtype, em_bases, responsibilities
+from ..em import compute_dtype, m_step
 from ..inversion import SELF_ATTENTION, Inversion, InversionSettings
 from ..pipeline import StableDiffusion, check_encodable
 from ..sampling import Progress, ddim_inversion_loop, predict_noise
@@ -301,31 +300,11 @@ class Recorder:
         if not isinstance(context, EMAttention):
             self.store.add(t, call.name, {"x": x})
             return context(q, k, v, call)
-        out, mu = stem_attention(context, q, k, v, frames)
-        self.store.add(t, call.name, {"x": x, "mu": mu})
+        out, bases = context.attend(q, k, v, call)
+        if any(mu is None for mu in bases):
+            raise ValueError("FateZero fuses STEM attention through its bases: turn all_frame_if_few_tokens off")
+        self.store.add(t, call.name, {"x": x, "mu": torch.stack([mu[-1] for mu in bases])})  # (G, h, K, d)
         return out
-
-
-def stem_attention(context: EMAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """EMAttention's output (B·F, h, N, dv) and the last branch's key bases (G, h, K, d), one per EM scope.
-
-    The same computation as EMAttention.__call__ (em_bases per scope, drawing from its generator in the same
-    order), which does not hand its bases out.
-    """
-    qf, kf, vf = split_frames(q, frames), split_frames(k, frames), split_frames(v, frames)  # (B, F, h, N, ·)
-    scope = context.scope or frames
-    outs, bases = [], []
-    for qs, ks, vs in zip(qf.split(scope, 1), kf.split(scope, 1), vf.split(scope, 1)):
-        mu, nu = em_bases(_video(ks), _video(vs), context.num_bases, context.iters, context.tau,
-                          generator=context.generator, chunk=context.chunk)  # (B, h, K, ·)
-        q_video = _video(qs)  # (B, h, n·N, d)
-        out = torch.cat([F.scaled_dot_product_attention(qc, mu, nu)
-                         for qc in q_video.split(context.chunk or q_video.shape[-2], -2)], dim=-2)  # (B, h, n·N, dv)
-        outs.append(_frames(out, qs.shape[1]))  # (B, n, h, N, dv)
-        bases.append(mu[-1])
-    out = torch.cat(outs, dim=1)  # (B, F, h, N, dv)
-    return out.reshape(-1, *out.shape[2:]), torch.stack(bases)  # (B·F, h, N, dv), (G, h, K, d)
 
 
 def _recording_eps(sd: StableDiffusion, inv: InversionSettings, frames: int, store: AttentionStore):
@@ -514,18 +493,11 @@ def bases_from_source(k_src: torch.Tensor, mu_src: torch.Tensor, k_edit: torch.T
                       tau: float, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """μ_edit = z̄ᵀ k_edit, ν_edit = z̄ᵀ v_edit with z̄ the source tokens' responsibilities to the source bases.
 
-    k_src, k_edit (h, T, d), v_edit (h, T, dv), mu_src (h, K, d) -> (h, K, d), (h, K, dv); streamed over
-    token chunks in float32 (float64 for float64) like the EM's M-step.
+    k_src, k_edit (h, T, d), v_edit (h, T, dv), mu_src (h, K, d) -> (h, K, d), (h, K, dv): one M-step of the
+    source's EM (em.m_step), pooling the edit's keys and values.
     """
-    dtype = compute_dtype(k_edit)
-    z_sum = zk = zv = 0
-    size = chunk or k_src.shape[-2]
-    for ks, ke, ve in zip(k_src.split(size, -2), k_edit.split(size, -2), v_edit.split(size, -2)):
-        z = responsibilities(ks, mu_src, tau)  # (h, c, K)
-        zt = z.transpose(-1, -2)  # (h, K, c)
-        z_sum, zk, zv = z_sum + z.sum(-2), zk + zt @ ke.to(dtype), zv + zt @ ve.to(dtype)
-    norm = z_sum.unsqueeze(-1) + EPS  # (h, K, 1)
-    return (zk / norm).to(k_edit.dtype), (zv / norm).to(v_edit.dtype)
+    mu, nu = m_step(k_src, mu_src, tau, k_edit, v_edit, chunk=chunk)
+    return mu.to(k_edit.dtype), nu.to(v_edit.dtype)
 
 
 @torch.no_grad()
