@@ -22,8 +22,10 @@ from pathlib import Path
 
 import pytest
 
+import stemref.cli.download as download_command
 import stemref.download as download_module
-from stemref.download import DownloadError, Progress, download, main
+from stemref.cli.download import main
+from stemref.download import DownloadError, Progress, download
 
 REPO = "test-org/tiny-sd"
 UNET16 = "unet/diffusion_pytorch_model.fp16.safetensors"
@@ -471,7 +473,7 @@ def test_a_to_folder_under_a_file_is_refused_before_any_request(hub, tmp_path, c
 
 
 def test_sigterm_exits_143_and_keeps_finished_files(hub, tmp_path, capsys, monkeypatch):
-    real = download_module._stderr_progress
+    real = download_command.stderr_progress
 
     def terminate_at_the_unet(line):
         show = real(line)
@@ -482,7 +484,7 @@ def test_sigterm_exits_143_and_keeps_finished_files(hub, tmp_path, capsys, monke
                 os.kill(os.getpid(), signal.SIGTERM)
         return report
 
-    monkeypatch.setattr(download_module, "_stderr_progress", terminate_at_the_unet)
+    monkeypatch.setattr(download_command, "stderr_progress", terminate_at_the_unet)
     assert cli(hub, tmp_path) == 143
     err = capsys.readouterr().err
     assert err.endswith("interrupted; run the same command again to resume\n")

@@ -38,6 +38,7 @@ import torch
 
 from . import (DTYPES, UserError, check_model_arguments, check_output_folder, check_prompt, check_steps, load_model,
                model_inputs, output_folder, progress_printer, run, warn, warn_if_large)
+from .download import stderr_progress
 from .measure import clock, consistency, peak_memory, reset_peak_memory, source_fps
 from ..context import CONTEXTS
 from ..download import DEFAULT_BASE_URL, DownloadError, download
@@ -575,19 +576,8 @@ def ensure_weights(s: dict[str, Any]) -> None:
                         "download SD1.5 into")
     print(f"no weights at {weights}: downloading SD1.5 (fp16, about 2 GB) from {s['hub_url']} "
           "(resumable; --offline to refuse)", file=sys.stderr, flush=True)
-    download(weights, base_url=s["hub_url"], progress=_download_progress())
-
-
-def _download_progress():
-    printers: dict[str, progress_printer] = {}
-
-    def show(p) -> None:
-        if p.status == "skipped":
-            return
-        printer = printers.setdefault(p.path, progress_printer(p.path, unit="MB"))
-        total = p.total or p.done
-        printer(p.done // 2**20 if p.status != "done" else max(total // 2**20, 1), max(total // 2**20, 1))
-    return show
+    with progress_printer("download") as line:
+        download(weights, base_url=s["hub_url"], progress=stderr_progress(line))
 
 
 def read_frames(s: dict[str, Any]) -> torch.Tensor:
