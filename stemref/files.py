@@ -1,4 +1,5 @@
-"""Writing files so that a failure never leaves a partial one behind, and recognising a whole safetensors file."""
+"""Writing files so that a failure never leaves a partial one behind, recognising a whole safetensors file, and
+stemref's own safetensors files (tensors plus JSON metadata: inversions, tuned weights)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,9 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 
 @contextmanager
@@ -72,3 +76,42 @@ def safetensors_problem(path: Path) -> str | None:
         if (prefix + header).lstrip().startswith(magic):
             return what
     return f"not a safetensors file ({size} bytes that do not start with a safetensors header)"
+
+
+def save_stemref_file(path: str | os.PathLike, tensors: dict, meta: dict, what: str) -> Path:
+    """Tensors and the JSON `meta` (metadata key "stemref") in one .safetensors file, written atomically.
+
+    `what` names the kind of file in messages ("inversion", "tuned-weights").
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot save the {what} to {path}: folder {path.parent} does not exist; "
+                                "create it first")
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata={"stemref": json.dumps(meta)})
+    return path
+
+
+def read_stemref_file(path: str | os.PathLike, fmt: str, what: str, how_to_make: str) -> tuple[dict, dict]:
+    """(meta, tensors) of a file written by save_stemref_file whose meta["format"] is `fmt`.
+
+    FileNotFoundError (naming `how_to_make`) when there is no file; ValueError for anything else.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} file at {path}; {how_to_make}")
+    not_ours = f"{path} is not a stemref {what} file ({fmt})"
+    try:
+        f = safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise ValueError(f"{not_ours}: not safetensors ({e})") from e
+    with f:
+        raw = (f.metadata() or {}).get("stemref")
+        try:
+            meta = json.loads(raw) if raw is not None else None
+        except ValueError as e:
+            raise ValueError(f"{not_ours}: its metadata is not JSON ({e})") from e
+        if not isinstance(meta, dict) or meta.get("format") != fmt:
+            raise ValueError(not_ours)
+        return meta, {k: f.get_tensor(k) for k in f.keys()}

@@ -11,18 +11,15 @@ Dimension legend: S steps, F frames, h × w latent grid (H/8 × W/8).
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .attention import RunInfo
 from .context import CONTEXTS, context_processor
-from .files import atomic_path
+from .files import read_stemref_file, save_stemref_file
 from .frames import check_finite
 from .pipeline import StableDiffusion, check_encodable
 from .sampling import NoiseFn, Progress, check_guidance, ddim_inversion_loop, ddim_sample_loop, predict_noise
@@ -63,41 +60,17 @@ class Inversion:
 
     def save(self, path: str | Path) -> Path:
         """One .safetensors file: the latents, and the settings as JSON in its metadata."""
-        path = Path(path)
         meta = {"format": FORMAT, "timesteps": self.timesteps, "settings": asdict(self.settings)}
-        if not path.parent.is_dir():
-            raise FileNotFoundError(f"cannot save the inversion to {path}: folder {path.parent} does not exist; "
-                                    "create it first")
-        with atomic_path(path) as tmp:
-            save_file({"latents": self.latents.contiguous().cpu()}, tmp, metadata={"stemref": json.dumps(meta)})
-        return path
+        return save_stemref_file(path, {"latents": self.latents}, meta, "inversion")
 
     @classmethod
     def load(cls, path: str | Path) -> "Inversion":
         """Read a file written by `save`; refuses, with ValueError, anything whose contents do not fit."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no inversion file at {path}; make one with `python -m stemref.invert`")
-        try:
-            f = safe_open(str(path), framework="pt")
-        except SafetensorError as e:
-            raise ValueError(f"{path} is not a stemref inversion file ({FORMAT}): not safetensors ({e})") from e
-        with f:
-            meta = _parse_meta((f.metadata() or {}).get("stemref"), path)
-            if "latents" not in f.keys():
-                raise ValueError(f"{path} is not a stemref inversion file ({FORMAT}): it holds no latents")
-            latents = f.get_tensor("latents")
-        return _checked(latents, meta, path)
-
-
-def _parse_meta(raw: str | None, path: Path) -> dict:
-    try:
-        meta = json.loads(raw) if raw is not None else None
-    except ValueError as e:
-        raise ValueError(f"{path} is not a stemref inversion file ({FORMAT}): its metadata is not JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a stemref inversion file ({FORMAT})")
-    return meta
+        meta, tensors = read_stemref_file(path, FORMAT, "inversion", "make one with `python -m stemref.invert`")
+        if "latents" not in tensors:
+            raise ValueError(f"{path} is not a stemref inversion file ({FORMAT}): it holds no latents")
+        return _checked(tensors["latents"], meta, path)
 
 
 def _checked(latents: torch.Tensor, meta: dict, path: Path) -> Inversion:

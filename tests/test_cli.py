@@ -33,8 +33,8 @@ import stemref
 import stemref.context
 import stemref.inversion
 import stemref.sampling
-import stemref.download as download_module
 from stemref.cli import MARKER
+from stemref.cli import download as download_cli
 from stemref.cli import invert as invert_cli
 from stemref.cli import txt2img as txt2img_cli
 from stemref.inversion import Inversion, invert, reconstruct
@@ -515,7 +515,7 @@ def test_output_files_all_get_the_same_permissions(stem_run):
 @pytest.mark.parametrize("module, outputs", [
     (invert_cli, ["inversion.safetensors", "reconstruction.mp4", "side_by_side.mp4", "metrics.json", "compare.md"]),
     (txt2img_cli, [".png"]),
-    (download_module, ["weights/README.md"]),
+    (download_cli, ["weights/README.md"]),
 ])
 def test_help_lists_defaults_and_outputs(module, outputs, monkeypatch, capsys):
     parsers = []

@@ -24,7 +24,6 @@ Dimension legend: F frames, h × w latent grid, L text tokens, D text width.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,12 +31,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..attention import Processor, RunInfo
 from ..context import FineCoarse, SparseCausal
-from ..files import atomic_path
+from ..files import read_stemref_file, save_stemref_file
 from ..pipeline import StableDiffusion, check_encodable
 from ..temporal import SpectralLinear, VideoConfig, init_temporal_
 from ..unet import BasicTransformerBlock, UNet2DConditionModel
@@ -161,35 +158,14 @@ class Tuned:
 
     def save(self, path: str | Path) -> Path:
         """One .safetensors file: only the tuned tensors; method, options, base identity and settings as metadata."""
-        path = Path(path)
-        if not path.parent.is_dir():
-            raise FileNotFoundError(f"cannot save the tuned weights to {path}: folder {path.parent} does not exist; "
-                                    "create it first")
         meta = {"format": FORMAT, "method": self.method, "options": self.options, "base": self.base,
                 "settings": asdict(self.settings), "losses": self.losses}
-        with atomic_path(path) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}, tmp,
-                      metadata={"stemref": json.dumps(meta)})
-        return path
+        return save_stemref_file(path, self.tensors, meta, "tuned-weights")
 
     @classmethod
     def load(cls, path: str | Path) -> "Tuned":
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no tuned-weights file at {path}; make one with stemref.edit.tuning.tune")
-        try:
-            f = safe_open(str(path), framework="pt")
-        except SafetensorError as e:
-            raise ValueError(f"{path} is not a stemref tuned-weights file ({FORMAT}): not safetensors ({e})") from e
-        with f:
-            raw = (f.metadata() or {}).get("stemref")
-            try:
-                meta = json.loads(raw) if raw is not None else {}
-            except ValueError:
-                meta = {}
-            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a stemref tuned-weights file ({FORMAT})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta, tensors = read_stemref_file(path, FORMAT, "tuned-weights", "make one with stemref.edit.tuning.tune")
         try:
             tuned = cls(meta["method"], method_options(meta["method"], meta["options"]), tensors, meta["base"],
                         TuneSettings(**meta["settings"]), list(meta["losses"]))
