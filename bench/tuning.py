@@ -25,14 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from inversion_scaling import current_rss, fit_line, random_unet, rss_of  # noqa: E402
+from inversion_scaling import current_rss, fit_line, random_unet, run_process  # noqa: E402
 
 METHODS = ("tune-a-video", "ei2")
 UNET_PARAMS, TEMPORAL_PARAMS, TUNED_PARAMS = 859_520_964, 49_599_040, 74_354_880  # SD1.5; + Tune-A-Video; tuned
@@ -95,25 +93,7 @@ def measure(method: str, checkpointing: bool, frames: int, a: argparse.Namespace
 def run_child(method: str, checkpointing: bool, frames: int, a: argparse.Namespace) -> tuple[dict | None, str]:
     cmd = [sys.executable, __file__, "--child", method, str(int(checkpointing)), str(frames), "--device", a.device,
            "--size", str(a.size), "--seed", str(a.seed)] + (["--threads", str(a.threads)] if a.threads else [])
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-        start, why = time.monotonic(), ""
-        while child.poll() is None:
-            time.sleep(0.1)
-            if time.monotonic() - start > a.max_seconds:
-                why = f"over {a.max_seconds:.0f} s"
-            elif a.device == "cpu" and rss_of(child.pid) > a.max_memory_gb * GiB:
-                why = f"over {a.max_memory_gb:g} GiB"
-            if why:
-                child.kill()
-                child.wait()
-                return None, why
-        out.seek(0), err.seek(0)
-        lines = out.read().strip().splitlines()
-        if child.returncode or not lines:
-            message = err.read().strip().splitlines()
-            return None, f"failed: {message[-1] if message else child.returncode}"
-        return json.loads(lines[-1]), ""
+    return run_process(cmd, a)
 
 
 def static_gpu_bytes() -> dict[str, float]:
