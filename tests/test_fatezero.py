@@ -405,6 +405,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "examples" / "configs").
 
 def test_example_configs_are_complete_fatezero_settings(tmp_path):
     from stemref.cli import edit as edit_cli
+    from stemref.cli import edit_methods
 
     assert [c.stem for c in CONFIGS] == ["fatezero-attribute-bear-tiger", "fatezero-bunny",
                                          "fatezero-local-jeep-porsche", "fatezero-style-jeep-watercolor"]
@@ -414,7 +415,7 @@ def test_example_configs_are_complete_fatezero_settings(tmp_path):
     for config in CONFIGS:
         s = edit_cli.resolve_settings(edit_cli.build_parser(), [str(clip), "--config", str(config)])
         assert s["method"] == "fatezero" and s["inversion"] == ("stem" if "bunny" in config.stem else "fatezero")
-        settings[config.stem] = FateZeroSettings(**edit_cli.fatezero_settings(s))
+        settings[config.stem] = FateZeroSettings(**edit_methods.fatezero_settings(s))
         assert settings[config.stem].max_tokens == 1024 and settings[config.stem].fix_shift is False  # official
     assert settings["fatezero-local-jeep-porsche"].blend_words == (["silver", "jeep"], ["Porsche", "car"])
     assert settings["fatezero-style-jeep-watercolor"].reweight == {"watercolor": 10.0}

@@ -1,0 +1,290 @@
+"""The editing methods of `python -m stemref.edit`: each one's options and its two steps.
+
+A method registers an `Option` table (flags and TOML keys), `prepare` (once per video, cached: the inversion,
+or tuning then inversion) and `edit` (once per target prompt: the edited frames). The editors themselves are
+in stemref/edit/; this module only maps the command's flat settings onto them.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import UserError, progress_printer
+from .measure import clock
+from ..context import CONTEXTS
+from ..edit import fatezero, tokenflow, tuning
+from ..edit import tuned as tuned_editing
+from ..edit.cache import Cache, key_of, tensor_digest, weights_fingerprint
+from ..inversion import FORMAT as INVERSION_FORMAT
+from ..inversion import Inversion, invert
+from ..pipeline import StableDiffusion
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: a command-line flag `--name-with-dashes` and a TOML key `name_with_underscores`."""
+
+    name: str
+    type: type  # str, int, float, bool, Path; `list` for repeatable strings
+    default: Any
+    help: str
+    choices: tuple | None = None
+
+
+@dataclass
+class Job:
+    """What a method's steps get: the model, the frames, the resolved settings and the command's reporting."""
+
+    sd: StableDiffusion
+    frames: torch.Tensor  # (F, 3, H, W) in [0, 1]
+    settings: dict[str, Any]
+    cache_root: Path | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def progress(self, label: str, unit: str = "step") -> progress_printer:
+        return progress_printer(label, unit)
+
+    def say(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Method:
+    summary: str
+    options: tuple[Option, ...]
+    prepare: Callable[[Job], Any]  # once per video (cached): e.g. the inversion
+    edit: Callable[[Job, Any, str], torch.Tensor]  # once per target prompt: the edited frames (F, 3, H, W)
+    negative: str = ""  # the unconditional prompt when --negative is not given
+    inversion: str = "stem"  # the inversion context when --inversion is not given
+    guidance: float = 7.5  # the guidance scale when --guidance is not given
+    gpu_dtype: str = "fp16"  # the model precision on a GPU when --dtype is not given
+    inversions: tuple[str, ...] = CONTEXTS  # the --inversion values it accepts
+    check: Callable[[dict], None] | None = None  # refuses bad settings of its own before any slow work
+
+
+TOKENFLOW = (
+    Option("batch", int, 8, "TokenFlow: frames per batch (one keyframe each)"),
+    Option("pnp_attn", float, 0.5, "TokenFlow: fraction of steps with self-attention q/k injection"),
+    Option("pnp_conv", float, 0.8, "TokenFlow: fraction of steps with ResNet feature injection"),
+    Option("freeu", bool, True, "FreeU with STEM's settings (b1 1.2, b2 1.4, s1 0.9, s2 0.2)"),
+    Option("blend", str, "official", "TokenFlow: how a frame mixes two keyframes: the official sigmoid of distances "
+           "to batch centres, or linear in the distances to the sampled keyframes", tokenflow.BLENDS),
+)
+
+# FateZero: one official p2p_config entry; its key in brackets
+FATEZERO = (
+    Option("cross_window", float, 0.8, "FateZero: fraction of the steps whose cross-attention maps are fused "
+           "[cross_replace_steps]"),
+    Option("word_window", list, None, "FateZero: WORD=FRACTION, a target word's own cross window; repeatable"),
+    Option("self_window", float, 0.6, "FateZero: fraction of the steps whose self-attention maps are fused "
+           "[self_replace_steps]"),
+    Option("controller", str, "replace", "FateZero: replace (word swap; refine when the word counts differ) or "
+           "refine (token alignment) [is_replace_controller]", ("replace", "refine")),
+    Option("reweight", list, None, "FateZero: WORD=FACTOR, scale a target word's cross-attention [eq_params]; "
+           "repeatable"),
+    Option("blend_source", list, None, "FateZero: source words of the blend mask [blend_words[0]]; repeatable"),
+    Option("blend_target", list, None, "FateZero: target words of latent blending [blend_words[1]]; repeatable"),
+    Option("blend_self_attention", bool, False, "FateZero: keep the edit's self-attention inside the source words' "
+           "mask"),
+    Option("blend_latents", bool, False, "FateZero: reset the latents outside the source and target words' masks"),
+    Option("blend_threshold", float, 0.3, "FateZero: blend mask threshold [blend_th]"),
+    Option("fuse_all_layers", bool, False, "FateZero: fuse the 64² layers too (official: query length ≤ 1024)"),
+    Option("fix_shift", bool, False, "FateZero: keep the word-swap mapper aligned after a word whose token count "
+           "changes (corrects the official code)"),
+    Option("strip_punctuation", bool, False, "FateZero: find words with punctuation attached (corrects the "
+           "official code)"),
+    Option("st_attention", str, "mid", "FateZero's spatial-temporal attention, with --inversion fatezero: the middle "
+           "frame, or the previous and first frames", ("mid", "first+previous")),
+    Option("min_channels", int, 640, "FateZero: narrowest layer that attends to the middle frame [least_sc_channel]"),
+    Option("store_memory", int, 1024, "FateZero: MiB of attention store kept in memory; the rest goes to disk"),
+    Option("store_dir", Path, None, "FateZero: folder for the spilled attention store (default: a temporary one)"),
+)
+
+TUNING = (
+    Option("tune_steps", int, 500, "tune-a-video/ei2: one-shot tuning steps"),
+    Option("lr", float, 3e-5, "tune-a-video/ei2: AdamW learning rate of the tuning"),
+    Option("checkpointing", bool, True, "tune-a-video/ei2: gradient checkpointing while tuning (less memory, "
+           "same result)"),
+    Option("tune_precision", str, "fp16", "tune-a-video/ei2: autocast precision of the tuning on a GPU (fp32 "
+           "master weights; ignored on CPU)", ("fp16", "bf16")),
+)
+TUNE_A_VIDEO = TUNING + (
+    Option("temporal_bias", str, "random", "tune-a-video: initial output bias of the temporal attention: random "
+           "(the official code's) or zero", ("random", "zero")),
+)
+EI2 = TUNING + (
+    Option("stam_position", str, "before_cross", "ei2: STAM before the cross-attention (the paper) or after the "
+           "feed-forward (Tune-A-Video's slot)", ("before_cross", "after_ff")),
+    Option("stam_centring", str, "frames", "ei2: Instance Centering over the frames (Eq. 6) or over the channels",
+           ("frames", "channels")),
+    Option("spectral_norm", str, "power", "ei2: spectral normalisation by Miyato's power method or exact SVD",
+           ("power", "exact")),
+    Option("ffam_r", int, 2, "ei2: FFAM's downsampling factor of the other frames"),
+    Option("ffam_downsample", str, "avg", "ei2: FFAM's downsampling: average r×r cells or keep every r-th token",
+           ("avg", "stride")),
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Methods
+# ---------------------------------------------------------------------------------------------------
+
+
+def cached_inversion(job: Job, sd: StableDiffusion | None = None, prompt: str | None = None) -> Inversion:
+    """The inversion of job.frames with the source prompt and the --inversion context, from the cache if there.
+
+    `sd` and `prompt` replace job.sd and the source prompt: a tuned model inverts with the empty prompt.
+    """
+    s = job.settings
+    sd = sd or job.sd
+    prompt = s["source"] if prompt is None else prompt
+    options = {"stem": {"num_bases": s["num_bases"], "scope": s["scope"]},
+               "fatezero": {"mode": s["st_attention"], "min_channels": s["min_channels"]}}.get(s["inversion"], {})
+    description = {"kind": "inversion", "format": INVERSION_FORMAT, "frames": tensor_digest(job.frames),
+                   "prompt": prompt, "steps": s["steps"], "context": s["inversion"], "options": options,
+                   "seed": s["seed"], "weights": weights_fingerprint(sd),
+                   "dtype": str(sd.dtype)}
+    cache, key = Cache(job.cache_root, "inversions"), key_of(description)
+    found = cache.get(key, Inversion.load)
+    if found is not None:
+        job.say(f"inversion: reusing {cache.path(key)}")
+        job.timings["inversion"] = 0.0
+        return found
+    started = clock(job.sd.device)
+    context = None if s["inversion"] == "model" else s["inversion"]
+    with job.progress("encoding frames", unit="frame") as encoding, job.progress(f"{s['inversion']} inversion") as report:
+        inversion = invert(sd, job.frames, prompt, s["steps"], context, seed=s["seed"], progress=report,
+                           vae_progress=encoding, **options)
+    job.timings["inversion"] = clock(job.sd.device) - started
+    if cache.put(key, inversion.save) is not None:
+        job.say(f"inversion: cached as {cache.path(key)}")
+    return inversion
+
+
+def tokenflow_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
+    s = job.settings
+    with job.progress(f"TokenFlow: {_short(target)}") as report:
+        latents = tokenflow.edit_latents(job.sd, inversion, target, negative_prompt=s["negative"],
+                                         guidance=s["guidance"], batch=s["batch"], pnp_attn=s["pnp_attn"],
+                                         pnp_conv=s["pnp_conv"], freeu=s["freeu"], seed=s["seed"], blend=s["blend"],
+                                         progress=report)
+    return decode(job, latents)
+
+
+def fatezero_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
+    s = job.settings
+    with job.progress(f"FateZero: {_short(target)}") as report:
+        latents = fatezero.edit_latents(job.sd, inversion, s["source"], target, guidance=s["guidance"],
+                                        negative_prompt=s["negative"], memory_budget=s["store_memory"] * 2**20,
+                                        store_dir=s["store_dir"], progress=report, **fatezero_settings(s))
+    return decode(job, latents)
+
+
+def fatezero_settings(s: dict[str, Any]) -> dict[str, Any]:
+    """The FateZeroSettings fields from the command's flat settings (WORD=NUMBER lists become dicts)."""
+    return dict(cross_window=s["cross_window"], word_windows=_word_numbers(s["word_window"], "word-window"),
+                self_window=s["self_window"], controller=s["controller"],
+                reweight=_word_numbers(s["reweight"], "reweight"),
+                blend_words=(s["blend_source"] or [], s["blend_target"] or [])
+                if s["blend_source"] or s["blend_target"] else None,
+                blend_self_attention=s["blend_self_attention"], blend_latents=s["blend_latents"],
+                blend_threshold=s["blend_threshold"], max_tokens=None if s["fuse_all_layers"] else 1024,
+                fix_shift=s["fix_shift"], strip_punctuation=s["strip_punctuation"])
+
+
+def _word_numbers(items: list[str] | None, flag: str) -> dict[str, float]:
+    out = {}
+    for item in items or []:
+        word, _, number = item.rpartition("=")
+        try:
+            out[word] = float(number)
+        except ValueError:
+            word = ""
+        if not word or not math.isfinite(out[word]):
+            raise UserError(f"--{flag} {item!r}: write WORD=NUMBER, e.g. --{flag} watercolor=10")
+    return out
+
+
+def check_fatezero(s: dict[str, Any]) -> None:
+    """What FateZero's own settings refuse (word lists, blending without words), before the model loads."""
+    try:
+        fatezero.FateZeroSettings(**fatezero_settings(s))
+    except ValueError as e:
+        raise UserError(f"FateZero settings: {e}") from None
+    if s["store_dir"] is not None and Path(s["store_dir"]).exists() and any(Path(s["store_dir"]).iterdir()):
+        raise UserError(f"--store-dir {s['store_dir']} is not empty; name a new or empty folder")
+
+
+def cached_tuning(job: Job) -> tuning.Tuned:
+    """The one-shot tuning of --method on job.frames with the source prompt, from the cache if there."""
+    s, sd = job.settings, job.sd
+    method = s["method"]
+    options = {name: s[name] for name in tuning.METHODS[method]}
+    precision = s["tune_precision"] if sd.device.type == "cuda" else None
+    # checkpointing is left out: it changes memory and time, not the result
+    description = {"kind": "tuned", "format": tuning.FORMAT, "frames": tensor_digest(job.frames),
+                   "prompt": s["source"], "method": method, "options": options, "steps": s["tune_steps"],
+                   "lr": s["lr"], "seed": s["seed"], "precision": precision,
+                   "weights": weights_fingerprint(sd), "dtype": str(sd.dtype)}
+    cache, key = Cache(job.cache_root, "tuned"), key_of(description)
+    found = cache.get(key, tuning.Tuned.load)
+    if found is not None:
+        job.say(f"tuning: reusing {cache.path(key)}")
+        job.timings["tuning"] = 0.0
+        return found
+    started = clock(sd.device)
+    with job.progress(f"{method} tuning") as report:
+        def show(done: int, total: int, loss: float) -> None:
+            report.label = f"{method} tuning (loss {loss:.4f})"
+            report(done, total)
+        result = tuning.tune(sd, job.frames, s["source"], method, steps=s["tune_steps"], lr=s["lr"], seed=s["seed"],
+                             checkpointing=s["checkpointing"], autocast=precision, progress=show, **options)
+    job.timings["tuning"] = clock(sd.device) - started
+    if cache.put(key, result.save) is not None:
+        job.say(f"tuning: cached as {cache.path(key)}")
+    return result
+
+
+def tuned_prepare(job: Job) -> tuple[StableDiffusion, Inversion]:
+    """Tune (or reuse the tuning), then invert with the tuned model and the empty prompt."""
+    model = cached_tuning(job).model(job.sd)
+    return model, cached_inversion(job, model, prompt="")
+
+
+def tuned_edit(job: Job, prepared: tuple[StableDiffusion, Inversion], target: str) -> torch.Tensor:
+    s = job.settings
+    model, inversion = prepared
+    with job.progress(f"{s['method']}: {_short(target)}") as report:
+        latents = tuned_editing.edit_latents(model, inversion, target, s["guidance"], s["negative"], report)
+    return decode(job, latents)
+
+
+def decode(job: Job, latents: torch.Tensor) -> torch.Tensor:
+    """VAE-decode (F, 4, h, w) latents to frames (F, 3, H, W) on the CPU, with progress."""
+    with job.progress("decoding", unit="frame") as report:
+        return job.sd.decode_latents(latents, progress=report).cpu()
+
+
+METHODS: dict[str, Method] = {
+    "tokenflow": Method("TokenFlow (STEM's editor): PnP injection, keyframe attention, token propagation, FreeU",
+                        TOKENFLOW, cached_inversion, tokenflow_edit, tokenflow.DEFAULT_NEGATIVE),
+    "fatezero": Method("FateZero: inversion attention fused into the edit (prompt-to-prompt replace, refine, "
+                       "reweight, blend masks)", FATEZERO, cached_inversion, fatezero_edit, check=check_fatezero),
+    "tune-a-video": Method("Tune-A-Video: one-shot tuning of an inflated UNet (sparse-causal and temporal attention), "
+                           "DDIM inversion and guided sampling with the tuned model", TUNE_A_VIDEO, tuned_prepare,
+                           tuned_edit, inversion="model", guidance=tuned_editing.GUIDANCE["tune-a-video"],
+                           gpu_dtype="fp32", inversions=tuned_editing.INVERSIONS),
+    "ei2": Method("EI²: Tune-A-Video with STAM (shift-restricted temporal attention) and FFAM (fine-coarse frame "
+                  "attention)", EI2, tuned_prepare, tuned_edit, inversion="model",
+                  guidance=tuned_editing.GUIDANCE["ei2"], gpu_dtype="fp32", inversions=tuned_editing.INVERSIONS),
+}
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 30 else text[:29] + "…"
