@@ -103,27 +103,25 @@ class Propagation:
         if call.is_cross:
             return sdpa(q, k, v, call)
         features = self.cache[call.name]
-        B = call.info.frames
-        inputs = call.x[:B]  # (B, N, C): matched on the source branch's tokens only
-        out = _nearest_outputs(features, self.index, inputs)  # (3, B, h, N, d)
+        B, (N, C) = call.info.frames, call.x.shape[1:]
+        # matched on the source branch's tokens only; fp32 at least: argmax on fp16 cosines would tie too often
+        work = torch.promote_types(call.x.dtype, torch.float32)
+        tokens = F.normalize(call.x[:B].reshape(B * N, C).to(work), dim=-1)  # (B·N, C)
+        out = _nearest_outputs(features, self.index, tokens, B)  # (3, B, h, N, d)
         if self.index > 0:
-            w = self.weights.to(out.dtype).view(1, B, 1, 1, 1)
-            out = w * out + (1 - w) * _nearest_outputs(features, self.index - 1, inputs)
+            w = self.weights.to(out.device, out.dtype).view(1, B, 1, 1, 1)
+            out = w * out + (1 - w) * _nearest_outputs(features, self.index - 1, tokens, B)
         return out.reshape(3 * B, *out.shape[2:])  # (3B, h, N, d)
 
 
-def _nearest_outputs(features: KeyframeFeatures, keyframe: int, inputs: torch.Tensor) -> torch.Tensor:
-    """For each token of `inputs` (B, N, C), keyframe `keyframe`'s attention outputs at the token of highest
-    cosine similarity, in all three branches: (3, B, h, N, d)."""
-    B, N, C = inputs.shape
-    work = torch.promote_types(inputs.dtype, torch.float32)  # argmax on fp16 cosines would tie too often
-    keys = F.normalize(features.inputs[keyframe].to(work), dim=-1)  # (N_kf, C)
-    tokens = inputs.reshape(B * N, C)  # (B·N, C)
-    nearest = torch.cat([(F.normalize(chunk.to(work), dim=-1) @ keys.T).argmax(dim=-1)
-                         for chunk in tokens.split(MATCH_CHUNK)])  # (B·N,)
+def _nearest_outputs(features: KeyframeFeatures, keyframe: int, tokens: torch.Tensor, frames: int) -> torch.Tensor:
+    """For each of the unit-norm `tokens` (B·N, C) of `frames` frames, keyframe `keyframe`'s attention outputs at
+    its token of highest cosine similarity, in all three branches: (3, B, h, N, d)."""
+    keys = F.normalize(features.inputs[keyframe].to(tokens.dtype), dim=-1)  # (N_kf, C)
+    nearest = torch.cat([(chunk @ keys.T).argmax(dim=-1) for chunk in tokens.split(MATCH_CHUNK)])  # (B·N,)
     out = features.outputs[:, keyframe]  # (3, h, N_kf, d)
     gathered = out.index_select(2, nearest)  # (3, h, B·N, d)
-    return gathered.view(3, out.shape[1], B, N, -1).transpose(1, 2)  # (3, B, h, N, d)
+    return gathered.view(3, out.shape[1], frames, -1, out.shape[-1]).transpose(1, 2)  # (3, B, h, N, d)
 
 
 def batch_ranges(frames: int, batch: int) -> list[range]:
