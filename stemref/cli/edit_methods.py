@@ -10,6 +10,7 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,27 @@ class Job:
 
     def say(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
+
+    @cached_property
+    def frames_digest(self) -> str:
+        return tensor_digest(self.frames)
+
+    def cached(self, label: str, folder: str, description: dict, load: Callable[[Path], Any],
+               compute: Callable[[], Any]) -> Any:
+        """The cache entry (under `folder`) for `description` if there is a sound one, else `compute()`, timed and
+        stored with its `.save(path)`; `label` names it in messages and in the timings."""
+        cache, key = Cache(self.cache_root, folder), key_of(description)
+        found = cache.get(key, load)
+        if found is not None:
+            self.say(f"{label}: reusing {cache.path(key)}")
+            self.timings[label] = 0.0
+            return found
+        started = clock(self.sd.device)
+        result = compute()
+        self.timings[label] = clock(self.sd.device) - started
+        if cache.put(key, result.save) is not None:
+            self.say(f"{label}: cached as {cache.path(key)}")
+        return result
 
 
 @dataclass(frozen=True)
@@ -146,25 +168,17 @@ def cached_inversion(job: Job, sd: StableDiffusion | None = None, prompt: str | 
     prompt = s["source"] if prompt is None else prompt
     options = {"stem": {"num_bases": s["num_bases"], "scope": s["scope"]},
                "fatezero": {"mode": s["st_attention"], "min_channels": s["min_channels"]}}.get(s["inversion"], {})
-    description = {"kind": "inversion", "format": INVERSION_FORMAT, "frames": tensor_digest(job.frames),
+    description = {"kind": "inversion", "format": INVERSION_FORMAT, "frames": job.frames_digest,
                    "prompt": prompt, "steps": s["steps"], "context": s["inversion"], "options": options,
-                   "seed": s["seed"], "weights": weights_fingerprint(sd),
-                   "dtype": str(sd.dtype)}
-    cache, key = Cache(job.cache_root, "inversions"), key_of(description)
-    found = cache.get(key, Inversion.load)
-    if found is not None:
-        job.say(f"inversion: reusing {cache.path(key)}")
-        job.timings["inversion"] = 0.0
-        return found
-    started = clock(job.sd.device)
+                   "seed": s["seed"], "weights": weights_fingerprint(sd), "dtype": str(sd.dtype)}
     context = None if s["inversion"] == "model" else s["inversion"]
-    with job.progress("encoding frames", unit="frame") as encoding, job.progress(f"{s['inversion']} inversion") as report:
-        inversion = invert(sd, job.frames, prompt, s["steps"], context, seed=s["seed"], progress=report,
-                           vae_progress=encoding, **options)
-    job.timings["inversion"] = clock(job.sd.device) - started
-    if cache.put(key, inversion.save) is not None:
-        job.say(f"inversion: cached as {cache.path(key)}")
-    return inversion
+
+    def compute() -> Inversion:
+        with job.progress("encoding frames", unit="frame") as encoding, \
+                job.progress(f"{s['inversion']} inversion") as report:
+            return invert(sd, job.frames, prompt, s["steps"], context, seed=s["seed"], progress=report,
+                          vae_progress=encoding, **options)
+    return job.cached("inversion", "inversions", description, Inversion.load, compute)
 
 
 def tokenflow_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
@@ -228,27 +242,20 @@ def cached_tuning(job: Job) -> tuning.Tuned:
     options = {name: s[name] for name in tuning.METHODS[method]}
     precision = s["tune_precision"] if sd.device.type == "cuda" else None
     # checkpointing is left out: it changes memory and time, not the result
-    description = {"kind": "tuned", "format": tuning.FORMAT, "frames": tensor_digest(job.frames),
+    description = {"kind": "tuned", "format": tuning.FORMAT, "frames": job.frames_digest,
                    "prompt": s["source"], "method": method, "options": options, "steps": s["tune_steps"],
                    "lr": s["lr"], "seed": s["seed"], "precision": precision,
                    "weights": weights_fingerprint(sd), "dtype": str(sd.dtype)}
-    cache, key = Cache(job.cache_root, "tuned"), key_of(description)
-    found = cache.get(key, tuning.Tuned.load)
-    if found is not None:
-        job.say(f"tuning: reusing {cache.path(key)}")
-        job.timings["tuning"] = 0.0
-        return found
-    started = clock(sd.device)
-    with job.progress(f"{method} tuning") as report:
-        def show(done: int, total: int, loss: float) -> None:
-            report.label = f"{method} tuning (loss {loss:.4f})"
-            report(done, total)
-        result = tuning.tune(sd, job.frames, s["source"], method, steps=s["tune_steps"], lr=s["lr"], seed=s["seed"],
-                             checkpointing=s["checkpointing"], autocast=precision, progress=show, **options)
-    job.timings["tuning"] = clock(sd.device) - started
-    if cache.put(key, result.save) is not None:
-        job.say(f"tuning: cached as {cache.path(key)}")
-    return result
+
+    def compute() -> tuning.Tuned:
+        with job.progress(f"{method} tuning") as report:
+            def show(done: int, total: int, loss: float) -> None:
+                report.label = f"{method} tuning (loss {loss:.4f})"
+                report(done, total)
+            return tuning.tune(sd, job.frames, s["source"], method, steps=s["tune_steps"], lr=s["lr"],
+                               seed=s["seed"], checkpointing=s["checkpointing"], autocast=precision, progress=show,
+                               **options)
+    return job.cached("tuning", "tuned", description, tuning.Tuned.load, compute)
 
 
 def tuned_prepare(job: Job) -> tuple[StableDiffusion, Inversion]:
