@@ -208,3 +208,17 @@ def test_example_configs_parse():
         settings = read_config(path)
         assert settings["source"] and settings["target"], path
     assert read_config(folder / "bunny.toml")["video"].resolve() == CLIP.resolve()
+
+
+def test_non_finite_edit_is_refused_not_written(tiny_root, tmp_path, monkeypatch, capsys):
+    """An edit that overflows (fp16 NaN) fails in one line before any video is written, for every method."""
+    from stemref.edit import tokenflow
+
+    def overflowing(sd, inversion, *args, **kwargs):
+        return torch.full_like(inversion.x_T, float("nan"))
+
+    monkeypatch.setattr(tokenflow, "edit_latents", overflowing)
+    assert edit(tmp_path, tiny_root, "out", "--no-reuse") == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "the edited latents contain" in err and "--dtype fp32" in err
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -23,7 +23,8 @@ from ..edit import fatezero, tokenflow, tuning
 from ..edit import tuned as tuned_editing
 from ..edit.cache import Cache, key_of, tensor_digest, weights_fingerprint
 from ..inversion import FORMAT as INVERSION_FORMAT
-from ..inversion import Inversion, invert
+from ..frames import check_finite
+from ..inversion import NON_FINITE_HINT, Inversion, invert
 from ..pipeline import StableDiffusion
 
 
@@ -273,7 +274,9 @@ def tuned_edit(job: Job, prepared: tuple[StableDiffusion, Inversion], target: st
 
 
 def decode(job: Job, latents: torch.Tensor) -> torch.Tensor:
-    """VAE-decode (F, 4, h, w) latents to frames (F, 3, H, W) on the CPU, with progress."""
+    """VAE-decode every method's edited latents (F, 4, h, w) to frames (F, 3, H, W) on the CPU, with progress;
+    non-finite latents (fp16 overflow) are refused here, before anything is written."""
+    check_finite(latents, "the edited latents", NON_FINITE_HINT)
     with job.progress("decoding", unit="frame") as report:
         return job.sd.decode_latents(latents, progress=report).cpu()
 
