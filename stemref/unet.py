@@ -13,7 +13,7 @@ decoder's backbone and skip features, freeu.py).
 An inflated UNet (`video=VideoConfig(...)`, temporal.py) is the video model of Tune-A-Video and EI²: every
 transformer block gets a temporal module (norm_temp, attn_temp) over the frames of each location, and the
 ResNet GroupNorms and conv_norm_out pool their statistics over the frames of each video (the transformers'
-GroupNorm stays per frame). Without `video` nothing of this exists and the UNet is SD's 2-D one.
+GroupNorm stays per frame; `resnet_norm="frame"` keeps the ResNets' per frame too). Without `video` nothing of this exists and the UNet is SD's 2-D one.
 
 Dimension legend:
   B  batch rows (for video: branches × frames, branch-major), F frames per branch (RunInfo.frames)
@@ -88,8 +88,8 @@ class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention and feed-forward, each with a residual.
 
     In an inflated UNet the block also holds a temporal module (norm_temp, attn_temp: Tune-A-Video's
-    temporal attention or EI²'s STAM, temporal.py) that runs after the feed-forward or before the
-    cross-attention (`VideoConfig.position`) on each location's frames.
+    temporal attention or EI²'s STAM, temporal.py) that runs before or after the cross-attention or after
+    the feed-forward (`VideoConfig.position`) on each location's frames.
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int, video: VideoConfig | None = None):
@@ -106,19 +106,20 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, info: RunInfo) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x), info=info)
-        if self.video is not None and self.video.position == "before_cross":
-            x = self.temporal(x, info)
+        x = self.temporal(x, info, "before-cross")
         x = x + self.attn2(self.norm2(x), context, info=info)
+        x = self.temporal(x, info, "after-cross")
         x = x + self.ff(self.norm3(x))
-        if self.video is not None and self.video.position == "after_ff":
-            x = self.temporal(x, info)
-        return x
+        return self.temporal(x, info, "after-ff")
 
-    def temporal(self, x: torch.Tensor, info: RunInfo) -> torch.Tensor:
-        """x + attn_temp(norm_temp(x)) over the F frames of each location of each video.
+    def temporal(self, x: torch.Tensor, info: RunInfo, slot: str) -> torch.Tensor:
+        """x + attn_temp(norm_temp(x)) over the F frames of each location of each video, if the temporal module
+        sits in `slot`; else x.
 
         attn_temp sees one sequence of F tokens per (video, location), so its processors get B·N rows.
         """
+        if self.video is None or self.video.position != slot:
+            return x
         BF, N, C = x.shape
         frames = info.frames
         h = split_frames(x, frames).transpose(1, 2).reshape(-1, frames, C)  # (B·N, F, C)
@@ -160,7 +161,7 @@ class DownBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig, has_attn: bool, downsample: bool,
                  video: VideoConfig | None = None):
         super().__init__()
-        E, groups, pool = 4 * cfg.block_out_channels[0], cfg.norm_num_groups, video is not None
+        E, groups, pool = 4 * cfg.block_out_channels[0], cfg.norm_num_groups, video is not None and video.pools_frames
         self.resnets = nn.ModuleList(
             [ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, E, groups, cfg.norm_eps, pool) for j in range(cfg.layers_per_block)])
         self.attentions = nn.ModuleList(
@@ -186,7 +187,7 @@ class MidBlock(nn.Module):
 
     def __init__(self, ch: int, cfg: UNetConfig, video: VideoConfig | None = None):
         super().__init__()
-        E, groups, pool = 4 * cfg.block_out_channels[0], cfg.norm_num_groups, video is not None
+        E, groups, pool = 4 * cfg.block_out_channels[0], cfg.norm_num_groups, video is not None and video.pools_frames
         self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, E, groups, cfg.norm_eps, pool) for _ in range(2)])
         self.attentions = nn.ModuleList([Transformer2DModel(ch, cfg.heads, cfg.cross_attention_dim, groups, video)])
 
@@ -209,7 +210,7 @@ class UpBlock(nn.Module):
         E, groups, n = 4 * cfg.block_out_channels[0], cfg.norm_num_groups, cfg.layers_per_block + 1
         self.resnets = nn.ModuleList([
             ResnetBlock2D((in_ch if j == 0 else out_ch) + (skip_in_ch if j == n - 1 else out_ch), out_ch, E, groups,
-                          cfg.norm_eps, video is not None)
+                          cfg.norm_eps, video is not None and video.pools_frames)
             for j in range(n)])
         self.attentions = nn.ModuleList(
             [Transformer2DModel(out_ch, cfg.heads, cfg.cross_attention_dim, groups, video) for _ in range(n)]
@@ -271,7 +272,8 @@ class UNet2DConditionModel(nn.Module):
         x = self.mid_block(x, temb, context, info)
         for block in self.up_blocks:
             x = block(x, skips, temb, context, info, freeu, self.config.block_out_channels[-1])
-        x = self.conv_norm_out(x) if self.video is None else frame_group_norm(self.conv_norm_out, x, info.frames)
+        pooled = self.video is not None and self.video.pools_frames
+        x = frame_group_norm(self.conv_norm_out, x, info.frames) if pooled else self.conv_norm_out(x)
         return self.conv_out(F.silu(x))
 
     def set_attention(self, choose: Callable[[str], Processor | None]) -> dict[str, Processor]:
