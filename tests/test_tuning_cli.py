@@ -90,3 +90,31 @@ def test_bad_settings_fail_before_any_work(tiny_root, tmp_path, capsys, extra, m
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("ei2-paper", dict(method="ei2", frames=8, width=512, height=512, tune_steps=500, lr=3e-5, guidance=7.5,
+                       steps=50, inversion="model")),
+    ("tune-a-video-paper", dict(method="tune-a-video", frames=32, width=512, height=512, tune_steps=500, lr=3e-5,
+                                guidance=12.5, steps=50, inversion="model")),
+])
+def test_paper_configs(name, expected):
+    """The papers' settings (numbers written here from the papers), the method's own model (the defaults), and
+    frames resized to 512×512 without a crop: the whole (wide) source frame, squeezed."""
+    from pathlib import Path
+
+    import torch
+
+    from stemref.cli.edit import build_parser, read_frames, resolve_settings
+    from stemref.edit.tuning import METHODS
+    from stemref.video import read_video
+
+    config = Path(__file__).parent.parent / "examples" / "configs" / f"{name}.toml"
+    s = resolve_settings(build_parser(), ["--config", str(config)])
+    assert {k: s[k] for k in expected} == expected
+    assert {k: s[k] for k in METHODS[s["method"]]} == METHODS[s["method"]]
+    frames = read_frames({**s, "frames": 2})
+    assert frames.shape == (2, 3, 512, 512)
+    wide = read_video(s["video"], 0, 1, 2, None)  # (2, 3, 288, 512): the source frames unchanged
+    squeezed = torch.nn.functional.interpolate(frames, size=wide.shape[-2:], mode="area")
+    assert (squeezed - wide).abs().mean() < 0.02  # a crop would have lost the sides
