@@ -58,8 +58,8 @@ class VideoConfig:
     spectral_norm: str = "off"
     position: str = "after-ff"  # the slot in the block (POSITIONS)
     # Instance Centering's axis (norm="centering" only): "frames" subtracts each location's mean over the
-    # frames (Eq. 6); "channels" subtracts each token's mean over its channels, which is a LayerNorm with
-    # neither rescaling nor affine (Eq. 12 with Remark 1's per-token statistics, variance left alone).
+    # frames (Eq. 6, the paper's IC); "channels" subtracts each token's mean over its channels, i.e. only the
+    # centring step of a per-token LayerNorm (no rescaling, no affine), which does not centre over time.
     centring: str = "frames"
     # "multi": the block's heads (8 in SD1.x, as Tune-A-Video); "single": one head of the full width, the
     # attention EI²'s variance analysis (Eq. 7, Appendix A.5) is written for
