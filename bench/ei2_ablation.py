@@ -40,8 +40,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from stemref.cli import (UserError, check_output_folder, load_model, model_inputs, output_folder,  # noqa: E402
-                         progress_printer, run)
+from stemref.cli.errors import UserError, run  # noqa: E402
+from stemref.cli.model import load_model, model_inputs  # noqa: E402
+from stemref.cli.output import check_output_folder, output_folder  # noqa: E402
+from stemref.cli.progress import progress_printer  # noqa: E402
 from stemref.cli.edit import build_parser, ensure_weights, read_frames, resolve_settings  # noqa: E402
 from stemref.cli.edit_methods import Job, cached_inversion, cached_tuning, tuned_edit  # noqa: E402
 from stemref.cli.measure import clock, peak_memory, reset_peak_memory, source_fps  # noqa: E402
