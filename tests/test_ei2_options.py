@@ -1,7 +1,7 @@
 """EI²'s ablation options (paper Figures 4–6), each against a naive reference written here.
 
 - temporal_norm × spectral_norm × stam_heads: the temporal module x + Linear(Attention(norm(x))) written out
-  per head with explicit norms (LayerNorm with and without affine, none, InstanceNorm over frames, IC).
+  per head (test_video_unet.naive_stam) with explicit norms (LayerNorm with and without affine, none, InstanceNorm over frames, IC).
 - stam_position: one transformer block's forward redone in the three orders, the temporal module looped over
   locations by hand.
 - frame_attention="sparse-causal" with resnet_norm "video" or "frame": the whole UNet against diffusers' with a
@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from stemref.context import SparseCausal
 from stemref.edit.tuning import METHODS, Tuned, inflate, method_options, tune, video_config
 from stemref.temporal import SpectralLinear, init_temporal_, temporal_modules
 from stemref.unet import BasicTransformerBlock
-from test_video_unet import EXACT, NaiveSparseCausal, latents, reference_video_unet, text
+from test_video_unet import EXACT, NaiveSparseCausal, latents, naive_stam, reference_video_unet, text
 
 NORMS = ("layernorm", "layernorm-no-affine", "none", "instancenorm", "centering")
 # Tune-A-Video's model expressed with EI²'s options
@@ -48,18 +47,9 @@ def naive_norm(x: torch.Tensor, kind: str, weight=None, bias=None) -> torch.Tens
 
 
 def naive_temporal(x, norm_kind, norm, attn, heads: int, spectral: bool) -> torch.Tensor:
-    """x + (softmax(q kᵀ/√d) · v) W_L + b per head, q, k, v from norm(x); W_v, W_L over their σ_max if spectral."""
+    """naive_stam (Eq. 6–9 per head) with the naive norm of that kind and W_v, W_L spectrally normalised or not."""
     affine = (norm.weight, norm.bias) if norm_kind == "layernorm" else ()
-    h = naive_norm(x, norm_kind, *affine)
-    sigma = (lambda w: torch.linalg.svdvals(w)[0]) if spectral else (lambda w: 1.0)
-    w_v, w_l = attn.to_v.weight / sigma(attn.to_v.weight), attn.to_out[0].weight / sigma(attn.to_out[0].weight)
-    q, k, v = h @ attn.to_q.weight.T, h @ attn.to_k.weight.T, h @ w_v.T  # (L, F, C)
-    d = x.shape[-1] // heads
-    out = torch.empty_like(v)
-    for i in range(heads):
-        s = slice(i * d, (i + 1) * d)
-        out[..., s] = torch.softmax(q[..., s] @ k[..., s].transpose(1, 2) / math.sqrt(d), dim=-1) @ v[..., s]
-    return x + out @ w_l.T + attn.to_out[0].bias
+    return naive_stam(x, attn, heads, lambda h: naive_norm(h, norm_kind, *affine), spectral)
 
 
 def module(options: dict, dim: int = 16, heads: int = 4):

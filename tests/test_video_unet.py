@@ -220,11 +220,17 @@ def stam(dim: int = 16, heads: int = 4, seed: int = 0, **options):
     return norm.double(), attn.double()
 
 
-def naive_stam(x: torch.Tensor, attn, heads: int) -> torch.Tensor:
-    """Eq. 6–9 written out: x + (softmax(q kᵀ/√d) · IC(x) W̄_v) W̄_L + b, per location, per head."""
-    xc = x - x.mean(dim=1, keepdim=True)  # (L, F, C)
-    w_v = attn.to_v.weight / torch.linalg.svdvals(attn.to_v.weight)[0]
-    w_l = attn.to_out[0].weight / torch.linalg.svdvals(attn.to_out[0].weight)[0]
+def centre(x: torch.Tensor) -> torch.Tensor:
+    return x - x.mean(dim=1, keepdim=True)  # (L, F, C): Instance Centering over the frames
+
+
+def naive_stam(x: torch.Tensor, attn, heads: int, norm=centre, spectral: bool = True) -> torch.Tensor:
+    """Eq. 6–9 written out: x + (softmax(q kᵀ/√d) · IC(x) W̄_v) W̄_L + b, per location, per head; with another
+    `norm` instead of IC, and W_v, W_L as they are unless `spectral` (W̄ = W / σ_max(W))."""
+    xc = norm(x)  # (L, F, C)
+    sigma = (lambda w: torch.linalg.svdvals(w)[0]) if spectral else (lambda w: 1.0)
+    w_v = attn.to_v.weight / sigma(attn.to_v.weight)
+    w_l = attn.to_out[0].weight / sigma(attn.to_out[0].weight)
     q, k, v = xc @ attn.to_q.weight.T, xc @ attn.to_k.weight.T, xc @ w_v.T  # (L, F, C)
     d = x.shape[-1] // heads
     out = torch.empty_like(v)
