@@ -13,7 +13,8 @@ decoder's backbone and skip features, freeu.py).
 An inflated UNet (`video=VideoConfig(...)`, temporal.py) is the video model of Tune-A-Video and EI²: every
 transformer block gets a temporal module (norm_temp, attn_temp) over the frames of each location, and the
 ResNet GroupNorms and conv_norm_out pool their statistics over the frames of each video (the transformers'
-GroupNorm stays per frame; `resnet_norm="frame"` keeps the ResNets' per frame too). Without `video` nothing of this exists and the UNet is SD's 2-D one.
+GroupNorm stays per frame; `resnet_norm="frame"` keeps the ResNets' per frame too). Without `video` nothing
+of this exists and the UNet is SD's 2-D one.
 
 Dimension legend:
   B  batch rows (for video: branches × frames, branch-major), F frames per branch (RunInfo.frames)

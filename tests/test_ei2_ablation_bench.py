@@ -15,7 +15,8 @@ from test_edit_cli import CLIP, stderr_lines
 
 ROOT = Path(__file__).parent.parent
 SIDE = 64
-SMALL = ["--frames", "2", "--width", str(SIDE), "--height", str(SIDE), "--steps", "2", "--tune-steps", "2", "--lr", "1e-3"]
+SMALL = ["--frames", "2", "--width", str(SIDE), "--height", str(SIDE), "--steps", "2", "--tune-steps", "2",
+         "--lr", "1e-3"]
 
 
 def bench():

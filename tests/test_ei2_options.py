@@ -1,7 +1,8 @@
 """EI²'s ablation options (paper Figures 4–6), each against a naive reference written here.
 
 - temporal_norm × spectral_norm × stam_heads: the temporal module x + Linear(Attention(norm(x))) written out
-  per head (test_video_unet.naive_stam) with explicit norms (LayerNorm with and without affine, none, InstanceNorm over frames, IC).
+  per head (test_video_unet.naive_stam) with explicit norms (LayerNorm with and without affine, none,
+  InstanceNorm over frames, IC).
 - stam_position: one transformer block's forward redone in the three orders, the temporal module looped over
   locations by hand.
 - frame_attention="sparse-causal" with resnet_norm "video" or "frame": the whole UNet against diffusers' with a
