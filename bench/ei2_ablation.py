@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ablation(argv: list[str] | None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Every other flag is the edit "
-                                     "command's (python -m stemref.edit --help).")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                     epilog="Every other flag is the edit command's (python -m stemref.edit --help).")
     parser.add_argument("--figure", type=int, choices=sorted(FIGURES), required=True)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: out/ei2-figure-N-VIDEO)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if an earlier stemref run wrote it")

@@ -105,8 +105,9 @@ class FrameInstanceNorm(nn.Module):
     variance (the operator EI² Sec. 4.3 (a) leaves out, and Figure 4 compares)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x is (B·N, F, C)
-        var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
-        return (x - mean) * torch.rsqrt(var + INSTANCE_NORM_EPS)
+        work = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 under fp16/bf16 (eps 1e-5)
+        var, mean = torch.var_mean(work, dim=1, unbiased=False, keepdim=True)
+        return ((work - mean) * torch.rsqrt(var + INSTANCE_NORM_EPS)).to(x.dtype)
 
 
 def spectral_normalise(weight: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
