@@ -33,7 +33,8 @@ import stemref
 import stemref.context
 import stemref.inversion
 import stemref.sampling
-from stemref.cli.output import MARKER
+from stemref.cli.errors import Conflict, UserError
+from stemref.cli.output import MARKER, check_output_folder, output_folder
 from stemref.cli import download as download_cli
 from stemref.cli import invert as invert_cli
 from stemref.cli import txt2img as txt2img_cli
@@ -167,12 +168,18 @@ def test_invert_refuses_non_empty_out_unless_overwrite(tiny_root, clip, tmp_path
     args = [str(clip), "--prompt", PROMPT, "--context", "1-frame", "--weights", str(tiny_root), "--out", str(out),
             *FAST, "--steps", "1", "--frames", "2"]
     assert invert_cli.main(args) == 0
-    (out / "stale.txt").write_text("left in an earlier run's folder")
+    (out / "reconstruction.mp4").write_bytes(b"a stemref file, replaced by the user: still stemref's to replace")
+    (out / "notes.txt").write_text("added by the user")
     assert invert_cli.main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert (out / "stale.txt").is_file()
+    # a file stemref did not write is listed and kept, never deleted by --overwrite
+    assert invert_cli.main([*args, "--overwrite"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "1 file(s) that stemref did not write (notes.txt)" in line and "Move them elsewhere" in line
+    assert (out / "notes.txt").read_text() == "added by the user"
+    (out / "notes.txt").unlink()
     assert invert_cli.main([*args, "--overwrite"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == [  # replaced whole: stale.txt is gone
+    assert sorted(p.name for p in out.iterdir()) == [  # replaced whole
         MARKER, "inversion.safetensors", "metrics.json", "reconstruction.mp4", "side_by_side.mp4"]
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # neither the partial nor the old folder is left
 
@@ -627,3 +634,75 @@ def test_download_runs_as_a_module_without_the_library_importing_the_command(tmp
     result = subprocess.run([sys.executable, "-m", "stemref.download", "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "--model" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# The final rename checks again (two runs at one --out, a file appearing in --out during a run)
+# ---------------------------------------------------------------------------------------------------
+
+
+def finished_output(path: Path, text: str) -> None:
+    with output_folder(path) as tmp:
+        (tmp / "result.txt").write_text(text)
+
+
+def test_a_file_appearing_in_out_during_a_run_is_kept_and_so_is_the_result(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Conflict, match=f"the result is in {tmp_path / 'run-2'}"):
+        with output_folder(out) as tmp:
+            (tmp / "result.txt").write_text("the result")
+            out.mkdir()
+            (out / "notes.txt").write_text("the user's")
+    assert snapshot(out) == {"notes.txt": b"the user's"}
+    assert snapshot(tmp_path / "run-2")["result.txt"] == b"the result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run-2"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_two_runs_at_one_out_keep_both_results(tmp_path, overwrite):
+    out = tmp_path / "run"
+    with pytest.raises(Conflict, match="was created while this run worked"):
+        with output_folder(out, overwrite) as tmp:  # the slower run, started first
+            (tmp / "result.txt").write_text("second to finish")
+            finished_output(out, "first to finish")
+    assert snapshot(out)["result.txt"] == b"first to finish"
+    assert snapshot(tmp_path / "run-2")["result.txt"] == b"second to finish"
+
+
+def test_overwrite_replaces_only_the_folder_its_check_allowed(tmp_path):
+    out = tmp_path / "run"
+    finished_output(out, "an old result")
+    with pytest.raises(Conflict, match="changed while this run worked"):
+        with output_folder(out, overwrite=True) as slow:
+            (slow / "result.txt").write_text("slow")
+            with output_folder(out, overwrite=True) as fast:  # replaces the old result first
+                (fast / "result.txt").write_text("fast")
+    assert snapshot(out)["result.txt"] == b"fast"
+    assert snapshot(tmp_path / "run-2")["result.txt"] == b"slow"
+
+
+def test_overwrite_keeps_a_file_added_to_the_old_output_during_the_run(tmp_path):
+    out = tmp_path / "run"
+    finished_output(out, "an old result")
+    with pytest.raises(Conflict, match="changed while this run worked"):
+        with output_folder(out, overwrite=True) as tmp:
+            (tmp / "result.txt").write_text("new")
+            (out / "render.mp4").write_bytes(b"the user's render")
+    assert snapshot(out) == {MARKER: (out / MARKER).read_bytes(), "result.txt": b"an old result",
+                             "render.mp4": b"the user's render"}
+    assert snapshot(tmp_path / "run-2")["result.txt"] == b"new"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing hidden left behind
+
+
+def test_an_output_of_an_older_stemref_counts_files_newer_than_its_marker_as_the_users(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    (out / MARKER).write_text(json.dumps({"written_by": "stemref", "pid": 1, "resume": None}))  # no file list
+    (out / "notes.txt").write_text("the user's")
+    os.utime(out / "metrics.json", (1, 1))
+    os.utime(out / MARKER, (2, 2))
+    with pytest.raises(UserError, match=r"1 file\(s\) that stemref did not write \(notes.txt\)"):
+        check_output_folder(out, overwrite=True)
+    (out / "notes.txt").unlink()
+    check_output_folder(out, overwrite=True)

@@ -222,3 +222,45 @@ def test_non_finite_edit_is_refused_not_written(tiny_root, tmp_path, monkeypatch
     err = capsys.readouterr().err.splitlines()[-1]
     assert "the edited latents contain" in err and "--dtype fp32" in err
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize("flag, inside", [("--config", "config.toml"), ("--clip", "myclip"),
+                                          ("--store-dir", "store")])
+def test_overwrite_refuses_an_out_that_holds_an_input(first_run, tiny_root, capsys, flag, inside):
+    out = first_run / "run"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    if inside != "config.toml":
+        (out / inside).mkdir()
+    extra = [flag, str(out / inside), "--overwrite"] + (["--method", "fatezero"] if flag == "--store-dir" else [])
+    assert edit(first_run, tiny_root, "run", *extra) == 2
+    err = capsys.readouterr().err
+    assert f"contains the input {(out / inside).resolve()}" in err and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in before} == before
+    if inside != "config.toml":
+        (out / inside).rmdir()
+
+
+TRICKY = 'a\x7f b\x00c\x1f\x08\t\n\r\x0c "quoted" \\back\\slash\u2028 ünïcödé 🦆 \'single\''
+
+
+@pytest.mark.parametrize("method", ["tokenflow", "fatezero", "tune-a-video", "ei2"])
+def test_config_toml_reads_back_every_string_setting_with_control_characters(tmp_path, method):
+    from stemref.cli.edit import COMMON, METHODS, all_options, read_config, to_toml
+
+    s = {o.name: o.default for o in all_options()}
+    s["method"] = method
+    options = COMMON + METHODS[method].options
+    texts = [o for o in options if o.type in (str, list, Path) and o.name != "method"]
+    for o in texts:
+        s[o.name] = ([TRICKY, TRICKY + "2"] if o.type is list else
+                     Path("/", TRICKY, o.name) if o.type is Path else TRICKY)
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(s), encoding="utf-8")
+    back = read_config(path)
+    assert {o.name for o in texts} - {"out"} <= set(back)
+    for o in texts:
+        if o.name != "out":
+            assert back[o.name] == s[o.name], o.name
+    # only the options of the method used are written
+    others = {o.name for m in METHODS.values() for o in m.options} - {o.name for o in options}
+    assert not others & set(back)

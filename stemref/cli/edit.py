@@ -136,6 +136,7 @@ def resolve_settings(parser: argparse.ArgumentParser, argv: list[str] | None) ->
     if config is not None:
         settings.update(read_config(config))
     settings.update(given)
+    settings["config"] = config  # not a setting (to_toml leaves it out): an input that --out must not hold
     method = METHODS.get(settings["method"])
     for name in ("inversion", "guidance"):
         if settings[name] is None and method is not None:
@@ -213,10 +214,12 @@ def check_settings(s: dict[str, Any]) -> None:
     for o in all_options():
         if o.choices and s[o.name] is not None and s[o.name] not in o.choices:
             raise UserError(f"--{_flag(o.name)} {s[o.name]}: choose one of {', '.join(map(str, o.choices))}")
-    for text, flag in [(s["source"], "--source"), *((t, "--target") for t in s["target"]),
-                       *([(s["negative"], "--negative")] if s["negative"] else [])]:
-        check_prompt(text, flag)
-        if not text.strip() and flag != "--negative":
+    for o in all_options():  # every text setting: config.toml must be able to hold it (UTF-8)
+        if o.type in (str, Path, list) and s[o.name] is not None:
+            for text in s[o.name] if o.type is list else [s[o.name]]:
+                check_prompt(str(text), "VIDEO" if o.name == "video" else f"--{_flag(o.name)}")
+    for text, flag in [(s["source"], "--source"), *((t, "--target") for t in s["target"])]:
+        if not text.strip():
             raise UserError(f"{flag} is empty; describe the video in a few words")
     for name, low in (("steps", 1), ("stride", 1), ("start", 0), ("num_bases", 1), ("batch", 1), ("min_channels", 1),
                       ("store_memory", 0), ("tune_steps", 1), ("ffam_r", 1)):
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         method = METHODS[s["method"]]
         model_args = argparse.Namespace(weights=s["weights"], device=s["device"], dtype=s["dtype"],
                                         model_config=s["model_config"])
-        inputs = [s["video"], *model_inputs(model_args), *([s["cache"]] if s["cache"] else [])]
+        inputs = run_inputs(s, model_args)
         if s["width"] is not None:
             warn_if_large(max(s["width"], s["height"]), "--width/--height")
         else:
@@ -300,6 +303,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {s['out']}", file=sys.stderr)
 
     return run(body, failures=(DownloadError,))
+
+
+def run_inputs(s: dict[str, Any], model_args: argparse.Namespace) -> list[Path]:
+    """Every path the run reads (or keeps for later runs): --overwrite must never delete one of them."""
+    cache = [s["cache"] or default_root()] if s["reuse"] else []
+    return [s["video"], *model_inputs(model_args), *cache, s["clip"],
+            *(Path(s[name]) for name in ("config", "store_dir") if s.get(name) is not None)]
 
 
 def ensure_weights(s: dict[str, Any]) -> None:
@@ -340,7 +350,7 @@ def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: fl
             report(i + 1, len(edits) + 1)
         write_video(folder / f"side_by_side{suffix}", side_by_side(frames, *edits), fps)
         report(len(edits) + 1, len(edits) + 1)
-    (folder / "config.toml").write_text(to_toml(s))
+    (folder / "config.toml").write_text(to_toml(s), encoding="utf-8")
     with job.progress("metrics", unit="video") as report:
         source_consistency = consistency(sd, frames, s["source"])
         report(1, len(edits) + 1)
@@ -390,10 +400,11 @@ def clip_scores(job: Job, edits: list[torch.Tensor]) -> list[dict] | None:
 
 
 def to_toml(s: dict[str, Any]) -> str:
-    """Every resolved setting as TOML; paths absolute, None ("the default behaviour") left out, and where the
-    outputs went (out, overwrite) too: a rerun with --config writes a new folder."""
+    """The resolved settings of the common options and of the method used, as TOML; paths absolute, None ("the
+    default behaviour") left out, and where the outputs went (out, overwrite) too: a rerun with --config
+    writes a new folder. `read_config` reads back every value exactly."""
     lines = ["# written by python -m stemref.edit; repeat the run with --config config.toml", ""]
-    for o in all_options():
+    for o in COMMON + METHODS[s["method"]].options:
         value = s[o.name]
         if value is None or o.name in ("out", "overwrite"):
             continue
@@ -410,7 +421,17 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value), ensure_ascii=False)  # JSON's string escapes are valid TOML basic strings
+    return _toml_string(str(value))
+
+
+# TOML basic strings: `"` and `\` are escaped, and every control character but tab (U+0000–U+001F, U+007F);
+# JSON's escapes are not enough (JSON leaves U+007F bare, which TOML forbids)
+TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    return '"' + "".join(TOML_ESCAPES.get(c) or (f"\\u{ord(c):04X}" if ord(c) < 0x20 or ord(c) == 0x7F else c)
+                         for c in text) + '"'
 
 
 def _flag(name: str) -> str:

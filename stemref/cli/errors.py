@@ -20,6 +20,10 @@ class UserError(Exception):
     """A problem with the command's input, reported as one line and exit code 2."""
 
 
+class Conflict(Exception):
+    """Something outside the run took its output's place meanwhile; the message says where the result is. Exit 1."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM; `note` says what was kept (e.g. finished --compare contexts) for the next run."""
 
@@ -45,7 +49,7 @@ def run(main: Callable[[], None], failures: tuple[type[BaseException], ...] = ()
             return _fail(describe_os_error(e), EXIT_FAILURE)
         except (MemoryError, torch.OutOfMemoryError):
             return _fail("out of memory; use a smaller --size, fewer --frames, or fp16 on a GPU", EXIT_FAILURE)
-        except failures as e:
+        except (Conflict, *failures) as e:
             return _fail(str(e), EXIT_FAILURE)
         except KeyboardInterrupt as e:
             note = getattr(e, "note", "") or "partial output was removed"
