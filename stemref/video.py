@@ -66,6 +66,8 @@ _PYAV_WRITERS = {
     ".mkv": ("matroska", "ffv1", "bgr0", {}),
 }
 WRITE_SUFFIXES = (*_PYAV_WRITERS, ".gif")
+# frame rates the writers store as given: mp4/mkv keep fps as a fraction with a denominator up to 1001
+MIN_FPS, MAX_FPS = 0.01, 1000
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -294,8 +296,8 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float = 8) -
             f"{path}: cannot write {suffix or 'files without a suffix'};"
             " use .mp4 or .mov (H.264), .mkv (lossless) or .gif"
         )
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 1000:
-        raise ValueError(f"{path}: fps must be a number in (0, 1000], got {fps!r}")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not MIN_FPS <= fps <= MAX_FPS:
+        raise ValueError(f"{path}: fps must be a number from {MIN_FPS} to {MAX_FPS}, got {fps!r}")
     pixels = to_uint8(frames, path)  # (F, H, W, 3)
     height, width = pixels.shape[1:3]
     if suffix in (".mp4", ".mov") and (height % 2 or width % 2):

@@ -706,3 +706,74 @@ def test_an_output_of_an_older_stemref_counts_files_newer_than_its_marker_as_the
         check_output_folder(out, overwrite=True)
     (out / "notes.txt").unlink()
     check_output_folder(out, overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Failing cleanly and early (issue 14, §4)
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("invert", ["v.mp4", "--prompt", "a", "--out", "o", "--weights", "w", "--steps", "2.5"]),
+    ("txt2img", ["--prompt", "a", "--weights", "w", "--steps", "2.5"]),
+    ("evaluate", ["e.mp4", "--source-video", "s.mp4", "--prompt", "a", "--source-prompt", "b", "--frames", "2.5"]),
+    ("download", ["--variant", "bf16"]),
+    ("edit", ["v.mp4", "--source", "a", "--target", "b", "--steps", "2.5"]),
+])
+def test_an_argument_of_the_wrong_type_is_one_line_and_exit_2(capsys, command, argv):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"stemref.cli.{command}").main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: argument ") and err.endswith(f"; see python -m stemref.{command} --help\n")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seed", str(2**63)], f"--seed {2**63}: use a whole number from 0 to {2**63 - 1}"),
+    (["--fps", "1e-9"], "--fps 1e-09: use a frame rate from 0.01 to 1000"),
+    (["--context", "stem", "--num-bases", "100000000"], "so use at most 128 bases"),  # 2 frames of 64×64
+])
+def test_invert_bounds_what_cannot_work(tiny_root, clip, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.setattr(invert_cli, "load_model", lambda *a, **k: pytest.fail("loaded the model for a bad input"))
+    args = invert_args(clip, tmp_path / "run", tiny_root, "--size", "64", "--square", *extra)
+    assert invert_cli.main(args) == 2
+    assert message in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_txt2img_bounds_the_seed(tiny_root, tmp_path, capsys):
+    assert txt2img_cli.main(["--weights", str(tiny_root), "--prompt", "a fox", "--seed", str(2**64),
+                             "--out", str(tmp_path / "a.png")]) == 2
+    assert f"use a whole number from 0 to {2**63 - 1}" in error_line(capsys.readouterr().err)
+
+
+def test_write_video_refuses_a_rate_it_cannot_store(tmp_path):
+    with pytest.raises(ValueError, match="fps must be a number from 0.01 to 1000"):
+        write_video(tmp_path / "a.mp4", torch.zeros(1, 3, 16, 16), fps=1e-9)
+
+
+def test_a_fifo_as_a_video_is_refused_by_every_command(tiny_root, clip, tmp_path, capsys):
+    from stemref.cli import evaluate as evaluate_cli
+
+    fifo = tmp_path / "video.mp4"
+    os.mkfifo(fifo)
+    assert invert_cli.main(invert_args(fifo, tmp_path / "run", tiny_root)) == 2
+    assert "is not a regular file or a folder" in error_line(capsys.readouterr().err)
+    for argv in ([str(fifo), "--source-video", str(clip)], [str(clip), "--source-video", str(fifo)]):
+        assert evaluate_cli.main([*argv, "--prompt", "a", "--source-prompt", "b", "--device", "cpu"]) == 2
+        assert f"{fifo} is not a regular file or a folder" in error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("prompt, source_prompt, message", [
+    ("", "a swan", "--prompt is empty"),
+    ("a swan", "  ", "--source-prompt is empty"),
+    ("a sw\udcffan", "a duck", "--prompt is not valid UTF-8 text"),
+])
+def test_evaluate_refuses_an_empty_or_undecodable_prompt(clip, capsys, prompt, source_prompt, message):
+    from stemref.cli import evaluate as evaluate_cli
+
+    assert evaluate_cli.main([str(clip), "--source-video", str(clip), "--prompt", prompt, "--source-prompt",
+                              source_prompt, "--device", "cpu"]) == 2
+    assert message in error_line(capsys.readouterr().err)

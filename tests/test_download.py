@@ -193,7 +193,7 @@ def files_under(folder: Path) -> set[str]:
 
 
 def cli(hub: FakeHub, to: Path, *extra: str) -> int:
-    return main(["--to", str(to), "--base-url", hub.url, "--repo", REPO, *extra])
+    return main(["--to", str(to), "--hub-url", hub.url, "--repo", REPO, *extra])
 
 
 def test_full_download_is_exactly_sd15_and_byte_identical(hub, tmp_path, capsys):
@@ -299,10 +299,10 @@ def test_unreachable_server_names_the_url_and_suggests_base_url(tmp_path, capsys
     with socket.socket() as s:  # a loopback port that was free a moment ago: connection refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert main(["--to", str(tmp_path), "--base-url", f"http://127.0.0.1:{port}", "--repo", REPO]) == 1
+    assert main(["--to", str(tmp_path), "--hub-url", f"http://127.0.0.1:{port}", "--repo", REPO]) == 1
     err = capsys.readouterr().err
     assert f"cannot reach http://127.0.0.1:{port}/{REPO}/resolve/main/model_index.json" in err
-    assert "--base-url" in err and "connection" in err
+    assert "--hub-url" in err and "connection" in err
     assert files_under(tmp_path) == set()
 
 
@@ -370,7 +370,7 @@ def test_bad_arguments_are_refused_before_any_request(hub, tmp_path, capsys):
         download(tmp_path, base_url="http://example.invalid", token="t")
     with pytest.raises(ValueError, match="repository id"):
         download(tmp_path, base_url=hub.url, repo="not a repo")
-    assert main(["--to", str(tmp_path), "--base-url", "file:///etc"]) == 2
+    assert main(["--to", str(tmp_path), "--hub-url", "file:///etc"]) == 2
     assert "http(s)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["--variant", "bf16"])
@@ -517,7 +517,7 @@ def clip_hub():
 
 @pytest.mark.parametrize("model", ["clip-vit-large-patch14", "clip-vit-base-patch32"])
 def test_clip_model_fetches_only_config_and_safetensors(clip_hub, tmp_path, capsys, model):
-    assert main(["--model", model, "--to", str(tmp_path / "clip"), "--base-url", clip_hub.url, "--repo", REPO]) == 0
+    assert main(["--model", model, "--to", str(tmp_path / "clip"), "--hub-url", clip_hub.url, "--repo", REPO]) == 0
     assert files_under(tmp_path / "clip") == CLIP_WANTED
     for path in CLIP_WANTED:
         assert (tmp_path / "clip" / path).read_bytes() == clip_hub.files[path]
@@ -527,10 +527,10 @@ def test_clip_model_fetches_only_config_and_safetensors(clip_hub, tmp_path, caps
 
 def test_clip_defaults_to_the_openai_repository_and_its_own_folder(clip_hub, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["--model", "clip-vit-large-patch14", "--base-url", clip_hub.url]) == 1  # the fake hub has no such repo
+    assert main(["--model", "clip-vit-large-patch14", "--hub-url", clip_hub.url]) == 1  # the fake hub has no such repo
     assert clip_hub.log[0]["path"] == "/openai/clip-vit-large-patch14/resolve/main/config.json"
     assert "HTTP 404" in capsys.readouterr().err
-    assert main(["--model", "clip-vit-base-patch32", "--base-url", clip_hub.url, "--repo", REPO]) == 0
+    assert main(["--model", "clip-vit-base-patch32", "--hub-url", clip_hub.url, "--repo", REPO]) == 0
     assert files_under(tmp_path / "weights" / "clip-vit-base-patch32") == CLIP_WANTED
 
 
@@ -547,7 +547,7 @@ def test_clip_download_resumes_and_checks_sha256(clip_hub, tmp_path):
 
 def test_variant_is_refused_for_clip(clip_hub, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model", "clip-vit-base-patch32", "--variant", "fp32", "--to", str(tmp_path), "--base-url", clip_hub.url])
+        main(["--model", "clip-vit-base-patch32", "--variant", "fp32", "--to", str(tmp_path), "--hub-url", clip_hub.url])
     assert exit_info.value.code == 2
     assert "--variant applies to sd15 only" in capsys.readouterr().err
     assert clip_hub.log == []

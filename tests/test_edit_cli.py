@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
 import threading
 import tomllib
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -192,7 +194,7 @@ def test_bad_config_and_video(tiny_root, tmp_path, capsys):
     assert main([str(CLIP), "--config", str(config), "--weights", str(tiny_root), "--out", str(tmp_path / "o")]) == 2
     assert "steps must be an integer" in capsys.readouterr().err
     assert edit(tmp_path, tiny_root, "o", video=tmp_path / "nothing.mp4") == 2
-    assert "no such video" in capsys.readouterr().err
+    assert "no such file or folder" in capsys.readouterr().err
     assert main(["--source", "a", "--target", "b", "--weights", str(tiny_root)]) == 2
     assert "missing a VIDEO" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -264,3 +266,82 @@ def test_config_toml_reads_back_every_string_setting_with_control_characters(tmp
     # only the options of the method used are written
     others = {o.name for m in METHODS.values() for o in m.options} - {o.name for o in options}
     assert not others & set(back)
+
+
+def test_refused_before_the_model_loads(monkeypatch):
+    """The fixture of the checks below: any of them reached the model load, it fails the test."""
+    from stemref.cli import edit as edit_cli
+
+    monkeypatch.setattr(edit_cli, "load_model", lambda *a, **k: pytest.fail("loaded the model for a bad input"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num-bases", "100000000"], "--num-bases 100000000: a set of 5 frame(s) of 96×48 has 360 tokens in STEM's "
+                                   "largest attention layer, so use at most 360 bases"),
+    (["--num-bases", "200", "--scope", "2"], "use at most 144 bases"),
+    (["--seed", str(2**64)], f"--seed {2**64}: use a whole number from 0 to {2**63 - 1}"),
+    (["--seed", "-1"], "--seed -1: use a whole number from 0"),
+    (["--fps", "1e-9"], "--fps 1e-09: use a frame rate from 0.01 to 1000"),
+    (["--steps", "2.5"], "argument --steps: invalid int value: '2.5'; see python -m stemref.edit --help"),
+    (["--method", "fatezero", "--store-dir", "{file}"], "--store-dir {file} is a file"),
+    (["--config", "{tmp}"], "--config {tmp} is a folder"),
+    (["--config", "{binary}"], "--config {binary} is not a text file"),
+    (["--cache", "{file}"], "--cache {file}: {file} is a file, not a folder"),
+    (["--cache", "{file}/below"], "--cache {file}/below: {file} is a file, not a folder"),
+])
+def test_bad_input_is_one_line_and_exit_2_before_any_work(tiny_root, tmp_path, capsys, monkeypatch, extra, message):
+    test_refused_before_the_model_loads(monkeypatch)
+    (tmp_path / "file").write_text("a file")
+    (tmp_path / "binary.toml").write_bytes(bytes(range(256)))
+    names = {"file": tmp_path / "file", "binary": tmp_path / "binary.toml", "tmp": tmp_path}
+    extra = [e.format(**names) for e in extra]
+    with pytest.raises(SystemExit) if "--steps" in extra else nullcontext() as exiting:
+        code = edit(tmp_path, tiny_root, "out", *extra)
+    if exiting is not None:
+        code = exiting.value.code
+    lines = stderr_lines(capsys)  # a progress line of reading the video may come first
+    assert code == 2 and [line for line in lines if "error" in line] == lines[-1:], lines
+    assert lines[-1].startswith("error: ") and message.format(**names) in lines[-1]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_read_only_or_full_cache_is_refused_before_any_work(tiny_root, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from stemref.cli import checks
+
+    test_refused_before_the_model_loads(monkeypatch)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checks.tempfile, "TemporaryFile", read_only)
+        assert edit(tmp_path, tiny_root, "out") == 2
+    assert "(read-only file system); choose another --cache, or pass --no-reuse" in capsys.readouterr().err
+    with monkeypatch.context() as patch:
+        patch.setattr(checks.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10_000})())
+        assert edit(tmp_path, tiny_root, "out") == 2
+    # x_0 … x_T of 5 frames of 96×48 (12×6 latents, 4 channels) in float32: 3 × 5 × 4 × 12 × 6 × 4 bytes
+    assert "the disk has 10 kB free and this run's inversion needs about 17 kB" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_over_long_negative_prompt_names_its_flag(tiny_root, tmp_path, capsys):
+    assert edit(tmp_path, tiny_root, "out", "--negative", "blurry " * 100) == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith("error: --negative: prompt is 100 tokens long; CLIP reads at most 75")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_fifo_as_the_video_is_refused_not_read(tiny_root, tmp_path, capsys):
+    fifo = tmp_path / "video.mp4"
+    os.mkfifo(fifo)
+    assert edit(tmp_path, tiny_root, "out", video=fifo) == 2
+    assert f"VIDEO {fifo} is not a regular file or a folder" in capsys.readouterr().err
+
+
+def test_a_network_error_names_the_hub_url_flag(tmp_path, capsys):
+    assert edit(tmp_path, tmp_path / "sd15", "out", "--hub-url", "http://127.0.0.1:9") == 1
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert "--hub-url" in line and "--base-url" not in line

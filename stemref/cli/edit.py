@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from .checks import check_prompt, check_steps, warn_if_large
-from .errors import UserError, run, warn
+from .checks import (check_cache_folder, check_fps, check_free_space, check_num_bases, check_prompt, check_seed,
+                     check_steps, check_video_path, checked, warn_if_large)
+from .errors import ArgumentParser, UserError, run, warn
 from .model import DTYPES, check_model_arguments, load_model, model_inputs
 from .output import check_output_folder, output_folder
 from .progress import progress_printer
@@ -107,7 +108,7 @@ def all_options() -> tuple[Option, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     epilog = "methods:\n" + "\n".join(f"  {name:<12} {m.summary}" for name, m in METHODS.items())
-    parser = argparse.ArgumentParser(prog="python -m stemref.edit", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="python -m stemref.edit", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=epilog + "\n\n" + __doc__.split("\n\n", 1)[1].split("\n\nSettings")[0])
     parser.add_argument("--config", type=Path, default=argparse.SUPPRESS,
@@ -162,11 +163,18 @@ def free_folder(base: Path) -> Path:
 
 def read_config(path: Path) -> dict[str, Any]:
     """The settings in a TOML file, type-checked against the option table."""
+    if path.is_dir():
+        raise UserError(f"--config {path} is a folder; give a TOML file such as {path / 'config.toml'}")
+    if path.exists() and not path.is_file():
+        raise UserError(f"--config {path} is not a regular file (a pipe, device or socket); give a TOML file")
     try:
         with open(path, "rb") as f:
             table = tomllib.load(f)
     except FileNotFoundError:
         raise UserError(f"--config {path}: no such file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--config {path} is not a text file (TOML is UTF-8 text); give a TOML file such as an "
+                        "earlier run's config.toml") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"--config {path} is not valid TOML: {e}") from None
     options = {o.name: o for o in all_options()}
@@ -246,14 +254,13 @@ def check_settings(s: dict[str, Any]) -> None:
     for name in ("pnp_attn", "pnp_conv", "cross_window", "self_window"):
         if not 0 <= s[name] <= 1:
             raise UserError(f"--{_flag(name)} is a fraction of the steps, from 0 to 1; got {s[name]}")
-    if s["fps"] is not None and not 0 < s["fps"] <= 1000:
-        raise UserError(f"--fps must be in (0, 1000], got {s['fps']}")
+    check_fps(s["fps"])
+    check_seed(s["seed"])
     if s["scope"] is not None and s["inversion"] != "stem":
         raise UserError("--scope is a STEM option; use it with --inversion stem")
     if METHODS[s["method"]].check is not None:
         METHODS[s["method"]].check(s)
-    if not Path(s["video"]).exists():
-        raise UserError(f"{s['video']}: no such video file or folder")
+    check_video_path(Path(s["video"]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -275,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             warn_if_large(s["size"])
         check_output_folder(s["out"], s["overwrite"], inputs)
+        cache_root = (s["cache"] or default_root()) if s["reuse"] else None
+        if cache_root is not None:
+            check_cache_folder(cache_root)
         ensure_weights(s)
         check_model_arguments(model_args)
         started = clock(torch.device("cpu"))
@@ -288,11 +298,18 @@ def main(argv: list[str] | None = None) -> int:
                      "consider --frames or --stride")
             H, W = frames.shape[-2:]
             print(f"video: {len(frames)} frames of {W}×{H} from {s['video']}", file=sys.stderr, flush=True)
+            if s["inversion"] == "stem":
+                check_num_bases(s["num_bases"], len(frames), H, W, s["scope"])
+            if cache_root is not None:  # the inversion's latents x_0 … x_T in float32, at most
+                check_free_space(cache_root, (s["steps"] + 1) * len(frames) * 4 * (H // 8) * (W // 8) * 4,
+                                 "this run's inversion")
             with progress_printer("loading weights", unit="part") as report:
                 sd = load_model(model_args, progress=report)
-            sd.encode_prompt([s["source"], *s["target"], s["negative"]])  # refuse over-long prompts now
+            for text, flag in [(s["source"], "--source"), *((t, "--target") for t in s["target"]),
+                               (s["negative"], "--negative")]:  # refuse over-long prompts now, naming the flag
+                checked(flag, sd.tokenizer.refuse_long, [text])
+            job = Job(sd, frames, s, cache_root)
             reset_peak_memory(sd.device)
-            job = Job(sd, frames, s, None if not s["reuse"] else s["cache"] or default_root())
             prepared = method.prepare(job)
             edits = []
             for target in s["target"]:

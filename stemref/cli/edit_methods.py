@@ -233,6 +233,8 @@ def check_fatezero(s: dict[str, Any]) -> None:
         fatezero.FateZeroSettings(**fatezero_settings(s))
     except ValueError as e:
         raise UserError(f"FateZero settings: {e}") from None
+    if s["store_dir"] is not None and Path(s["store_dir"]).exists() and not Path(s["store_dir"]).is_dir():
+        raise UserError(f"--store-dir {s['store_dir']} is a file; name a new or empty folder")
     if s["store_dir"] is not None and Path(s["store_dir"]).exists() and any(Path(s["store_dir"]).iterdir()):
         raise UserError(f"--store-dir {s['store_dir']} is not empty; name a new or empty folder")
 

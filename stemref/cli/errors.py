@@ -3,17 +3,27 @@ line on stderr and an exit code (2 for bad input, 1 for a failing disk or networ
 SIGTERM, which is handled like Ctrl-C); `warn` prints a warning line."""
 from __future__ import annotations
 
+import argparse
 import errno
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 import torch
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what shells report for a process ended by SIGTERM
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose refusals (`--steps 2.5`, a missing option) are one line and exit code 2, like every other
+    refusal, not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {message}; see {self.prog} --help\n")
 
 
 class UserError(Exception):

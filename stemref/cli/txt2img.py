@@ -13,8 +13,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .checks import check_prompt, check_steps, checked, warn_if_large
-from .errors import UserError, run
+from .checks import check_prompt, check_seed, check_steps, checked, warn_if_large
+from .errors import ArgumentParser, UserError, run
 from .model import add_model_arguments, check_model_arguments, load_model, model_inputs
 from .output import check_output_file
 from .progress import progress_printer
@@ -25,7 +25,7 @@ SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stemref.txt2img", description=__doc__.split("\n\nThe")[0],
+    parser = ArgumentParser(prog="python -m stemref.txt2img", description=__doc__.split("\n\nThe")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", required=True, help="what the image shows")
     parser.add_argument("--negative-prompt", default="", help="what it should not show (default: none)")
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         checked("--guidance", check_guidance, args.guidance)
         warn_if_large(max(args.size))
         check_steps(args.steps)
+        check_seed(args.seed)
         check_prompt(args.prompt)
         check_prompt(args.negative_prompt, "--negative-prompt")
         check_output_file(args.out, args.overwrite, model_inputs(args))
