@@ -345,3 +345,19 @@ def test_a_network_error_names_the_hub_url_flag(tmp_path, capsys):
     assert edit(tmp_path, tmp_path / "sd15", "out", "--hub-url", "http://127.0.0.1:9") == 1
     line = capsys.readouterr().err.splitlines()[-1]
     assert "--hub-url" in line and "--base-url" not in line
+
+
+@pytest.mark.parametrize("in_file, flags, expected", [
+    ("width = 512\nheight = 512\n", ["--size", "64"], {"size": 64, "width": None, "height": None}),
+    ("size = 256\nsquare = true\n", ["--width", "128", "--height", "64"],
+     {"width": 128, "height": 64, "square": False, "size": 512}),
+    ("width = 512\nheight = 512\n", ["--square"], {"square": True, "width": None, "size": 512}),
+    ("width = 512\nheight = 256\n", ["--steps", "3"], {"width": 512, "height": 256}),  # no geometry flag: the file's
+])
+def test_a_geometry_flag_wins_over_the_files_other_way(tmp_path, in_file, flags, expected):
+    from stemref.cli.edit import build_parser, resolve_settings
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'source = "a"\ntarget = ["b"]\n{in_file}')
+    s = resolve_settings(build_parser(), [str(CLIP), "--config", str(config), *flags])
+    assert {name: s[name] for name in expected} == expected

@@ -53,6 +53,8 @@ from ..video import read_video, side_by_side, write_video
 DEFAULT_WEIGHTS = Path("weights/sd15")
 SLUG_LENGTH = 40
 LONG_RUN_FRAMES = 200  # warn above this many frames: hours of work on most machines
+# the two ways to set the frame size: a flag of one way drops the other way's values from --config
+GEOMETRY = (({"size", "square"}, {"width", "height"}), ({"width", "height"}, {"size", "square"}))
 
 
 COMMON = (
@@ -132,10 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_settings(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict[str, Any]:
     """Defaults, overridden by the TOML file, overridden by the flags given; checked."""
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if not (k == "video" and v is None)}
-    settings = {o.name: o.default for o in all_options()}
+    defaults = {o.name: o.default for o in all_options()}
+    settings = dict(defaults)
     config = given.pop("config", None)
     if config is not None:
         settings.update(read_config(config))
+        for way, other in GEOMETRY:  # a flag's way of setting the size replaces the file's other way
+            if way & given.keys() and not other & given.keys():
+                settings.update({name: defaults[name] for name in other})
     settings.update(given)
     settings["config"] = config  # not a setting (to_toml leaves it out): an input that --out must not hold
     method = METHODS.get(settings["method"])
