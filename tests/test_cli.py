@@ -546,6 +546,7 @@ def test_help_lists_defaults_and_outputs(module, outputs, monkeypatch, capsys):
 def test_progress_shows_rate_and_eta_and_ends_its_line_before_any_message(monkeypatch, capsys):
     import stemref.cli.progress as cli
 
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     clock = iter([0.0, 10.0, 12.0, 100.0, 102.0])  # created, two reports (the first after 10 s); again, one report
     monkeypatch.setattr(cli, "time", type("Clock", (), {"monotonic": staticmethod(lambda: next(clock))}))
     with pytest.raises(RuntimeError):
@@ -562,6 +563,22 @@ def test_progress_shows_rate_and_eta_and_ends_its_line_before_any_message(monkey
     with cli.progress_printer("writing", "file") as report:
         report(1, 1)
     assert capsys.readouterr().err.split("\r")[1].rstrip(" \n") == "writing: 1/1 files, 2.00 s/file, 0:02 in all"
+
+
+def test_progress_in_a_log_file_is_plain_lines_every_few_seconds(monkeypatch, capsys):
+    import stemref.cli.progress as progress
+
+    assert not sys.stderr.isatty()
+    times = [0.0, 1.0, 1.0, 2.0, 2.0, 6.5, 6.5, 7.0, 7.0]  # created; then (report, show) for each of 4 reports
+    clock = iter(times)
+    monkeypatch.setattr(progress, "time", type("Clock", (), {"monotonic": staticmethod(lambda: next(clock))}))
+    with progress.progress_printer("denoising") as report:
+        for done in range(1, 5):
+            report(done, 10)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert [line.split(",")[0] for line in err.splitlines()] == [  # the first, one after 5 s, the last
+        "denoising: 1/10 steps", "denoising: 3/10 steps", "denoising: 4/10 steps"]
 
 
 def test_an_unwritable_out_is_refused_before_any_work(tiny_root, clip, tmp_path, monkeypatch, capsys):

@@ -16,6 +16,7 @@ import os
 import signal
 import random
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import pytest
 import stemref.cli.download as download_command
 import stemref.download as download_module
 from stemref.cli.download import main
-from stemref.download import DownloadError, Progress, download
+from stemref.download import UNFINISHED, DownloadError, Progress, download, unfinished
 
 REPO = "test-org/tiny-sd"
 UNET16 = "unet/diffusion_pytorch_model.fp16.safetensors"
@@ -189,7 +190,8 @@ def fetch(hub: FakeHub, to: Path, **kwargs) -> Path:
 
 
 def files_under(folder: Path) -> set[str]:
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    """The downloaded files (and parts), not the marker of an unfinished download (tested on its own)."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != UNFINISHED}
 
 
 def cli(hub: FakeHub, to: Path, *extra: str) -> int:
@@ -295,7 +297,7 @@ def test_access_denied_says_accept_the_license_and_pass_a_token(hub, tmp_path, c
     assert not (tmp_path / UNET16).exists()
 
 
-def test_unreachable_server_names_the_url_and_suggests_base_url(tmp_path, capsys):
+def test_unreachable_server_names_the_url_and_suggests_hub_url(tmp_path, capsys):
     with socket.socket() as s:  # a loopback port that was free a moment ago: connection refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -335,7 +337,8 @@ def test_progress_reports_reach_the_total_of_every_file(hub, tmp_path):
         assert event.done == event.total == len(hub.files[path])
 
 
-def test_main_shows_progress_and_the_next_command(hub, tmp_path, capsys):
+def test_main_shows_progress_and_the_next_command(hub, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # redrawn in place on a terminal
     assert cli(hub, tmp_path / "sd15") == 0
     err = capsys.readouterr().err
     assert "\r" in err and "MB/s" in err
@@ -551,3 +554,15 @@ def test_variant_is_refused_for_clip(clip_hub, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "--variant applies to sd15 only" in capsys.readouterr().err
     assert clip_hub.log == []
+
+
+def test_an_unfinished_download_is_marked_until_every_file_is_in_place(hub, tmp_path):
+    hub.cut_once[TEXT16] = 1000  # the connection drops in the middle of a file
+    with pytest.raises(DownloadError, match="interrupted"):
+        download(tmp_path / "w", base_url=hub.url, repo=REPO)
+    assert unfinished(tmp_path / "w") and (tmp_path / "w" / UNFINISHED).is_file()
+    download(tmp_path / "w", base_url=hub.url, repo=REPO)
+    assert not unfinished(tmp_path / "w") and not (tmp_path / "w" / UNFINISHED).exists()
+    assert unfinished(tmp_path / "empty") is False  # absent: nothing to finish
+    (tmp_path / "empty" / "unet").mkdir(parents=True)
+    assert unfinished(tmp_path / "empty")  # a folder without any file: a download that never connected

@@ -13,7 +13,8 @@ import json
 import os
 import threading
 import tomllib
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -149,7 +150,9 @@ class Hub(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
 
 
-def test_missing_weights_are_downloaded_first(tiny_root, tmp_path, capsys):
+@contextmanager
+def hub(tiny_root: Path) -> Iterator[str]:
+    """A hub on 127.0.0.1 serving the tiny weights as SD1.5's fp16 files; yields its address."""
     files = {p.relative_to(tiny_root).as_posix().replace(".safetensors", ".fp16.safetensors"): p.read_bytes()
              for p in tiny_root.rglob("*") if p.is_file()}
     files["model_index.json"] = b'{"_class_name": "StableDiffusionPipeline"}'
@@ -159,12 +162,16 @@ def test_missing_weights_are_downloaded_first(tiny_root, tmp_path, capsys):
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        assert edit(tmp_path, tmp_path / "sd15", "out", "--hub-url", url) == 0
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def test_missing_weights_are_downloaded_first(tiny_root, tmp_path, capsys):
+    with hub(tiny_root) as url:
+        assert edit(tmp_path, tmp_path / "sd15", "out", "--hub-url", url) == 0
     assert "downloading SD1.5" in capsys.readouterr().err
     assert (tmp_path / "sd15" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
     assert (tmp_path / "out" / "edit-01-a-bear-on-a-hill.mp4").is_file()
@@ -361,3 +368,22 @@ def test_a_geometry_flag_wins_over_the_files_other_way(tmp_path, in_file, flags,
     config.write_text(f'source = "a"\ntarget = ["b"]\n{in_file}')
     s = resolve_settings(build_parser(), [str(CLIP), "--config", str(config), *flags])
     assert {name: s[name] for name in expected} == expected
+
+
+def test_a_failed_first_download_resumes_on_the_next_run(tiny_root, tmp_path, capsys):
+    from stemref.cli import txt2img as txt2img_cli
+
+    weights = tmp_path / "sd15"
+    assert edit(tmp_path, weights, "out", "--hub-url", "http://127.0.0.1:9") == 1  # no network
+    assert weights.is_dir()  # what the failed download left
+    capsys.readouterr()
+    assert edit(tmp_path, weights, "out", "--offline") == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert f"{weights} holds an unfinished download" in line and "without --offline" in line
+    assert txt2img_cli.main(["--weights", str(weights), "--prompt", "a fox", "--out", str(tmp_path / "a.png")]) == 2
+    assert f"python -m stemref.download --to {weights}" in capsys.readouterr().err
+    with hub(tiny_root) as url:
+        assert edit(tmp_path, weights, "out", "--hub-url", url) == 0
+    assert f"{weights} holds an unfinished download: finishing SD1.5" in capsys.readouterr().err
+    assert sorted(p.name for p in weights.iterdir()) == ["model_index.json", "scheduler", "text_encoder",
+                                                         "tokenizer", "unet", "vae"]

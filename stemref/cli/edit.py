@@ -44,7 +44,7 @@ from .download import stderr_progress
 from .edit_methods import METHODS, Job, Option
 from .measure import clock, consistency, peak_memory, reset_peak_memory, source_fps
 from ..context import CONTEXTS
-from ..download import DEFAULT_BASE_URL, DownloadError, download
+from ..download import DEFAULT_BASE_URL, DownloadError, download, unfinished
 from ..edit.cache import default_root
 from ..clip_metrics import clip_metrics
 from ..loading import DEFAULT_CLIP, WeightsError, load_clip
@@ -336,19 +336,24 @@ def run_inputs(s: dict[str, Any], model_args: argparse.Namespace) -> list[Path]:
 
 
 def ensure_weights(s: dict[str, Any]) -> None:
-    """Download SD1.5 into --weights when nothing is there (unless --offline)."""
+    """Download SD1.5 into --weights when nothing is there, or finish an unfinished download (unless --offline)."""
     weights = Path(s["weights"]).expanduser()
-    if weights.exists():
+    resume = unfinished(weights)
+    if weights.exists() and not resume:
         return
     command = f"python -m stemref.download --to {weights}"
     if s["offline"]:
+        if resume:
+            raise UserError(f"{weights} holds an unfinished download and --offline forbids downloading; run "
+                            f"without --offline to finish it, or `{command}`")
         raise UserError(f"no weights at {weights} and --offline forbids downloading; get them with `{command}`, "
                         "or point --weights at a diffusers SD1.5 folder or .safetensors file")
-    if weights.suffix:
+    if weights.suffix and not resume:
         raise UserError(f"no weights file at {weights}; give an existing .safetensors file, or a folder name to "
                         "download SD1.5 into")
-    print(f"no weights at {weights}: downloading SD1.5 (fp16, about 2 GB) from {s['hub_url']} "
-          "(resumable; --offline to refuse)", file=sys.stderr, flush=True)
+    what = f"{weights} holds an unfinished download: finishing" if resume else f"no weights at {weights}: downloading"
+    print(f"{what} SD1.5 (fp16, about 2 GB) from {s['hub_url']} (resumable; --offline to refuse)",
+          file=sys.stderr, flush=True)
     with progress_printer("download") as line:
         download(weights, base_url=s["hub_url"], progress=stderr_progress(line))
 

@@ -54,6 +54,7 @@ MODELS = {
     "clip-vit-large-patch14": ("openai/clip-vit-large-patch14", CLIP_FILES, Path("weights/clip-vit-large-patch14")),
     "clip-vit-base-patch32": ("openai/clip-vit-base-patch32", CLIP_FILES, Path("weights/clip-vit-base-patch32")),
 }
+UNFINISHED = ".stemref-download-unfinished"  # in the folder while a download into it is not complete
 CHUNK = 1 << 20  # bytes per read: large enough for speed, small enough for a lively progress line
 MAX_REDIRECTS = 10
 TIMEOUT_S = 60.0  # per connection attempt and per read, not for a whole file
@@ -127,13 +128,24 @@ def download_files(to: str | Path, paths: list[str], base_url: str = DEFAULT_BAS
         raise ValueError(f"pins (--pin): {', '.join(bad)} must map to a sha256 of 64 hex digits")
     folder = Path(to)
     _check_folder(folder)
+    (folder / UNFINISHED).touch()  # until every file is in place: a later run resumes, the loaders refuse
     client = _Client(origin=_origin(base_url), token=token, timeout=timeout)
     hints = _Hints(base_url=base_url, repo=repo)
     for path in paths:
         url = (f"{base_url}/{urllib.parse.quote(repo)}/resolve/{urllib.parse.quote(revision, safe='')}/"
                f"{urllib.parse.quote(path)}")
         _fetch(client, hints, url, folder / path, path, pins.get(path), progress)
+    (folder / UNFINISHED).unlink()
     return folder
+
+
+def unfinished(folder: str | Path) -> bool:
+    """True for a folder that holds an unfinished download: one stopped before every file was in place (it
+    holds the UNFINISHED marker), or one that holds no file at all (a first download that never connected)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    return (folder / UNFINISHED).exists() or not any(p.is_file() for p in folder.rglob("*"))
 
 
 def _check_folder(folder: Path) -> None:
