@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a mallard swimming in a pond"
 FAST = ["--steps", "2", "--frames", "3", "--size", "64", "--device", "cpu", "--dtype", "fp32"]
 METRIC_KEYS = {"context", "psnr", "ssim", "consistency", "seconds", "peak_memory_bytes", "peak_memory_measure",
-               "frames", "size", "steps", "settings"}
+               "frames", "width", "height", "scored", "steps", "settings"}
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_invert_writes_all_files(stem_run):
     assert sorted(p.name for p in stem_run.iterdir()) == [
         MARKER, "inversion.safetensors", "metrics.json", "reconstruction.mp4", "side_by_side.mp4"]
     assert [p.name for p in stem_run.parent.iterdir()] == ["mallard"]  # no hidden partial folder left
-    for name, width in (("reconstruction.mp4", 64), ("side_by_side.mp4", 128)):  # 80×64 read as 64×48
+    for name, width in (("reconstruction.mp4", 64), ("side_by_side.mp4", 136)):  # 80×64 read as 64×48; 8 px gap
         with av.open(str(stem_run / name)) as container:
             decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
         assert len(decoded) == 3 and decoded[0].shape == (48, width, 3)
@@ -149,7 +149,7 @@ def test_invert_file_equals_library_inversion(stem_run, library_stem):
 def test_invert_metrics(stem_run, library_stem):
     metrics = json.loads((stem_run / "metrics.json").read_text())
     assert set(metrics) == METRIC_KEYS
-    assert metrics["context"] == "stem" and metrics["frames"] == 3 and metrics["size"] == [48, 64]
+    assert metrics["context"] == "stem" and metrics["frames"] == 3 and (metrics["width"], metrics["height"]) == (64, 48)
     assert metrics["steps"] == 2 and metrics["settings"]["options"] == {"num_bases": 8}
     assert metrics["settings"]["fps"] == 24.0  # the clip's rate, so the outputs play at its speed
     frames, _, recon = library_stem
@@ -794,3 +794,44 @@ def test_evaluate_refuses_an_empty_or_undecodable_prompt(clip, capsys, prompt, s
     assert evaluate_cli.main([str(clip), "--source-video", str(clip), "--prompt", prompt, "--source-prompt",
                               source_prompt, "--device", "cpu"]) == 2
     assert message in error_line(capsys.readouterr().err)
+
+
+def test_the_suite_pins_torch_threads_here_and_in_subprocesses():
+    threads = int(os.environ.get("STEMREF_TEST_THREADS", "1"))
+    assert torch.get_num_threads() == threads
+    child = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                           capture_output=True, text=True, timeout=120)
+    assert child.stdout.strip() == str(threads)
+
+
+@pytest.mark.parametrize("name", ["a.mp4", "a.mkv"])
+def test_the_same_frames_are_written_as_the_same_bytes(tmp_path, name):
+    frames = torch.rand(6, 3, 32, 64, generator=torch.Generator().manual_seed(0))
+    written = {write_video(tmp_path / str(i) / name, frames, fps=8).read_bytes() for i in range(3)}
+    assert len(written) == 1
+    if name.endswith(".mp4"):  # x264 records its settings in the stream: one thread, whatever the machine
+        data = written.pop()
+        assert b" threads=1 " in data and b" lookahead_threads=1 " in data
+
+
+def test_side_by_side_labels_each_panel_and_leaves_a_gap():
+    from stemref.video import side_by_side
+
+    source = torch.full((2, 3, 64, 96), 0.5, dtype=torch.float64)
+    edit = torch.full((2, 3, 64, 96), 0.25, dtype=torch.float64)
+    plain = side_by_side(source, edit, gap=8)
+    assert plain.shape == (2, 3, 64, 200) and (plain[..., 96:104] == 1).all()
+    assert torch.equal(plain[..., :96], source) and torch.equal(plain[..., 104:], edit)
+    labelled = side_by_side(source, edit, labels=["source", "edit 1: a swan"], gap=8)
+    assert labelled.shape == plain.shape and (labelled[..., 96:104] == 1).all()
+    for panel, video in ((labelled[..., :96], source), (labelled[..., 104:], edit)):
+        changed = (panel != video).any(dim=(0, 1))  # (H, W): where the label is
+        rows, cols = changed.nonzero().unbind(1)
+        assert rows.min() == 0 and cols.min() == 0 and rows.max() < 32  # at the top left, in a small box
+        assert (panel[..., 32:, :] == video[..., 32:, :]).all()  # the rest of the frame untouched
+        assert panel.max() > video.max() and panel.min() < video.min()  # light text on a darkened box
+    # another text, another drawing; a label too long for the panel is cut, not drawn over the next one
+    other = side_by_side(source, edit, labels=["source", "edit 1: a " + "very " * 40 + "long prompt"], gap=8)
+    assert not torch.equal(other[..., 104:], labelled[..., 104:]) and (other[..., 96:104] == 1).all()
+    with pytest.raises(ValueError, match="one per video"):
+        side_by_side(source, edit, labels=["source"])

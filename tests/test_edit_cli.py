@@ -52,9 +52,11 @@ def test_outputs_exist_and_decode(first_run):
     assert source.shape == (5, 3, 48, 96)  # 512×288 -> 96×54 -> cropped to a multiple of 8
     for name in ("edit-01-a-bear-on-a-hill.mp4", "edit-02-a-cat-on-a-hill.mp4"):
         assert read_video(out / name).shape == source.shape
-    assert read_video(out / "side_by_side.mp4").shape == (5, 3, 48, 3 * 96)
+    assert read_video(out / "side_by_side.mp4").shape == (5, 3, 48, 3 * 96 + 2 * 8)  # three labelled panels, 8 px gaps
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["frames"] == 5 and [e["target"] for e in metrics["edits"]] == ["a bear on a hill", "a cat on a hill"]
+    assert (metrics["width"], metrics["height"]) == (96, 48) and "size" not in metrics  # labelled, not [H, W]
+    assert metrics["scored"].startswith("the frames before encoding")
     assert all(0 < e["consistency"] <= 1 for e in metrics["edits"])
     # CLIP metrics (tiny random CLIP): the source against its caption, each edit against its target and source
     assert set(metrics["source"]["clip"]) == {"clip_score", "frame_accuracy", "clip_consistency"}
@@ -387,3 +389,10 @@ def test_a_failed_first_download_resumes_on_the_next_run(tiny_root, tmp_path, ca
     assert f"{weights} holds an unfinished download: finishing SD1.5" in capsys.readouterr().err
     assert sorted(p.name for p in weights.iterdir()) == ["model_index.json", "scheduler", "text_encoder",
                                                          "tokenizer", "unet", "vae"]
+
+
+def test_fatezero_progress_says_it_counts_inversion_and_edit_steps(tiny_root, tmp_path, capsys):
+    assert edit(tmp_path, tiny_root, "out", "--method", "fatezero", "--store-memory", "0", "--frames", "2",
+                "--no-reuse") == 0
+    lines = [line for line in stderr_lines(capsys) if line.startswith("FateZero:")]
+    assert lines[-1].startswith("FateZero: a bear on a hill (inversion + edit): 4/4 steps")  # --steps 2

@@ -3,7 +3,7 @@
     python -m stemref.edit VIDEO --source "a mallard floats on the pond" --target "a white swan floats on the pond"
         OUT/edit-01-<target>.mp4   the edited video, one per --target (--target may repeat: one inversion, many edits)
         OUT/source.mp4             the source frames as edited (after frame selection, resize and crop)
-        OUT/side_by_side.mp4       source | edit 1 | edit 2 …
+        OUT/side_by_side.mp4       source | edit 1 | edit 2 …, each panel labelled
         OUT/config.toml            every resolved setting; `--config OUT/config.toml` repeats the run exactly
         OUT/metrics.json           frame count, temporal consistency of the source and of each edit, timings
 
@@ -38,11 +38,11 @@ from .checks import (check_cache_folder, check_fps, check_free_space, check_num_
                      check_steps, check_video_path, checked, warn_if_large)
 from .errors import ArgumentParser, UserError, run, warn
 from .model import DTYPES, check_model_arguments, load_model, model_inputs
-from .output import check_output_folder, output_folder
+from .output import PANEL_GAP, check_output_folder, output_folder
 from .progress import progress_printer
 from .download import stderr_progress
 from .edit_methods import METHODS, Job, Option
-from .measure import clock, consistency, peak_memory, reset_peak_memory, source_fps
+from .measure import SCORED, clock, consistency, peak_memory, reset_peak_memory, source_fps
 from ..context import CONTEXTS
 from ..download import DEFAULT_BASE_URL, DownloadError, download, unfinished
 from ..edit.cache import default_root
@@ -376,7 +376,8 @@ def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: fl
         for i, (name, edited) in enumerate(zip(names, edits)):
             write_video(folder / name, edited, fps)
             report(i + 1, len(edits) + 1)
-        write_video(folder / f"side_by_side{suffix}", side_by_side(frames, *edits), fps)
+        labels = ["source", *(f"edit {i + 1}: {target}" for i, target in enumerate(s["target"]))]
+        write_video(folder / f"side_by_side{suffix}", side_by_side(frames, *edits, labels=labels, gap=PANEL_GAP), fps)
         report(len(edits) + 1, len(edits) + 1)
     (folder / "config.toml").write_text(to_toml(s), encoding="utf-8")
     with job.progress("metrics", unit="video") as report:
@@ -394,7 +395,9 @@ def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: fl
             row["clip"] = score
     peak, measure = peak_memory(sd.device)
     metrics = {
-        "frames": len(frames), "size": list(frames.shape[-2:]), "fps": fps, "method": s["method"],
+        "frames": len(frames), "width": frames.shape[-1], "height": frames.shape[-2], "fps": fps,
+        "method": s["method"],
+        "scored": SCORED,
         "source": {"prompt": s["source"], "file": f"source{suffix}", "consistency": source_consistency,
                    **({"clip": source_scores} if scores is not None else {})},
         "edits": rows,

@@ -27,9 +27,9 @@ import torch
 from .checks import check_fps, check_num_bases, check_prompt, check_seed, check_steps, check_video_path, warn_if_large
 from .errors import ArgumentParser, UserError, run, warn
 from .model import add_model_arguments, check_model_arguments, load_model, model_inputs
-from .output import output_folder
+from .output import PANEL_GAP, output_folder
 from .progress import progress_printer
-from .measure import FEATURE_TIMESTEP, clock, consistency, peak_memory, reset_peak_memory, source_fps
+from .measure import FEATURE_TIMESTEP, SCORED, clock, consistency, peak_memory, reset_peak_memory, source_fps
 from ..context import CONTEXTS
 from ..inversion import invert, reconstruct
 from ..metrics import LAST_DECODER_SELF_ATTENTION, psnr, ssim
@@ -178,7 +178,8 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
         recon_consistency = consistency(sd, recon, args.prompt, report)
     inversion.save(folder / "inversion.safetensors")
     write_video(folder / "reconstruction.mp4", recon, fps)
-    write_video(folder / "side_by_side.mp4", side_by_side(frames, recon), fps)
+    write_video(folder / "side_by_side.mp4", side_by_side(frames, recon, labels=["input", f"{context} reconstruction"],
+                                                          gap=PANEL_GAP), fps)
     metrics = {
         "context": context,
         "psnr": psnr(recon, frames),
@@ -189,7 +190,7 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
         "peak_memory_bytes": peak,
         "peak_memory_measure": measure,
         "frames": frames.shape[0],
-        "size": list(frames.shape[-2:]),  # [H, W]
+        "width": frames.shape[-1], "height": frames.shape[-2], "scored": SCORED,
         "steps": args.steps,
         "settings": {**asdict(inversion.settings), "batch": batch, "video": str(args.video), "start": args.start,
                      "stride": args.stride, "square": args.square, "device": str(sd.device),
@@ -203,7 +204,7 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
 def compare_table(rows: list[dict], video: Path) -> str:
     """Markdown: one row per context, Table A3's columns plus consistency, time and memory."""
     first = rows[0]
-    H, W = first["size"]
+    H, W = first["height"], first["width"]
     consistency = first["consistency"]["input"]
     lines = [
         "# Reconstruction after inversion, by self-attention context (STEM supplement, Table A3)",

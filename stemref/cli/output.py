@@ -17,6 +17,7 @@ from pathlib import Path
 from .errors import EXIT_INTERRUPTED, Conflict, Interrupted, UserError
 
 MARKER = ".stemref-output"  # written into every output folder; --overwrite replaces only folders holding it
+PANEL_GAP = 8  # white pixels between the panels of side_by_side videos (even: H.264 needs an even width)
 MAX_LISTED = 5  # files named in a refusal; the rest are counted
 
 
