@@ -550,7 +550,8 @@ def test_clip_download_resumes_and_checks_sha256(clip_hub, tmp_path):
 
 def test_variant_is_refused_for_clip(clip_hub, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model", "clip-vit-base-patch32", "--variant", "fp32", "--to", str(tmp_path), "--hub-url", clip_hub.url])
+        main(["--model", "clip-vit-base-patch32", "--variant", "fp32", "--to", str(tmp_path),
+              "--hub-url", clip_hub.url])
     assert exit_info.value.code == 2
     assert "--variant applies to sd15 only" in capsys.readouterr().err
     assert clip_hub.log == []

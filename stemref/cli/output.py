@@ -166,30 +166,28 @@ def _put_in_place(tmp: Path, path: Path, replaceable: tuple[int, int] | None) ->
         except FileNotFoundError:
             pass  # removed meanwhile: nothing left to replace
         if moved and (_identity(old) != replaceable or not (old / MARKER).is_file() or _added(old)):
-            _restore(old, path)
+            where = _restore(old, path)
             raise Conflict(f"--out {path} changed while this run worked (another run, or files added to it), so "
-                           f"it was left as it is; the result is in {_keep(tmp, path)}")
+                           f"it was left as it is{where}; the result is in {_keep(tmp, path)}")
     try:
         os.rename(tmp, path)  # atomic; replaces only a missing or empty folder
     except OSError as e:
         if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
             raise
-        if moved:
-            _restore(old, path)
+        where = _restore(old, path) if moved else ""
         raise Conflict(f"--out {path} was created while this run worked (another run, or a user), so it was left "
-                       f"as it is; the result is in {_keep(tmp, path)}") from None
+                       f"as it is{where}; the result is in {_keep(tmp, path)}") from None
     if moved:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _restore(old: Path, path: Path) -> None:
-    """Put a moved-aside folder back; if `path` was taken meanwhile, keep it under a visible name."""
+def _restore(old: Path, path: Path) -> str:
+    """Put a moved-aside folder back; if `path` was taken meanwhile, keep it under a visible name and say where."""
     try:
         os.rename(old, path)
     except OSError:
-        kept = _keep(old, path)
-        raise Conflict(f"--out {path} was replaced by another run meanwhile; the folder that was there is in "
-                       f"{kept}") from None
+        return f" (the folder that was there is in {_keep(old, path)})"
+    return ""
 
 
 def _keep(folder: Path, path: Path) -> Path:
