@@ -476,6 +476,22 @@ def test_txt2img_replaces_an_existing_file_only_with_overwrite(tiny_root, tmp_pa
     assert Image.open(out).size == (64, 64)
 
 
+def test_txt2img_keeps_a_file_that_appears_at_out_during_the_run(tiny_root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "fox.png"
+
+    def meanwhile(*args, **kwargs):
+        out.write_bytes(b"another run's image")
+        return txt2img(*args, **kwargs)
+
+    monkeypatch.setattr(txt2img_cli, "txt2img", meanwhile)
+    args = ["--weights", str(tiny_root), "--prompt", "a fox", "--steps", "1", "--size", "64", "--out", str(out),
+            "--device", "cpu"]
+    assert txt2img_cli.main(args) == 1
+    assert f"the image is in {tmp_path / 'fox-2.png'}" in error_line(capsys.readouterr().err)
+    assert out.read_bytes() == b"another run's image" and Image.open(tmp_path / "fox-2.png").size == (64, 64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fox-2.png", "fox.png"]
+
+
 def test_a_short_clip_is_used_whole_and_the_count_reported(tiny_root, clip, tmp_path, capsys):
     out = tmp_path / "run"
     assert invert_cli.main([*invert_args(clip, out, tiny_root), "--frames", "10"]) == 0

@@ -206,6 +206,14 @@ def _keep(folder: Path, path: Path) -> Path:
     return folder
 
 
+def free_name(path: Path) -> Path:
+    """The first of `NAME-2.EXT`, `NAME-3.EXT`, … beside `path` that does not exist."""
+    n = 2
+    while (candidate := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists():
+        n += 1
+    return candidate
+
+
 def _discard(tmp: Path, created: list[Path]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     for parent in created:
