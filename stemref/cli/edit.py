@@ -4,8 +4,8 @@
         OUT/edit-01-<target>.mp4   the edited video, one per --target (--target may repeat: one inversion, many edits)
         OUT/source.mp4             the source frames as edited (after frame selection, resize and crop)
         OUT/side_by_side.mp4       source | edit 1 | edit 2 …, each panel labelled
-        OUT/config.toml            every resolved setting; `--config OUT/config.toml` repeats the run exactly
-        OUT/metrics.json           frame count, temporal consistency of the source and of each edit, timings
+        OUT/config.toml            the resolved settings (common and the method's); `--config` repeats the run exactly
+        OUT/metrics.json           frames, width, height, temporal consistency of the source and each edit, timings
 
 Settings come from, in rising priority: the defaults, `--config FILE.toml` (each option under its long name
 with underscores, e.g. `pnp_attn = 0.5`; `target` is a list; relative paths are relative to the file) and
