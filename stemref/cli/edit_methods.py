@@ -63,8 +63,8 @@ class Job:
                compute: Callable[[], Any]) -> Any:
         """The cache entry (under `folder`) for `description` if there is a sound one, else `compute()`, timed and
         stored with its `.save(path)`; `label` names it in messages and in the timings."""
-        cache, key = Cache(self.cache_root, folder), key_of(description)
-        found = cache.get(key, load)
+        cache, key = Cache(self.cache_root, folder, notice=self.say), key_of(description)
+        found = cache.get(key, description, load)
         if found is not None:
             self.say(f"{label}: reusing {cache.path(key)}")
             self.timings[label] = 0.0
@@ -72,7 +72,7 @@ class Job:
         started = clock(self.sd.device)
         result = compute()
         self.timings[label] = clock(self.sd.device) - started
-        if cache.put(key, result.save) is not None:
+        if cache.put(key, description, result) is not None:
             self.say(f"{label}: cached as {cache.path(key)}")
         return result
 
@@ -179,7 +179,8 @@ def cached_inversion(job: Job, sd: StableDiffusion | None = None, prompt: str | 
                 job.progress(f"{s['inversion']} inversion") as report:
             return invert(sd, job.frames, prompt, s["steps"], context, seed=s["seed"], progress=report,
                           vae_progress=encoding, **options)
-    return job.cached("inversion", "inversions", description, Inversion.load, compute)
+    return job.cached("inversion", "inversions", description, lambda path: Inversion.load(path).check_of(job.frames),
+                      compute)
 
 
 def tokenflow_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
@@ -256,7 +257,7 @@ def cached_tuning(job: Job) -> tuning.Tuned:
             return tuning.tune(sd, job.frames, s["source"], method, steps=s["tune_steps"], lr=s["lr"],
                                seed=s["seed"], checkpointing=s["checkpointing"], autocast=precision, progress=show,
                                **options)
-    return job.cached("tuning", "tuned", description, tuning.Tuned.load, compute)
+    return job.cached("tuning", "tuned", description, lambda path: tuning.Tuned.load(path, sd), compute)
 
 
 def tuned_prepare(job: Job) -> tuple[StableDiffusion, Inversion]:
