@@ -48,6 +48,13 @@ class Inversion:
     timesteps: list[int]  # ascending, e.g. [1, 21, …, 981]
     settings: InversionSettings
 
+    def __post_init__(self):
+        if not isinstance(self.latents, torch.Tensor) or not self.latents.is_floating_point():
+            raise TypeError(f"Inversion latents must be a floating torch.Tensor, got {type(self.latents).__name__}")
+        if self.latents.ndim != 5 or self.latents.shape[2] != 4 or self.latents.shape[0] != len(self.timesteps) + 1:
+            raise ValueError(f"Inversion latents must be (S + 1, F, 4, h, w) for its S = {len(self.timesteps)} "
+                             f"timesteps (SD1.x latents have 4 channels), got {tuple(self.latents.shape)}")
+
     @property
     def x_T(self) -> torch.Tensor:
         return self.latents[-1]
@@ -115,6 +122,14 @@ def _checked(latents: torch.Tensor, meta: dict, path: Path) -> Inversion:
         raise bad(f"settings {', '.join(wrong)} have the wrong type")
     # the timesteps are the path the latents were computed on; settings.steps only repeats their count
     return Inversion(latents, timesteps, replace(settings, steps=len(timesteps)))
+
+
+def check_inversion(inversion: object) -> Inversion:
+    """What every editor checks first: an Inversion whose latents are all finite (NaN latents edit to NaN frames)."""
+    if not isinstance(inversion, Inversion):
+        raise TypeError(f"expected an Inversion (from stemref.invert or Inversion.load), got {type(inversion).__name__}")
+    check_finite(inversion.latents, "the inversion's latents", "invert the video again (in fp32 if it was fp16)")
+    return inversion
 
 
 def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 50, context: str | None = "stem",

@@ -267,3 +267,19 @@ def test_edit_samples_with_guidance_against_the_empty_prompt(tiny_sd, tuned):
     torch.testing.assert_close(out, x, rtol=0, atol=1e-10)
     frames = tuned_edit.edit(model, FRAMES, "a duck", tuned.method, steps=2)
     assert frames.shape == FRAMES.shape and 0 <= frames.min() and frames.max() <= 1
+
+
+def test_tuned_editing_refuses_non_finite_inversions_and_results(tiny_sd, tuned):
+    import copy
+
+    model = tuned.model(tiny_sd)
+    inv = tuned_edit.invert_tuned(model, FRAMES, steps=2)
+    nan = stemref.Inversion(inv.latents.clone(), inv.timesteps, inv.settings)
+    nan.latents[-1] = float("nan")
+    with pytest.raises(ValueError, match="the inversion's latents contain"):
+        tuned_edit.edit_latents(model, nan, "a duck", guidance=5.0)
+    broken = copy.copy(model)
+    broken.unet = copy.deepcopy(model.unet)
+    broken.unet.conv_out.bias.data.fill_(float("inf"))
+    with pytest.raises(ValueError, match="the edited latents contain"):
+        tuned_edit.edit_latents(broken, inv, "a duck", guidance=5.0)

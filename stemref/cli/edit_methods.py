@@ -22,6 +22,8 @@ from ..context import CONTEXTS
 from ..edit import fatezero, tokenflow, tuning
 from ..edit import tuned as tuned_editing
 from ..edit.cache import Cache, key_of, tensor_digest, weights_fingerprint
+from ..edit.fatezero_plan import check_words
+from ..edit.p2p import has_word
 from ..inversion import FORMAT as INVERSION_FORMAT
 from ..frames import check_finite
 from ..inversion import NON_FINITE_HINT, Inversion, invert
@@ -198,16 +200,24 @@ def fatezero_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
     with job.progress(f"FateZero: {_short(target)}") as report:
         latents = fatezero.edit_latents(job.sd, inversion, s["source"], target, guidance=s["guidance"],
                                         negative_prompt=s["negative"], memory_budget=s["store_memory"] * 2**20,
-                                        store_dir=s["store_dir"], progress=report, **fatezero_settings(s))
+                                        store_dir=s["store_dir"], progress=report, **fatezero_settings(s, target))
     return decode(job, latents)
 
 
-def fatezero_settings(s: dict[str, Any]) -> dict[str, Any]:
-    """The FateZeroSettings fields from the command's flat settings (WORD=NUMBER lists become dicts)."""
-    return dict(cross_window=s["cross_window"], word_windows=_word_numbers(s["word_window"], "word-window"),
+def fatezero_settings(s: dict[str, Any], target: str | None = None) -> dict[str, Any]:
+    """The FateZeroSettings fields from the command's flat settings (WORD=NUMBER lists become dicts). With
+    `target`, the target words (reweight, word windows, blend target) are those of that target prompt: one
+    command edits towards several targets, and each word applies to the targets that have it."""
+    def mine(words: dict | list) -> dict | list:
+        if target is None:
+            return words
+        kept = [w for w in words if has_word(target, w, s["strip_punctuation"])]
+        return {w: words[w] for w in kept} if isinstance(words, dict) else kept
+
+    return dict(cross_window=s["cross_window"], word_windows=mine(_word_numbers(s["word_window"], "word-window")),
                 self_window=s["self_window"], controller=s["controller"],
-                reweight=_word_numbers(s["reweight"], "reweight"),
-                blend_words=(s["blend_source"] or [], s["blend_target"] or [])
+                reweight=mine(_word_numbers(s["reweight"], "reweight")),
+                blend_words=(s["blend_source"] or [], mine(s["blend_target"] or []))
                 if s["blend_source"] or s["blend_target"] else None,
                 blend_self_attention=s["blend_self_attention"], blend_latents=s["blend_latents"],
                 blend_threshold=s["blend_threshold"], max_tokens=None if s["fuse_all_layers"] else 1024,
@@ -231,8 +241,17 @@ def check_fatezero(s: dict[str, Any]) -> None:
     """What FateZero's own settings refuse (word lists, blending without words), before the model loads."""
     try:
         fatezero.FateZeroSettings(**fatezero_settings(s))
+        for target in s["target"]:
+            check_words(fatezero.FateZeroSettings(**fatezero_settings(s, target)), s["source"], target)
     except ValueError as e:
         raise UserError(f"FateZero settings: {e}") from None
+    for flag, words in (("reweight", _word_numbers(s["reweight"], "reweight")),
+                        ("word-window", _word_numbers(s["word_window"], "word-window")),
+                        ("blend-target", s["blend_target"] or [])):
+        for word in words:
+            if not any(has_word(target, word, s["strip_punctuation"]) for target in s["target"]):
+                raise UserError(f"--{flag} {word}: {word!r} is not a word of the target prompt "
+                                f"{' or '.join(map(repr, s['target']))}; name a whole, space-separated word of it")
     if s["store_dir"] is not None and Path(s["store_dir"]).exists() and any(Path(s["store_dir"]).iterdir()):
         raise UserError(f"--store-dir {s['store_dir']} is not empty; name a new or empty folder")
 
