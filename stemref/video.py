@@ -9,7 +9,8 @@ Reading (`read_video`)
   containers work. The first video stream is used; audio is ignored. Decoding stops right after the last
   frame that was asked for, so `count=8` on a long clip decodes only the frames up to that point.
 - A folder is read as one image per frame (.png .jpg .jpeg .webp, case-insensitive), in natural order
-  (`2.png` before `10.png`); other files in the folder are ignored. Alpha channels are dropped.
+  (`2.png` before `10.png`); other files in the folder are ignored. Alpha channels are dropped. 16-bit
+  PNGs (greyscale or RGB) are scaled to 8 bits, not clipped.
 - Frame selection: frames start, start + stride, start + 2·stride, ..., at most `count` of them.
 - Geometry: SD 1.5 works on an 8× smaller latent grid, so the output H and W are always multiples of 8.
   * `size=None`: keep the resolution; crop the remainder of H and W modulo 8 from the centre
@@ -221,7 +222,7 @@ def _read_folder(path: Path, start: int, stride: int, count: int | None, report)
     for file in selected:
         try:
             with Image.open(file) as image:
-                frames.append(np.asarray(image.convert("RGB")))  # (H, W, 3)
+                frames.append(_rgb8(image, file))  # (H, W, 3)
         except Image.DecompressionBombError as error:
             raise ValueError(f"{file}: the image is too large to decode safely ({error}); "
                              "shrink it to the size you want to work at (e.g. 512 px)") from error
@@ -231,6 +232,24 @@ def _read_folder(path: Path, start: int, stride: int, count: int | None, report)
             raise ValueError(f"{file}: not a readable image ({error}); remove or replace it") from error
         report(len(frames), len(selected))
     return frames
+
+
+def _rgb8(image: Image.Image, file: Path) -> np.ndarray:
+    """One opened image as (H, W, 3) uint8 RGB, whatever its bit depth.
+
+    Pillow opens a 16-bit greyscale PNG in an integer mode ("I;16", or "I" in older versions), which its
+    convert("RGB") clips at 255, so nearly every pixel would read white: those values are scaled by
+    255/65535 here and rounded. A 16-bit RGB PNG Pillow already reads as 8-bit RGB (the high byte of each
+    value); that and 8-bit images convert as usual.
+    """
+    if image.mode.startswith("I"):
+        values = np.asarray(image).astype(np.int64)  # (H, W)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{file}: {image.mode} image with values outside 0–65535; save it as an 8- or "
+                             "16-bit PNG")
+        grey = np.round(values * (255 / 65535)).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)  # (H, W, 3)
+    return np.asarray(image.convert("RGB"))
 
 
 # ----------------------------------------------------------------------------------------------------
