@@ -12,7 +12,8 @@ Reading (`read_video`)
   (`2.png` before `10.png`); other files in the folder are ignored. Alpha channels are dropped. 16-bit
   PNGs (greyscale or RGB) are scaled to 8 bits, not clipped.
 - Frame selection: frames start, start + stride, start + 2·stride, ..., at most `count` of them.
-- Geometry: SD 1.5 works on an 8× smaller latent grid, so the output H and W are always multiples of 8.
+- Geometry: SD 1.5 works on an 8× smaller latent grid, so the output H and W are multiples of 8, except
+  with `as_stored=True`, which keeps every pixel as stored (for metrics).
   * `size=None`: keep the resolution; crop the remainder of H and W modulo 8 from the centre
     (854×480 -> 848×480, 100×75 -> 96×72).
   * `size=S`: resize so the longer side is S (aspect kept, the short side rounded to the nearest pixel),
@@ -83,11 +84,13 @@ def read_video(
     square: bool = False,
     resize: tuple[int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    as_stored: bool = False,
 ) -> torch.Tensor:
     """Read frames start, start + stride, ... (at most `count`) of a video file or image folder.
 
     Returns (F, 3, H, W) float32 in [0, 1] with H and W multiples of 8; see the module docstring for
-    how `size`, `square` and `resize` set the geometry. F is less than `count` when the video ends first:
+    how `size`, `square` and `resize` set the geometry. `as_stored=True` returns every pixel as stored
+    instead, at any H and W (no crop; not with size, square or resize): what metrics must score. F is less than `count` when the video ends first:
     compare. `progress(frames read, frames wanted)` is called after each frame (for files only when `count`
     is given).
     """
@@ -95,6 +98,8 @@ def read_video(
     _check_selection(path, start, stride, count)
     _check_size(size)
     _check_resize(resize, size, square)
+    if as_stored and (size is not None or square or resize is not None):
+        raise ValueError(f"{path}: as_stored=True reads the frames as stored; it takes no size, square or resize")
     if not path.exists():
         raise FileNotFoundError(
             f"{path}: no such file or folder; check the path (relative paths start at {Path.cwd()})"
@@ -104,7 +109,7 @@ def read_video(
         frames = _read_folder(path, start, stride, count, report)
     else:
         frames = _read_file(path, start, stride, count, report)
-    shaped = [_fit(frame, size, square, path, resize) for frame in frames]
+    shaped = frames if as_stored else [_fit(frame, size, square, path, resize) for frame in frames]
     if len({f.shape for f in shaped}) > 1:
         sizes = sorted({f"{f.shape[1]}x{f.shape[0]}" for f in frames})
         raise ValueError(

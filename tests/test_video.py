@@ -150,6 +150,9 @@ def test_odd_input_size_is_cropped(tmp_path):
     back = read_video(write_video(tmp_path / "odd.mkv", frames))
     assert back.shape == (3, 3, 72, 96)
     assert torch.equal(back, frames[:, :, 1:73, 2:98])  # 3 rows: 1 above, 2 below; 4 columns: 2 each side
+    assert torch.equal(read_video(tmp_path / "odd.mkv", as_stored=True), frames)  # every pixel, for metrics
+    with pytest.raises(ValueError, match="as_stored=True reads the frames as stored"):
+        read_video(tmp_path / "odd.mkv", as_stored=True, size=64)
 
 
 def test_size_resizes_longer_side_and_rounds_down(tmp_path):
