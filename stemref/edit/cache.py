@@ -95,9 +95,9 @@ class Cache:
             try:
                 return read(path)
             except (OSError, ValueError, KeyError, RuntimeError) as e:
-                problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+                problem = _problem_of(e, path)
         self.discard(key)
-        self.notice(f"{self.kind} cache entry {path.name} dropped ({problem}); computing it again")
+        self.notice(f"cache entry {path} dropped ({problem}); computing it again")
         return None
 
     def _problem(self, path: Path, key: str, description: dict) -> str | None:
@@ -156,6 +156,16 @@ class Saveable(Protocol):
     """A cache entry: Inversion and Tuned write themselves, with the cache identity in their metadata."""
 
     def save(self, path: Path, cache: dict | None = None) -> Path: ...
+
+
+def _problem_of(error: Exception, path: Path) -> str:
+    """A reader's error as the reason an entry is dropped: its first line without the file's name and without
+    the advice to make the file again (the cache does that itself)."""
+    message = (str(error).splitlines() or [type(error).__name__])[0].removeprefix(f"{path}: ")
+    parts = message.split("; ")
+    while len(parts) > 1 and parts[-1].startswith(("make it again", "tune again")):
+        parts.pop()
+    return "; ".join(parts)
 
 
 def canonical(description: dict) -> dict:
