@@ -468,6 +468,7 @@ def test_example_configs_are_complete_fatezero_settings(tmp_path):
         s = edit_cli.resolve_settings(edit_cli.build_parser(), [str(clip), "--config", str(config)])
         assert s["method"] == "fatezero" and s["inversion"] == ("stem" if "bunny" in config.stem else "fatezero")
         settings[config.stem] = FateZeroSettings(**edit_methods.fatezero_settings(s))
+        edit_methods.check_fatezero(s)  # every reweight and blend word is a word of its prompt
         assert settings[config.stem].max_tokens == 1024 and settings[config.stem].fix_shift is False  # official
     assert settings["fatezero-local-jeep-porsche"].blend_words == (["silver", "jeep"], ["Porsche", "car"])
     assert settings["fatezero-style-jeep-watercolor"].reweight == {"watercolor": 10.0}
