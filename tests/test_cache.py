@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from stemref.edit.cache import Cache, key_of
 from stemref.edit.tuning import Tuned, tune
@@ -104,12 +105,16 @@ def test_a_failed_cache_write_keeps_the_result_and_warns(cache):
     assert "only the cache write is skipped" in cache.notices[0]
 
 
-def test_a_write_that_fails_midway_leaves_nothing(cache, monkeypatch):
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),
+    SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),  # its own type
+])
+def test_a_write_that_fails_midway_leaves_nothing(cache, error):
     """The disk fills while the entry is written: the entry and its checksum are both gone."""
     class Full:
         def save(self, path, cache=None):
             path.write_bytes(b"x" * 10)
-            raise OSError(28, "No space left on device")
+            raise error
     key = key_of(description())
     assert cache.put(key, description(), Full()) is None
     assert list(cache.folder.iterdir()) == []

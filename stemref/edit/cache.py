@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors import SafetensorError
 
 from ..files import atomic_path, read_identity
 from ..pipeline import StableDiffusion
@@ -135,9 +136,10 @@ class Cache:
                 entry.save(tmp, cache={"key": key, "inputs": canonical(description)})
             with atomic_path(path.with_suffix(".sha256")) as tmp:
                 tmp.write_text(_sha256_of(path) + "\n")
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
             self.discard(key)
-            self.notice(f"warning: could not write the {self.kind} cache entry in {self.folder} ({e.strerror or e}); "
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            self.notice(f"warning: could not write the {self.kind} cache entry in {self.folder} ({reason}); "
                         "the result is kept, only the cache write is skipped")
             return None
         return path
