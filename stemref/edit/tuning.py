@@ -160,12 +160,12 @@ class Tuned:
         expected = tuned_shapes(sd.unet, self.method, self.options)
         where = self.path or "these tuned weights"
         missing, unknown = sorted(set(expected) - set(self.tensors)), sorted(set(self.tensors) - set(expected))
-        if missing:
-            raise ValueError(f"{where}: damaged stemref tuned-weights file: {len(missing)} of its model's "
-                             f"{len(expected)} tuned tensors are missing ({', '.join(missing[:2])}…); tune again")
         if unknown:
             raise ValueError(f"{where}: stemref tuned-weights file with tensors this model does not have "
                              f"({', '.join(unknown[:2])}…): tuned on another model; tune again")
+        if missing:
+            raise ValueError(f"{where}: damaged stemref tuned-weights file: {len(missing)} of its model's "
+                             f"{len(expected)} tuned tensors are missing ({', '.join(missing[:2])}…); tune again")
         wrong = [k for k, shape in expected.items() if self.tensors[k].shape != shape]
         if wrong:
             raise ValueError(f"{where}: damaged stemref tuned-weights file: {wrong[0]} has shape "
