@@ -2,6 +2,7 @@
 stemref's own safetensors files (tensors plus JSON metadata: inversions, tuned weights)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -14,11 +15,12 @@ from safetensors.torch import save_file
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write; rename it onto `path` on success, delete it on any error.
 
     The temporary name is hidden and ends in `.part`, so writers must name their format explicitly. An
     OSError about the temporary file (disk full, permission denied) is raised again naming `path` instead.
+    With `replace=False` a file that appeared at `path` meanwhile is never replaced: FileExistsError.
     """
     # same folder: the final rename stays on one file system, so it is atomic
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
@@ -26,7 +28,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         # writers differ (safetensors makes 0600 files): give every output the mode open() would
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _place_new(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if e.filename is not None and str(tmp) in str(e.filename):
@@ -35,6 +40,24 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _place_new(tmp: Path, path: Path) -> None:
+    """Give `tmp` the name `path` only if no file has it: a hard link fails atomically on an existing name."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "a file appeared there while this was written; it was not replaced",
+                              str(path)) from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise
+        if path.exists():  # a file system without hard links: check, then rename
+            raise FileExistsError(errno.EEXIST, "a file appeared there while this was written; it was not replaced",
+                                  str(path)) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 def _umask() -> int:
@@ -115,3 +138,19 @@ def read_stemref_file(path: str | os.PathLike, fmt: str, what: str, how_to_make:
         if not isinstance(meta, dict) or meta.get("format") != fmt:
             raise ValueError(not_ours)
         return meta, {k: f.get_tensor(k) for k in f.keys()}
+
+
+def read_identity(path: str | os.PathLike) -> dict | None:
+    """The cache identity (metadata "stemref" → "cache": key and inputs) of a stemref file, or None without one.
+    Reads only the header; ValueError when the file is not safetensors or its metadata is not JSON."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("stemref")
+    except SafetensorError as e:
+        raise ValueError(f"not safetensors ({e})") from e
+    try:
+        meta = json.loads(raw) if raw is not None else None
+    except ValueError as e:
+        raise ValueError(f"its metadata is not JSON ({e})") from e
+    identity = meta.get("cache") if isinstance(meta, dict) else None
+    return identity if isinstance(identity, dict) else None

@@ -8,7 +8,8 @@ and CLIP consistency of the edited and of the source frames (stemref.clip_metric
 JSON object with keys clip_score, frame_accuracy, clip_consistency and source_clip_consistency instead.
 
 Every frame of EDITED is scored (at most --frames); the source frames compared are the same number read from
---start with --stride, so pass the selection the edit used. Frames are read at their own resolution.
+--start with --stride, so pass the selection the edit used. Frames are scored exactly as stored, at their own
+resolution (no crop to a multiple of 8).
 Nothing is written.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import UserError, run
+from .checks import check_prompt, check_video_path
+from .errors import ArgumentParser, UserError, run
 from .model import add_device_arguments, check_device, chosen_dtype
 from ..clip_metrics import clip_metrics
 from ..loading import DEFAULT_CLIP, WeightsError, load_clip
@@ -35,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
             clip = load_clip(args.clip, dtype=chosen_dtype(args), device=args.device)
         except WeightsError as e:
             raise UserError(str(e)) from e
-        edited = read_video(args.edited, count=args.frames)
-        source = read_video(args.source_video, args.start, args.stride, count=len(edited))
+        edited = read_video(args.edited, count=args.frames, as_stored=True)
+        source = read_video(args.source_video, args.start, args.stride, count=len(edited), as_stored=True)
         if len(source) != len(edited):
             raise UserError(f"{args.edited} has {len(edited)} frames but {args.source_video} has only {len(source)} "
                             f"from frame {args.start} with stride {args.stride}; pass the --start/--stride the edit "
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stemref.evaluate", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m stemref.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("edited", type=Path, help="the edited video (file or folder of images)")
     parser.add_argument("--source-video", type=Path, required=True, help="the video it was edited from")
     parser.add_argument("--prompt", required=True, help="the edit's target prompt")
@@ -69,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """Refuse bad settings before loading CLIP or reading a video."""
+    for text, flag in ((args.prompt, "--prompt"), (args.source_prompt, "--source-prompt")):
+        check_prompt(text, flag)
+        if not text.strip():
+            raise UserError(f"{flag} is empty; give the text the video is scored against")
     if args.prompt == args.source_prompt:
         raise UserError("--prompt and --source-prompt are the same text, so frame accuracy means nothing; give the "
                         "edit's target prompt and a caption of the source video")
@@ -78,9 +84,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} must be at least 1, got {value}")
     if args.start < 0:
         raise UserError(f"--start must be 0 or more, got {args.start}")
-    for video in (args.edited, args.source_video):
-        if not video.exists():
-            raise UserError(f"{video}: no such file or folder; check the path (relative paths start at {Path.cwd()})")
+    check_video_path(args.edited, "EDITED")
+    check_video_path(args.source_video, "--source-video")
 
 
 def table(scores: dict, clip: Path, frames: int) -> str:
