@@ -171,7 +171,7 @@ def test_freeu_identity_is_the_plain_unet(tiny_sd):
     assert not torch.allclose(tiny_sd.unet(x, 500, context, freeu=FreeU()), plain)
 
 
-def test_freeu_unet_against_diffusers_with_hooks(tiny_sd, tiny_reference):
+def test_freeu_unet_against_diffusers_with_hooks(tiny_loaded, tiny_reference):
     """STEM's channel rule on diffusers' UNet through pre-hooks on the decoder ResNets: h with the top width
     gets (b1, s1), h with half of it gets (b2, s2)."""
     unet = tiny_reference[0]
@@ -195,7 +195,7 @@ def test_freeu_unet_against_diffusers_with_hooks(tiny_sd, tiny_reference):
         x, context = rand(2, 4, 8, 8, seed=10), rand(2, 77, 32, seed=11)
         with torch.no_grad():
             expected = unet(x, 500, context).sample
-        torch.testing.assert_close(tiny_sd.unet(x, 500, context, freeu=freeu), expected, rtol=0, atol=1e-10)
+        torch.testing.assert_close(tiny_loaded.unet(x, 500, context, freeu=freeu), expected, rtol=0, atol=1e-10)
     finally:
         for hook in hooks:
             hook.remove()
@@ -306,11 +306,11 @@ def reference_edit(unet, sd, inversion, prompt, negative, guidance, batch, pnp_a
     return x
 
 
-def test_editor_matches_reference(tiny_sd, tiny_reference, inversion):
+def test_editor_matches_reference(tiny_loaded, tiny_reference, inversion):
     """5 frames in batches of 2 (the last batch holds one frame), 4 steps: conv injection on 3 steps, q/k on 2."""
     table = [[1, 2, 4], [0, 3, 4], [1, 3, 4], [0, 2, 4]]
-    ours = tokenflow.edit_latents(tiny_sd, inversion, TARGET, batch=2, pnp_attn=0.5, pnp_conv=0.8, keyframes=table)
-    expected = reference_edit(tiny_reference[0], tiny_sd, inversion, TARGET, tokenflow.DEFAULT_NEGATIVE, 7.5, 2,
+    ours = tokenflow.edit_latents(tiny_loaded, inversion, TARGET, batch=2, pnp_attn=0.5, pnp_conv=0.8, keyframes=table)
+    expected = reference_edit(tiny_reference[0], tiny_loaded, inversion, TARGET, tokenflow.DEFAULT_NEGATIVE, 7.5, 2,
                               0.5, 0.8, table)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-10)
 

@@ -99,10 +99,10 @@ def test_group_norm_over_frames_matches_reference():
     torch.testing.assert_close(frame_group_norm(norm, x, 1), norm(x), **EXACT)
 
 
-def test_inflated_unet_with_silent_temporal_attention_matches_reference(tiny_sd, tiny_reference):
+def test_inflated_unet_with_silent_temporal_attention_matches_reference(tiny_loaded, tiny_reference):
     """2 videos (e.g. guidance branches) of 3 frames: sparse-causal attention, frame-pooled ResNet GroupNorms."""
     frames = 3
-    unet = inflate(tiny_sd.unet, "tune-a-video", {"temporal_bias": "zero"})
+    unet = inflate(tiny_loaded.unet, "tune-a-video", {"temporal_bias": "zero"})
     x, context = latents(2 * frames), text(2 * frames)
     with torch.no_grad():
         ours = unet(x, 500, context, RunInfo(frames=frames))
