@@ -186,3 +186,17 @@ def test_tiny_model_depends_on_its_seed_only():
         assert torch.equal(x, y) and not torch.equal(x, z)
     assert torch.equal(a.text_encoder.text_model.embeddings.token_embedding.weight,
                        b.text_encoder.text_model.embeddings.token_embedding.weight)
+
+
+def test_full_size_unet_has_diffusers_tensor_shapes():
+    """SD1.5's UNet (built on the meta device: no memory) has exactly diffusers' keys and shapes, the skip
+    widths of every decoder ResNet included."""
+    from diffusers import UNet2DConditionModel as DiffusersUNet
+
+    from stemref.config import UNetConfig
+    from stemref.unet import UNet2DConditionModel, skip_channels
+
+    with torch.device("meta"):
+        ours, theirs = UNet2DConditionModel(UNetConfig()), DiffusersUNet(cross_attention_dim=768)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    assert skip_channels(UNetConfig()) == [320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280]
