@@ -46,7 +46,7 @@ windows are recorded. The store spills to disk beyond a memory budget. Given a s
 frames, the inversion's UNet calls are replayed on its latents to record the store (the same calls, so the
 same maps).
 
-Official quirks kept (../shared/notes/fatezero.md): inversion without CFG; windows int(s·N)
+Official quirks kept (README, "Fidelity"): inversion without CFG; windows int(s·N)
 for self and int(c·(N+1)) for cross; replace falls back to refine when the word counts differ; the blend mask
 is nearest-resized, per-frame normalised and only used with `blend_self_attention`; latent blending resets to
 the inversion latent one level noisier, for int(0.2N) < i+1 < int(0.8N). Not kept: FateZero's random VAE
