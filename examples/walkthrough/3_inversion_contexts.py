@@ -27,14 +27,14 @@ from stemref.metrics import psnr
 from stemref.sampling import ddim_sample_loop, predict_noise
 
 sd = tiny(gentle=True)
-video = frames(count=6, size=64)  # (6, 3, 64, 64)
+video = frames(count=4, size=64)  # (4, 3, 64, 64)
 cond = sd.encode_prompt(PROMPT)  # (1, 77, D)
-x0 = sd.encode_frames(video)  # (6, 4, 8, 8)
+x0 = sd.encode_frames(video)  # (4, 4, 8, 8)
 round_trip = sd.decode_latents(x0)  # what the VAE alone gives back: the best a reconstruction can do
 print(f"{len(video)} frames of {video.shape[-1]}², prompt {PROMPT!r}")
 print("context    | steps | latent error ‖x̂_0 − x_0‖ / ‖x_0‖ | PSNR of the decoded x̂_0 vs the VAE round trip")
 for context, options in (("1-frame", {}), ("2-frame", {}), ("all-frame", {}), ("stem", {"num_bases": 16})):
-    for steps in (5, 20):
+    for steps in (4, 16):
         inversion = stemref.invert(sd, video, PROMPT, steps=steps, context=context, **options)  # x_0 … x_T kept
         # sampling is the same loop run forwards, from x_T, with the same context in every self-attention layer
         processor = context_processor(context, torch.Generator().manual_seed(0), **options)

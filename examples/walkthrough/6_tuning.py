@@ -18,7 +18,7 @@ sd = tiny(torch.float32)  # the tuned tensors train in float32 (on a GPU: fp16 a
 video = frames(count=4, size=64)  # (4, 3, 64, 64)
 for method in ("tune-a-video", "ei2"):
     losses = []
-    result = tuning.tune(sd, video, PROMPT, method, steps=6, lr=1e-3,
+    result = tuning.tune(sd, video, PROMPT, method, steps=4, lr=1e-3,
                          progress=lambda step, steps, loss: losses.append(loss))
     trained = sum(t.numel() for t in result.tensors.values())
     print(f"{method:12s}: {len(result.tensors)} tuned tensors ({trained:,} values; the temporal modules and the "
