@@ -98,11 +98,11 @@ class DDIMScheduler:
         dtype = _compute_dtype(x)
         a_prev = self.alpha(t - self._stride(steps)).to(dtype)
         a_t = self.alpha(t).to(dtype)
-        # Eq. 12 with σ = 0 from ᾱ_prev up to ᾱ_t; differs from the exact inverse in using ε(x_prev, t), not ε(x_t, t)
+        # Eq. 12 with σ = 0, from ᾱ_prev up to ᾱ_t; not the exact inverse: ε is ε(x_prev, t), not ε(x_t, t)
         return _ddim_move(x.to(dtype), eps.to(dtype), a_prev, a_t, torch.zeros((), dtype=dtype)).to(x.dtype)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
-        """Forward process (DDIM Eq. 4): sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise; t is one timestep or one per sample (B,)."""
+        """Forward process (DDIM Eq. 4): sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise; t is one timestep or one per sample."""
         dtype = _compute_dtype(x0)
         a_t = self.alpha(t).to(x0.device, dtype)
         a_t = a_t.reshape(a_t.shape + (1,) * (x0.dim() - a_t.dim()))  # (B, 1, ..., 1): broadcast over a sample

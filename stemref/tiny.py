@@ -31,7 +31,8 @@ TINY_TEXT = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_laye
 PERTURBATION = 0.05
 
 
-def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> StableDiffusion:
+def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> StableDiffusion:
     """A tiny random-weight SD1.x (same seed, same weights on every machine); float64 for exact checks."""
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # the default initialisers draw from the global generator

@@ -16,7 +16,7 @@ Named additions to the plain SD forward, each off unless asked for, each marked 
 - FreeU (`freeu=` argument, freeu.py): re-weighs the backbone and skip features before each decoder ResNet.
 - plug-and-play injection (`RunInfo.inject`): ResNets and attention layers it names take the source
   branch's features (resnet.py, and the processors of edit/tokenflow.py).
-- video GroupNorm (`video=VideoConfig(...)`, temporal.py): the inflated UNet of Tune-A-Video and EI². Every
+- video (`video=VideoConfig(...)`, temporal.py): the inflated UNet of Tune-A-Video and EI². Every
   transformer block gets a temporal module (norm_temp, attn_temp) over the frames of each location, and
   the ResNet GroupNorms and conv_norm_out pool their statistics over the frames of each video
   (`frame_group_norm`; the transformers' GroupNorm stays per frame). Without `video` none of this exists.
@@ -120,11 +120,11 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, info: RunInfo) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x), info=info)
-        if self.video is not None and self.video.position == "before_cross":
+        if self.video is not None and self.video.position == "before_cross":  # + video (EI²'s slot)
             x = self.temporal(x, info)
         x = x + self.attn2(self.norm2(x), context, info=info)
         x = x + self.ff(self.norm3(x))
-        if self.video is not None and self.video.position == "after_ff":
+        if self.video is not None and self.video.position == "after_ff":  # + video (Tune-A-Video's slot)
             x = self.temporal(x, info)
         return x
 
@@ -217,18 +217,18 @@ class UpBlock(nn.Module):
     """One resolution level going up: diffusers' CrossAttnUpBlock2D (has_attn) or UpBlock2D.
 
     ResNet j sees the running tensor (in_ch for the first, out_ch after) concatenated with the skip it pops,
-    of width skip_channels[j].
+    of width skip_widths[j] (see `skip_channels`).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, skip_channels: list[int], cfg: UNetConfig, has_attn: bool,
+    def __init__(self, in_ch: int, out_ch: int, skip_widths: list[int], cfg: UNetConfig, has_attn: bool,
                  upsample: bool, video: VideoConfig | None = None):
         super().__init__()
         E, groups, pool = 4 * cfg.block_out_channels[0], cfg.norm_num_groups, video is not None
-        running = [in_ch] + [out_ch] * (len(skip_channels) - 1)
+        running = [in_ch] + [out_ch] * (len(skip_widths) - 1)
         self.resnets = nn.ModuleList([ResnetBlock2D(h + s, out_ch, E, groups, cfg.norm_eps, pool)
-                                      for h, s in zip(running, skip_channels)])
+                                      for h, s in zip(running, skip_widths)])
         self.attentions = nn.ModuleList(
-            [Transformer2DModel(out_ch, cfg.heads, cfg.cross_attention_dim, groups, video) for _ in skip_channels]
+            [Transformer2DModel(out_ch, cfg.heads, cfg.cross_attention_dim, groups, video) for _ in skip_widths]
             if has_attn else [])
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)] if upsample else [])
 

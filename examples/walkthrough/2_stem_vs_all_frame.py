@@ -8,8 +8,9 @@ seen in every frame), and K bases can stand for the clusters.
 Part 1 builds such a video: 12 objects move across 8 frames of 64 tokens; a token's key, query and value
 are its object's, plus noise. Once K reaches the number of objects, STEM's output is all-frame attention's
 to a fraction of a percent. Far more bases than objects split the clusters, and since attention to the
-bases does not weigh a basis by how many tokens it stands for, the difference grows a little again. Part 2 takes the tiny random-weight UNet's first self-attention layer on the
-shipped clip: random weights make tokens that do not cluster, and K bases summarise them less well.
+bases does not weigh a basis by how many tokens it stands for, the difference grows a little again.
+Part 2 takes the tiny random-weight UNet's first self-attention layer on the shipped clip: random weights
+make tokens that do not cluster, and K bases summarise them less well.
 """
 import torch
 from common import PROMPT, frames, tiny
@@ -58,5 +59,6 @@ def capture(q, k, v, call):
 
 
 with torch.no_grad(), sd.unet.attention(lambda name: capture if name == layer else None):
-    sd.unet(sd.encode_frames(video), 501, sd.encode_prompt(PROMPT).expand(len(video), -1, -1), RunInfo(frames=len(video)))
+    prompt = sd.encode_prompt(PROMPT).expand(len(video), -1, -1)  # (F, 77, D)
+    sd.unet(sd.encode_frames(video), 501, prompt, RunInfo(frames=len(video)))
 compare(captured["q"], captured["k"], captured["v"], len(video))

@@ -32,7 +32,7 @@ cond = sd.encode_prompt(PROMPT)  # (1, 77, D)
 x0 = sd.encode_frames(video)  # (4, 4, 8, 8)
 round_trip = sd.decode_latents(x0)  # what the VAE alone gives back: the best a reconstruction can do
 print(f"{len(video)} frames of {video.shape[-1]}², prompt {PROMPT!r}")
-print("context    | steps | latent error ‖x̂_0 − x_0‖ / ‖x_0‖ | PSNR of the decoded x̂_0 vs the VAE round trip")
+print("context    | steps | latent error ‖x̂_0 − x_0‖ / ‖x_0‖ | decoded x̂_0: PSNR vs the VAE round trip")
 for context, options in (("1-frame", {}), ("2-frame", {}), ("all-frame", {}), ("stem", {"num_bases": 16})):
     for steps in (4, 16):
         inversion = stemref.invert(sd, video, PROMPT, steps=steps, context=context, **options)  # x_0 … x_T kept

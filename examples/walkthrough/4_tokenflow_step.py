@@ -41,7 +41,8 @@ self_attention = lambda processor: (lambda name: processor if name.endswith("att
 cache: dict[str, tokenflow.KeyframeFeatures] = {}
 with torch.no_grad(), sd.unet.attention(self_attention(tokenflow.KeyframeAttention(cache))):
     context = torch.cat([p.expand(len(keyframes), -1, -1) for p in prompts])  # (3K, 77, D)
-    sd.unet(torch.cat([x_source[keyframes], x[keyframes], x[keyframes]]), t, context, RunInfo(len(keyframes), 0, inject=inject))
+    rows = torch.cat([x_source[keyframes], x[keyframes], x[keyframes]])  # (3K, 4, h, w), branch-major
+    sd.unet(rows, t, context, RunInfo(len(keyframes), 0, inject=inject))
 features = cache[LAYER]
 print(f"cached at {LAYER}: inputs {tuple(features.inputs.shape)} (K, N, C), "
       f"outputs {tuple(features.outputs.shape)} (3 branches, K, heads, N, d)")
@@ -88,5 +89,5 @@ for line_a, line_b in zip(picture(video[frame].mean(0)[::8, ::8]), picture(video
     print("  " + line_a + "   " + line_b)
 
 edited = tokenflow.edit_latents(sd, inversion, TARGET, batch=batch, seed=1)  # the whole edit, every step as above
-print("the whole 4-step edit: edited latents", tuple(edited.shape),
-      f"differ from the source's by {((edited - inversion.latents[0]).norm() / inversion.latents[0].norm()).item():.3f} (relative)")
+change = ((edited - inversion.latents[0]).norm() / inversion.latents[0].norm()).item()
+print(f"the whole 4-step edit: edited latents {tuple(edited.shape)} differ from the source's by {change:.3f} (relative)")

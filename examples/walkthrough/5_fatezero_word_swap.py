@@ -48,7 +48,8 @@ print(f"replace mapper row of 'rabbit': nonzero at {mapper[rabbit[0]].nonzero().
 steps = 10
 gate = p2p.cross_gate(tokenizer, TARGET, steps, window=0.8)  # (S, 77): 1 where step i takes the fused map
 print(f"cross window 0.8 of {steps} steps: the fused maps replace the fresh ones at steps "
-      f"{gate[:, bear[0]].nonzero().flatten().tolist()} (int(0.8 · (steps + 1)) = {int(0.8 * (steps + 1))}, as the official code)")
+      f"{gate[:, bear[0]].nonzero().flatten().tolist()} (int(0.8 · (steps + 1)) = {int(0.8 * (steps + 1))}, "
+      "as the official code)")
 reweight = p2p.reweight_vector(tokenizer, TARGET, {"bear": 2.0})
 grid = lambda c, position: c[0, :, :, position].mean(0).view(8, 8)  # frame 0, mean over heads -> (8, 8)
 fused_in = p2p.fuse_cross(c_src, c_edit, gate[0], mapper=mapper, reweight=reweight)  # step 0: inside the window
@@ -57,7 +58,8 @@ print(side_by_side(["src 'rabbit'", "edit 'bear'", "fused step 0", "fused step 9
                    [grid(c_src, rabbit[0]), grid(c_edit, bear[0]), grid(fused_in, bear[0]), grid(fused_out, bear[0])]))
 print("step 0: the 'bear' map is the source 'rabbit' map × 2 (reweight):",
       torch.allclose(fused_in[..., bear[0]], 2 * c_src[..., rabbit[0]]))
-print("step 9: outside the window the edit keeps its own map:", torch.equal(fused_out[..., bear[0]], c_edit[..., bear[0]]))
+print("step 9: outside the window the edit keeps its own map:",
+      torch.equal(fused_out[..., bear[0]], c_edit[..., bear[0]]))
 
 a = p2p.blend_map([c_src], rabbit, (8, 8))  # (F, 1, 8, 8): where 'rabbit' is, dilated by a 3 × 3 max-pool
 mask = p2p.blend_mask(a, (8, 8), threshold=0.7)  # (F, 1, 8, 8) bool: > 0.7 of each frame's maximum
