@@ -1,8 +1,10 @@
 """TokenFlow editing (Geyer, Bar-Tal, Bagon, Dekel, ICLR 2024) on any inversion, as the STEM code runs it.
 
-The paper's pipeline is its Fig. 4 and Algorithm 1; the numbered steps below follow one denoising step of it
-and name the paper's symbols: J_t the edited video's latents, T_base the keyframes' self-attention outputs,
-φ the source frames' self-attention features, γ the nearest-neighbour field, F_γ the propagation.
+The paper's pipeline is its Fig. 4: (I) sample keyframes and edit them jointly with extended attention, (II)
+propagate their edited tokens to every frame along the source video's correspondences. The numbered steps
+below follow one denoising step of it and name the paper's symbols: J_t the edited video's latents, T_base
+the keyframes' self-attention outputs, φ the source frames' self-attention features, γ the nearest-neighbour
+field, F_γ the propagation.
 
 An edited video is denoised from the inversion's x_T. Each UNet call holds three branches of the same
 frames, branch-major: the source (the inversion's latents at the same timestep, with the inversion
@@ -11,13 +13,13 @@ guidance mixes the last two, the source branch's ε is discarded. Every denoisin
 
   1. Keyframes: one frame per batch of `batch` frames, drawn from a seeded generator (or given); the paper
      samples keyframes afresh at every step too.
-  2. Keyframe pass (the paper's joint keyframe editing). The UNet runs on the keyframes only. In every
+  2. Keyframe pass (Fig. 4, I: joint keyframe editing). The UNet runs on the keyframes only. In every
      self-attention layer the edited branches use *extended* attention, ExtAttn(Q^{i}; [K^{i_1} … K^{i_k}];
      [V^{i_1} … V^{i_k}]): each keyframe's queries attend to the tokens of all keyframes of the same branch;
      the source branch stays per frame. Each layer keeps, for this step only, the source
      keyframes' self-attention inputs and all three branches' self-attention outputs. The pass's ε is
      discarded: it exists to fill that cache (T_base).
-  3. Batch passes (the paper's propagation, Sec. 4.2). The UNet runs batch by batch; self-attention is not
+  3. Batch passes (Fig. 4, II: propagation). The UNet runs batch by batch; self-attention is not
      computed. Each token p of frame i looks up its nearest neighbour among a keyframe's tokens,
          γ^{i±}[p] = argmin_q D(φ(x^i)[p], φ(x^{i±})[q]),   D the cosine distance,
      with φ the source branch's self-attention inputs, and takes that keyframe token's cached attention
