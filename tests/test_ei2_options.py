@@ -146,12 +146,12 @@ def test_stam_position_orders_the_block(tiny_sd):
 # ---------------------------------------------------------------- frame attention and ResNet norms
 
 @pytest.mark.parametrize("resnet_norm", ["video", "frame"])
-def test_sparse_causal_variant_matches_reference(tiny_sd, tiny_reference, resnet_norm):
+def test_sparse_causal_variant_matches_reference(tiny_loaded, tiny_reference, resnet_norm):
     """With Tune-A-Video's norm, slot and sparse-causal attention and no spectral normalisation, EI²'s initial UNet
     is Tune-A-Video's with a zero temporal bias (silent temporal branch): diffusers' UNet with a naive
     sparse-causal processor, and GroupNorms pooled over frames ("video") or per frame ("frame")."""
     frames = 3
-    unet = inflate(tiny_sd.unet, "ei2", {**TAV_LIKE, "resnet_norm": resnet_norm})
+    unet = inflate(tiny_loaded.unet, "ei2", {**TAV_LIKE, "resnet_norm": resnet_norm})
     assert all(isinstance(layer.processor, SparseCausal)
                for name, layer in unet.attention_layers.items() if name.endswith("attn1"))
     if resnet_norm == "video":
@@ -164,7 +164,7 @@ def test_sparse_causal_variant_matches_reference(tiny_sd, tiny_reference, resnet
     with torch.no_grad():
         torch.testing.assert_close(unet(x, 500, context, RunInfo(frames=frames)), reference(x, 500, context).sample,
                                    **EXACT)
-    tav = inflate(tiny_sd.unet, "tune-a-video", {"temporal_bias": "zero"}).state_dict()
+    tav = inflate(tiny_loaded.unet, "tune-a-video", {"temporal_bias": "zero"}).state_dict()
     assert all(torch.equal(tav[k], v) for k, v in unet.state_dict().items())  # the same initial tensors
 
 

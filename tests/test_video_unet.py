@@ -101,10 +101,10 @@ def test_group_norm_over_frames_matches_reference():
     torch.testing.assert_close(frame_group_norm(norm, x, 1), norm(x), **EXACT)
 
 
-def test_inflated_unet_with_silent_temporal_attention_matches_reference(tiny_sd, tiny_reference):
+def test_inflated_unet_with_silent_temporal_attention_matches_reference(tiny_loaded, tiny_reference):
     """2 videos (e.g. guidance branches) of 3 frames: sparse-causal attention, frame-pooled ResNet GroupNorms."""
     frames = 3
-    unet = inflate(tiny_sd.unet, "tune-a-video", {"temporal_bias": "zero"})
+    unet = inflate(tiny_loaded.unet, "tune-a-video", {"temporal_bias": "zero"})
     x, context = latents(2 * frames), text(2 * frames)
     with torch.no_grad():
         ours = unet(x, 500, context, RunInfo(frames=frames))
@@ -125,7 +125,7 @@ def test_inflated_unet_float32(tiny_root, tiny_reference):
 
 
 def test_temporal_modules_are_permutation_equivariant_over_frames():
-    """No positional encoding: permuting the frames permutes the temporal modules' outputs (notes T5)."""
+    """No positional encoding: permuting the frames permutes the temporal modules' outputs."""
     x = torch.randn(5, 6, 16, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     perm = torch.tensor([3, 0, 5, 1, 4, 2])
     for video in (VideoConfig(), STAM):
@@ -198,7 +198,8 @@ def test_inflation_shares_frozen_weights_and_keeps_2d_blocks_plain(tiny_sd):
 
 
 def test_tuned_tensor_count_at_sd15_size():
-    """Notes 1.3: 74,354,880 trainable tensors' values for SD1.x (W_Q 24.8 M + temporal attention 49.6 M)."""
+    """Tune-A-Video's official code trains 74,354,880 values for SD1.x: the query maps of self- and
+    cross-attention (24.8 M) and all of the temporal attention (49.6 M)."""
     from stemref.config import UNetConfig
     from stemref.edit.tuning import TUNED, video_config
     from stemref.unet import UNet2DConditionModel
