@@ -151,6 +151,23 @@ def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = N
     return sd.decode_latents(x, progress=vae_progress)
 
 
+@torch.no_grad()
+def replay(sd: StableDiffusion, inversion: Inversion, steps: list[int], recorder: Recorder,
+           batch: int | None = None) -> None:
+    """Run the inversion's UNet calls of the given steps again, on its latents, offering them to `recorder`.
+
+    Call j saw latents[j] at timesteps[j]: the same inputs, so the same features; STEM draws its initial
+    bases afresh, so its bases are an equally good draw, not the original one. For a reused (cached)
+    inversion, whose run recorded nothing.
+    """
+    s = inversion.settings
+    _check_settings(s, batch)
+    eps_fn = _noise_fn(sd, s, batch, recorder)
+    with sd.unet.attention(_chooser(sd, s)):
+        for j in steps:
+            eps_fn(inversion.latents[j].to(sd.device, sd.dtype), inversion.timesteps[j], j)
+
+
 def _check_settings(s: InversionSettings, batch: int | None) -> None:
     check_guidance(s.guidance)
     if s.context is not None and s.context not in CONTEXTS:

@@ -115,6 +115,8 @@ def _video(folder: Path, v: Video) -> str:
 def _picture(folder: Path, p: Picture) -> str:
     if p.svg is not None:
         body = p.svg
+    elif p.file is not None:
+        body = f"<img src='{escape(p.file)}' alt='{escape(p.title)}'>"
     else:
         file = f"{PICTURES}/{p.name}.png"
         (folder / PICTURES).mkdir(exist_ok=True)

@@ -44,6 +44,7 @@ from ..download import DEFAULT_BASE_URL, DownloadError, download
 from ..edit.cache import default_root
 from ..clip_metrics import clip_metrics
 from ..loading import DEFAULT_CLIP, WeightsError, load_clip
+from ..report import Video, write_report
 from ..video import read_video, side_by_side, write_video
 
 DEFAULT_WEIGHTS = Path("weights/sd15")
@@ -87,6 +88,8 @@ COMMON = (
     Option("reuse", bool, True, "read and write the cache (--no-reuse: always recompute, store nothing)"),
     Option("out", Path, None, "output folder (default: out/<video name>, or the first out/<video name>-N not taken)"),
     Option("overwrite", bool, False, "replace --out if an earlier stemref run wrote it"),
+    Option("explain", bool, False, "index.html: also the pictures that cost extra work (today: replay one inversion "
+           "step when the inversion came from the cache)"),
 )
 
 
@@ -335,7 +338,8 @@ def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: fl
         for i, (name, edited) in enumerate(zip(names, edits)):
             write_video(folder / name, edited, fps)
             report(i + 1, len(edits) + 1)
-        write_video(folder / f"side_by_side{suffix}", side_by_side(frames, *edits), fps)
+        together = side_by_side(frames, *edits)
+        write_video(folder / f"side_by_side{suffix}", together, fps)
         report(len(edits) + 1, len(edits) + 1)
     (folder / "config.toml").write_text(to_toml(s))
     with job.progress("metrics", unit="video") as report:
@@ -362,11 +366,19 @@ def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: fl
                         "to the target than to the source prompt; clip_consistency: mean cosine of consecutive "
                         f"frames (CLIP at {s['clip']})" if scores is not None else None,
         "seconds": {"inversion": job.timings.get("inversion"), **({"tuning": job.timings["tuning"]}
-                    if "tuning" in job.timings else {}), "total": clock(sd.device) - started},
+                    if "tuning" in job.timings else {}), **({"explain": job.timings["explain"]}
+                    if "explain" in job.timings else {}), "total": clock(sd.device) - started},
         "peak_memory_bytes": peak, "peak_memory_measure": measure,
         "device": str(sd.device), "dtype": str(sd.dtype).removeprefix("torch."),
     }
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    videos = [Video("source", f"source{suffix}", frames, fps),
+              *(Video(f"edit {i + 1}: {t}", name, e, fps) for i, (t, name, e) in enumerate(zip(s["target"], names, edits))),
+              Video("side by side: source | " + " | ".join(f"edit {i + 1}" for i in range(len(edits))),
+                    f"side_by_side{suffix}", together, fps)]
+    write_report(folder, f"stemref edit ({s['method']}): {s['video']}", videos=videos, metrics=metrics,
+                 settings={o.name: s[o.name] for o in all_options()}, pictures=job.pictures,
+                 summary=f"{s['source']!r} → " + ", ".join(map(repr, s["target"])))
 
 
 def clip_scores(job: Job, edits: list[torch.Tensor]) -> list[dict] | None:

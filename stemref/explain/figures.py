@@ -27,6 +27,7 @@ class Picture:
     caption: str  # one sentence: what the picture shows and what to look for
     image: torch.Tensor | None = None  # (3, H, W) in [0, 1]
     svg: str | None = None
+    file: str | None = None  # an image already written, relative to the report's folder
 
 
 def inversion_pictures(rec: Recorder, num_bases: int | None, context: str) -> list[Picture]:

@@ -148,3 +148,26 @@ def level_layers(unet, level: int, kind: str = "attn1") -> list[str]:
     prefixes = (f"down_blocks.{level}.", f"up_blocks.{levels - 1 - level}.")
     return [name for name in unet.attention_layers if name.startswith(prefixes) and name.endswith(kind)]
 
+
+
+def inversion_recorder(unet, steps: int) -> Recorder:
+    """What an inversion report shows: the features (PCA at the middle step, similarity at every step) and, under
+    STEM, the bases of the last decoder self-attention layer at the 32² and 16² levels (at 512²), middle step."""
+    bases = tuple(layers[-1] for layers in (level_layers(unet, 1), level_layers(unet, 2)) if layers)
+    return Recorder(feature_step=steps // 2, bases_layers=bases, bases_step=steps // 2)
+
+
+def tokenflow_recorder(unet, steps: int) -> Recorder:
+    """Every step's keyframes, and the matches of the last decoder self-attention at the 32² level, middle step."""
+    layers = level_layers(unet, 1)
+    return Recorder(feature_layer=None, keyframes=True, match_layer=layers[-1] if layers else None,
+                    match_step=steps // 2)
+
+
+def fatezero_recorders(unet, tokenizer, source: str, target: str) -> tuple[Recorder, Recorder]:
+    """(inversion, edit): the cross-attention maps of the 16² level (FateZero's blend layers) at every step, for
+    the prompt's tokens; the edit's also the blend masks."""
+    layers = frozenset(level_layers(unet, 2, "attn2"))
+    tokens = lambda prompt: tokenizer.token_count(prompt) + 1  # the start token, then the prompt's
+    return (Recorder(feature_layer=None, word_layers=layers, word_tokens=tokens(source)),
+            Recorder(feature_layer=None, word_layers=layers, word_tokens=tokens(target), blend_masks=True))
