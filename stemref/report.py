@@ -103,7 +103,7 @@ def write_report(folder: Path, title: str, *, summary: str = "", videos: list[Vi
 def _video(folder: Path, v: Video) -> str:
     if Path(v.file).suffix.lower() in PLAYABLE:
         media = (f"<video src='{escape(v.file)}' controls loop muted autoplay playsinline preload='auto' "
-                 f"width='{v.frames.shape[-1]}'></video>")
+                 f"width='{max(v.frames.shape[-1], 320)}'></video>")
     else:  # e.g. lossless FFV1 .mkv, which browsers do not decode: an animated GIF beside it
         gif = Path(v.file).with_suffix(".gif").name
         write_video(folder / gif, v.frames, v.fps)

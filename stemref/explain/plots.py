@@ -9,7 +9,7 @@ from html import escape
 
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 WIDTH, HEIGHT = 480, 260
-LEFT, RIGHT, TOP, BOTTOM = 56, 12, 24, 40
+LEFT, RIGHT, TOP, BOTTOM = 72, 12, 24, 40
 
 
 def line_plot(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, y_label: str) -> str:
@@ -27,10 +27,10 @@ def line_plot(series: dict[str, list[tuple[float, float]]], title: str, x_label:
              f'<text x="{WIDTH / 2}" y="14" text-anchor="middle" font-size="12">{escape(title)}</text>',
              f'<rect x="{LEFT}" y="{TOP}" width="{WIDTH - LEFT - RIGHT}" height="{HEIGHT - TOP - BOTTOM}" '
              'fill="none" stroke="#999"/>']
-    for value, label in ((x0, _tick(x0)), (x1, _tick(x1))):
+    for value, label in ((x0, _tick(x0, x1 - x0)), (x1, _tick(x1, x1 - x0))):
         parts.append(f'<text x="{px(value):.1f}" y="{HEIGHT - BOTTOM + 14}" text-anchor="middle">{label}</text>')
     for value in (y0, (y0 + y1) / 2, y1):
-        parts.append(f'<text x="{LEFT - 4}" y="{py(value) + 4:.1f}" text-anchor="end">{_tick(value)}</text>')
+        parts.append(f'<text x="{LEFT - 4}" y="{py(value) + 4:.1f}" text-anchor="end">{_tick(value, (y1 - y0) / 2)}</text>')
     parts.append(f'<text x="{(LEFT + WIDTH - RIGHT) / 2}" y="{HEIGHT - 6}" text-anchor="middle">{escape(x_label)}</text>')
     parts.append(f'<text x="12" y="{(TOP + HEIGHT - BOTTOM) / 2}" text-anchor="middle" '
                  f'transform="rotate(-90 12 {(TOP + HEIGHT - BOTTOM) / 2})">{escape(y_label)}</text>')
@@ -53,7 +53,7 @@ def keyframe_chart(keyframes: dict[int, list[int]], frames: int, batches: list[r
     steps = sorted(keyframes)
     cell = max(4, min(16, 440 // max(frames, 1)))
     left, top = 44, 20
-    width, height = left + frames * cell + 8, top + len(steps) * cell + 24
+    width, height = max(left + frames * cell + 8, 320), top + len(steps) * cell + 24
     parts = [f'<svg width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" role="img" aria-label="keyframes per step" font-family="sans-serif" '
              'font-size="10">',
@@ -83,5 +83,7 @@ def _range(values: list[float]) -> tuple[float, float]:
     return low, high
 
 
-def _tick(value: float) -> str:
-    return f"{value:.3g}"
+def _tick(value: float, span: float = 1.0) -> str:
+    """Enough significant digits to tell ticks `span` apart."""
+    digits = max(3, 2 + math.ceil(math.log10(max(abs(value), 1e-12) / max(span, 1e-12))))
+    return f"{value:.{min(digits, 8)}g}"

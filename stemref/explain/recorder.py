@@ -15,7 +15,7 @@ A `Recorder` rides along in `RunInfo.recorder` (attention.py). The attention lay
 - "blend_mask" (FateZero's editor, every step that blends): the source words' mask.
 
 Only the last branch of each call is kept (rows branch-major: the conditional branch under guidance, the
-video itself in an inversion). Everything is stored on the CPU in float32.
+video itself in an inversion). Everything is stored on the CPU, in float32 (float64 for float64 runs).
 
 Dimension legend: F frames, h heads, N tokens of a layer (h' × w' grid), C channels, L text tokens, K bases.
 """
@@ -84,7 +84,7 @@ class Recorder:
             if name in self.word_layers:
                 self._add_words(step, q[-frames:], k[-frames:], h, w)
             return
-        tokens = out[-frames:].detach().float()  # (F, N, C): the last branch
+        tokens = out[-frames:].detach().to(torch.promote_types(out.dtype, torch.float32))  # (F, N, C): last branch
         maps = tokens.transpose(1, 2).reshape(frames, -1, h, w)  # (F, C, h', w')
         self._add_similarity(step, maps)
         if step == self.feature_step:
@@ -106,7 +106,8 @@ class Recorder:
 
     def _add_words(self, step: int, q: torch.Tensor, k: torch.Tensor, h: int, w: int) -> None:
         """Mean over heads of softmax(q kᵀ/√d), (F, h, N, L) -> (F, L', h', w'), summed over the word layers."""
-        scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (F, h, N, L)
+        work = torch.promote_types(q.dtype, torch.float32)
+        scores = (q.to(work) @ k.to(work).transpose(-1, -2)) * q.shape[-1] ** -0.5  # (F, h, N, L)
         maps = scores.softmax(dim=-1).mean(dim=1)[..., : self.word_tokens]  # (F, N, L')
         maps = maps.transpose(1, 2).reshape(q.shape[0], -1, h, w).cpu()  # (F, L', h', w')
         total, count = self._words.get(step, (0, 0))
