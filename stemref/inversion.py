@@ -152,9 +152,10 @@ def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = N
 
 
 @torch.no_grad()
-def replay(sd: StableDiffusion, inversion: Inversion, steps: list[int], recorder: Recorder,
+def replay(sd: StableDiffusion, inversion: Inversion, steps: list[int], recorder: Recorder | None,
            batch: int | None = None) -> None:
-    """Run the inversion's UNet calls of the given steps again, on its latents, offering them to `recorder`.
+    """Run the inversion's UNet calls of the given steps again, on its latents, offering them to `recorder`
+    (None: plain calls, e.g. to time them).
 
     Call j saw latents[j] at timesteps[j]: the same inputs, so the same features; STEM draws its initial
     bases afresh, so its bases are an equally good draw, not the original one. For a reused (cached)

@@ -15,9 +15,9 @@ from stemref.attention import AttnCall, RunInfo
 from stemref.context import EMAttention
 from stemref.edit import fatezero, tokenflow
 from stemref.em import em_bases
-from stemref.explain import (Recorder, basis_frames, correspondence_frames, fatezero_recorders, inversion_recorder,
-                             keyframe_chart, level_layers, line_plot, palette, pca_rgb, position_colours,
-                             tokenflow_recorder)
+from stemref.explain import (Recorder, basis_frames, correspondence_frames, fatezero_pictures, fatezero_recorders,
+                             inversion_recorder, keyframe_chart, level_layers, line_plot, palette, pca_rgb,
+                             position_colours, tokenflow_recorder, tuning_pictures)
 from stemref.inversion import invert, replay
 from stemref.metrics import temporal_consistency
 
@@ -122,6 +122,16 @@ def test_fatezero_word_maps_and_blend_mask(tiny_sd, frames):
         maps = rec.word_maps[0]  # (F, L', h', w'): start token and the prompt's 5 tokens
         assert maps.shape[:2] == (4, 6) and maps.min() >= 0 and maps.sum(1).max() <= 1 + 1e-9
     assert edit.masks and all(m.dtype == torch.bool and m.shape == (4, 1, 8, 8) for m in edit.masks.values())
+    pictures = fatezero_pictures(source, edit, tiny_sd.tokenizer, "a rabbit on a hill", "a bear on a hill", frames)
+    assert [p.name for p in pictures] == ["words-source", "words-edit", "blend-mask"]
+    assert all(p.image.shape[0] == 3 and 0 <= p.image.min() and p.image.max() <= 1 for p in pictures)
+
+
+def test_tuning_loss_curve():
+    (picture,) = tuning_pictures([0.5, 0.4, 0.45, 0.3], "ei2")
+    lines = [e for e in ET.fromstring(picture.svg).iter() if e.tag == "polyline"]
+    assert [len(e.get("points").split()) for e in lines] == [4, 4]
+    assert tuning_pictures([], "ei2") == []
 
 
 def test_pca_rgb_matches_an_eigendecomposition():

@@ -6,6 +6,7 @@
         OUT/side_by_side.mp4       source | edit 1 | edit 2 …
         OUT/config.toml            every resolved setting; `--config OUT/config.toml` repeats the run exactly
         OUT/metrics.json           frame count, temporal consistency of the source and of each edit, timings
+        OUT/index.html             open in a browser: the videos, pictures of what the method did, metrics, settings
 
 Settings come from, in rising priority: the defaults, `--config FILE.toml` (each option under its long name
 with underscores, e.g. `pnp_attn = 0.5`; `target` is a list; relative paths are relative to the file) and

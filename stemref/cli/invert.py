@@ -5,9 +5,11 @@
         DIR/reconstruction.mp4      x_T denoised back to frames with the same prompt and context
         DIR/side_by_side.mp4        input | reconstruction
         DIR/metrics.json            PSNR, SSIM, temporal consistency, seconds, peak memory, settings
+        DIR/index.html              the videos, STEM's bases, the features' PCA and consistency per step, metrics
     python -m stemref.invert VIDEO --prompt "..." --compare --weights W --out DIR
         DIR/<context>/…             the above for 1-frame, 2-frame, all-frame and stem, on the same frames
         DIR/compare.md, .json       one row per context: the layout of the STEM supplement's Table A3
+        DIR/index.html              the contexts side by side: features, consistency curves, the table
 
 Everything is written into a hidden folder beside DIR that becomes DIR only at the end, so a failed run
 leaves nothing behind. The library functions are `stemref.invert` and `stemref.reconstruct`

@@ -157,7 +157,7 @@ def replay_inversion(sd: StableDiffusion, inversion: Inversion, plan: Plan, stor
 
 
 def _recording_eps(sd: StableDiffusion, inv: InversionSettings, frames: int, store: AttentionStore,
-                   recorder: RunRecorder | None):
+                   recorder: RunRecorder | None = None):
     cond = sd.encode_prompt(inv.prompt)
     uncond = sd.encode_prompt("") if inv.guidance != 1.0 else None
 
