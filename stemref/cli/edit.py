@@ -377,7 +377,8 @@ def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: fl
     }
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     videos = [Video("source", f"source{suffix}", frames, fps),
-              *(Video(f"edit {i + 1}: {t}", name, e, fps) for i, (t, name, e) in enumerate(zip(s["target"], names, edits))),
+              *(Video(f"edit {i + 1}: {t}", name, e, fps)
+                for i, (t, name, e) in enumerate(zip(s["target"], names, edits))),
               Video("side by side: source | " + " | ".join(f"edit {i + 1}" for i in range(len(edits))),
                     f"side_by_side{suffix}", together, fps)]
     write_report(folder, f"stemref edit ({s['method']}): {s['video']}", videos=videos, metrics=metrics,

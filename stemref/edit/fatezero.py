@@ -196,7 +196,8 @@ def denoise(sd: StableDiffusion, inversion: Inversion, plan: Plan, store: Attent
         for i, t in enumerate(plan.timesteps):
             with store.read(t) as reader:
                 fusion.reader = (i, reader)  # 3. the source maps of step i, for 3a–3c inside the UNet
-                eps = predict_noise(sd, x, t, cond, uncond, s.guidance, RunInfo(frames=frames, step=i, recorder=recorder))
+                info = RunInfo(frames=frames, step=i, recorder=recorder)
+                eps = predict_noise(sd, x, t, cond, uncond, s.guidance, info)
                 if recorder is not None and i in plan.blend_steps and recorder.wants("blend_mask", "", i):
                     recorder.add("blend_mask", "", i, mask=p2p.blend_mask(fusion.source_blend_map(i), size,
                                                                           s.blend_threshold, s.mask_resize))

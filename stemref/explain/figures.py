@@ -96,11 +96,11 @@ def fatezero_pictures(source: Recorder, edit: Recorder, tokenizer, source_prompt
     pictures = []
     for name, rec, prompt, side in (("words-source", source, source_prompt, "inversion, source prompt"),
                                     ("words-edit", edit, target_prompt, "edit, target prompt")):
-        rows = _word_rows(rec, tokenizer, prompt)
+        rows, words = _word_rows(rec, tokenizer, prompt)
         if rows:
             pictures.append(Picture(
                 name, f"Cross-attention of each word ({side})",
-                f"One row per word of {prompt!r} (top to bottom), one column per frame: where the word's token "
+                f"One row per word ({', '.join(words)}, top to bottom), one column per frame: where the word's token "
                 "attends, averaged over the 16×16-level layers, the heads and the steps (brighter is more); a word "
                 "whose map stays on its object across the frames is one FateZero can edit there.",
                 image=sheet(upscale(torch.stack(rows)))))
@@ -130,20 +130,21 @@ def tuning_pictures(losses: list[float], method: str) -> list[Picture]:
                     "learnt little.", svg=svg)]
 
 
-def _word_rows(rec: Recorder, tokenizer, prompt: str) -> list[torch.Tensor]:
-    """Per word of the prompt, its maps averaged over the recorded steps, as heat columns (C, 3, h', w')."""
+def _word_rows(rec: Recorder, tokenizer, prompt: str) -> tuple[list[torch.Tensor], list[str]]:
+    """Per word of the prompt, its maps averaged over the recorded steps, as heat columns (C, 3, h', w'); the words."""
     if not rec.word_maps:
-        return []
+        return [], []
     mean = torch.stack(list(rec.word_maps.values())).mean(dim=0)  # (F, L', h', w')
-    per_word = []
+    per_word, words = [], []
     for index, word in enumerate(prompt.split(" ")):
         positions = [p for p in word_positions(tokenizer, prompt, index) if p < mean.shape[1]]
         if word and positions:
             per_word.append(mean[:, positions].sum(dim=1))  # (F, h', w')
+            words.append(repr(word))
     if not per_word:
-        return []
+        return [], []
     maps = torch.stack(per_word)  # (words, F, h', w')
-    return [torch.stack(_columns(heat(m, float(maps.max())))) for m in maps]
+    return [torch.stack(_columns(heat(m, float(maps.max())))) for m in maps], words
 
 
 def _columns(frames: torch.Tensor) -> list[torch.Tensor]:
