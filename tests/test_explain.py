@@ -6,6 +6,7 @@ or an invariant (a keyframe matches itself, maps are probabilities).
 """
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -173,3 +174,25 @@ def test_plots_are_valid_svg():
     marks = [e for e in chart.iter() if e.tag == "rect" and e.get("fill") == "#d62728"]
     assert len(marks) == 4
     assert "http" not in svg and "http" not in ET.tostring(chart, encoding="unicode")
+
+
+def test_edit_with_a_cached_inversion_replays_one_step_only_with_explain(tiny_root, tmp_path, capsys):
+    """A reused inversion recorded nothing: its pictures are left out (said once), or --explain replays a step."""
+    from pathlib import Path
+
+    from stemref.cli.edit import main
+
+    clip = Path(__file__).parent.parent / "examples" / "bunny.mp4"
+    args = [str(clip), "--source", "a rabbit", "--target", "a bear", "--weights", str(tiny_root), "--cache",
+            str(tmp_path / "cache"), "--frames", "3", "--size", "64", "--steps", "2", "--batch", "2", "--num-bases", "4"]
+    runs = {name: tmp_path / name for name in ("first", "cached", "explained")}
+    assert main([*args, "--out", str(runs["first"])]) == 0
+    assert main([*args, "--out", str(runs["cached"])]) == 0
+    assert "its pictures are left out; --explain replays one step" in capsys.readouterr().err
+    assert main([*args, "--out", str(runs["explained"]), "--explain"]) == 0
+    pictures = {name: sorted(p.name for p in (out / "explain").iterdir()) for name, out in runs.items()}
+    assert "features-pca.png" in pictures["first"] and "features-pca.png" not in pictures["cached"]
+    assert pictures["explained"] == pictures["first"]
+    metrics = json.loads((runs["explained"] / "metrics.json").read_text())
+    assert metrics["seconds"]["explain"] > 0 and "explain" not in json.loads(
+        (runs["cached"] / "metrics.json").read_text())["seconds"]
