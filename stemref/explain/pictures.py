@@ -39,16 +39,17 @@ def pca_rgb(features: torch.Tensor) -> torch.Tensor:
     """STEM Fig. 6: the first three principal components of features (F, C, h', w') as RGB (F, 3, h', w').
 
     One PCA is fitted jointly on the tokens of all frames (so a colour means the same in every frame), in
-    float64; each component is scaled to [0, 1] by its minimum and maximum over the video. A component's
-    sign is fixed so that its largest loading is positive (the SVD alone leaves it arbitrary).
+    float64, from the C × C scatter matrix (its size does not grow with the video); each component is scaled to
+    [0, 1] by its minimum and maximum over the video. A component's sign is fixed so that its largest loading
+    is positive (the decomposition alone leaves it arbitrary).
     """
     if features.ndim != 4:
         raise ValueError(f"features must be (F, C, h', w'), got {tuple(features.shape)}")
     frames, channels, h, w = features.shape
     tokens = features.double().permute(0, 2, 3, 1).reshape(-1, channels)  # (F·h'·w', C)
     centred = tokens - tokens.mean(dim=0)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)  # rows: principal directions (C,)
-    axes = vh[:3]  # (≤3, C)
+    _, vectors = torch.linalg.eigh(centred.T @ centred)  # columns: directions, by ascending variance
+    axes = vectors.flip(1)[:, :3].T  # (≤3, C): the largest first
     signs = torch.sign(axes.gather(1, axes.abs().argmax(dim=1, keepdim=True)))  # (≤3, 1)
     scores = centred @ (axes * signs).T  # (F·h'·w', ≤3)
     if scores.shape[1] < 3:  # fewer than 3 channels: pad with grey
