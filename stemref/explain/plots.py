@@ -21,8 +21,9 @@ def line_plot(series: dict[str, list[tuple[float, float]]], title: str, x_label:
     y0, y1 = _range([y for _, y in points])
     px = lambda x: LEFT + (x - x0) / (x1 - x0) * (WIDTH - LEFT - RIGHT)
     py = lambda y: HEIGHT - BOTTOM - (y - y0) / (y1 - y0) * (HEIGHT - TOP - BOTTOM)
-    parts = [f'<svg width="{WIDTH}" height="{HEIGHT}" '
-             f'viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(title)}" font-family="sans-serif" '
+    legend = 14 * len(series) if len(series) > 1 else 0  # one line per series, under the plot
+    parts = [f'<svg width="{WIDTH}" height="{HEIGHT + legend}" '
+             f'viewBox="0 0 {WIDTH} {HEIGHT + legend}" role="img" aria-label="{escape(title)}" font-family="sans-serif" '
              'font-size="11">',
              f'<text x="{WIDTH / 2}" y="14" text-anchor="middle" font-size="12">{escape(title)}</text>',
              f'<rect x="{LEFT}" y="{TOP}" width="{WIDTH - LEFT - RIGHT}" height="{HEIGHT - TOP - BOTTOM}" '
@@ -40,9 +41,10 @@ def line_plot(series: dict[str, list[tuple[float, float]]], title: str, x_label:
         parts.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
         if len(line) == 1:
             parts.append(f'<circle cx="{px(line[0][0]):.1f}" cy="{py(line[0][1]):.1f}" r="2.5" fill="{colour}"/>')
-        if len(series) > 1:
-            y = TOP + 12 + 13 * i
-            parts.append(f'<text x="{WIDTH - RIGHT - 6}" y="{y}" text-anchor="end" fill="{colour}">{escape(label)}</text>')
+        if legend:
+            y = HEIGHT + 4 + 14 * i
+            parts.append(f'<line x1="{LEFT}" y1="{y - 4}" x2="{LEFT + 20}" y2="{y - 4}" stroke="{colour}" '
+                         f'stroke-width="2"/><text x="{LEFT + 26}" y="{y}">{escape(label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
