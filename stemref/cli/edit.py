@@ -423,7 +423,8 @@ def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: fl
               Video("side by side: source | " + " | ".join(f"edit {i + 1}" for i in range(len(edits))),
                     f"side_by_side{suffix}", together, fps)]
     write_report(folder, f"stemref edit ({s['method']}): {s['video']}", videos=videos, metrics=metrics,
-                 settings={o.name: s[o.name] for o in COMMON + METHODS[s["method"]].options}, pictures=job.pictures,
+                 settings={o.name: s[o.name] for o in COMMON + METHODS[s["method"]].options},
+                 pictures=job.pictures,
                  summary=f"{s['source']!r} → " + ", ".join(map(repr, s["target"])))
 
 
