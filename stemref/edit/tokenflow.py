@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from ..attention import AttnCall, Recorder, RunInfo, from_source, sdpa
 from ..context import AllFrames
 from ..freeu import FreeU
-from ..inversion import Inversion
+from ..frames import check_finite
+from ..inversion import NON_FINITE_HINT, Inversion, check_inversion
 from ..pipeline import StableDiffusion
 from ..sampling import Progress
 
@@ -207,7 +208,7 @@ def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, nega
     bit-identical results. `blend` chooses how a frame mixes two keyframes (see the module docstring).
     `recorder` (stemref.explain) is offered each step's keyframes and every token's keyframe match.
     """
-    frames, steps = inversion.x_T.shape[0], len(inversion.timesteps)
+    frames, steps = check_inversion(inversion).x_T.shape[0], len(inversion.timesteps)
     ranges = batch_ranges(frames, _positive_int(batch, "batch"))
     table = _keyframe_table(keyframes, steps, ranges)
     _check_settings(guidance, pnp_attn, pnp_conv, blend)
@@ -242,6 +243,7 @@ def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, nega
         del cache  # keyframe features live for one step only
         if progress:
             progress(i + 1, steps)
+    check_finite(x, "the edited latents", NON_FINITE_HINT)
     return x
 
 
