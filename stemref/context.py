@@ -156,6 +156,10 @@ class EMAttention:
         if self.all_frame_if_few_tokens and k_video.shape[-2] <= self.num_bases:
             return _unmerge(F.scaled_dot_product_attention(q_video, k_video, v_video), q.shape[1]), None
         mu, nu = self.bases(k_video, v_video, call, group)  # (B, h, K, d), (B, h, K, dv)
+        recorder = call.info.recorder
+        if recorder is not None and recorder.wants("bases", call.name, call.info.step):
+            recorder.add("bases", call.name, call.info.step, call=call, group=group, keys=k_video, bases=mu,
+                         tau=self.tau, chunk=self.chunk)
         return _unmerge(self.attend_to_bases(q_video, mu, nu), q.shape[1]), mu  # (B, n, h, N, dv)
 
     def bases(self, k: torch.Tensor, v: torch.Tensor, call: AttnCall,
