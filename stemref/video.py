@@ -452,7 +452,9 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _fitted(draw: ImageDraw.ImageDraw, font, text: str, width: int) -> str:
-    """`text` the default font can draw (the bitmap font only has Latin-1), cut with "..." to `width` pixels."""
+    """`text` the default font can draw on one line (the bitmap font only has Latin-1; newlines and other control
+    characters of a prompt become spaces), cut with "..." to `width` pixels."""
+    text = "".join(c if c.isprintable() else " " for c in text)
     try:
         draw.textlength(text, font=font)
     except UnicodeEncodeError:

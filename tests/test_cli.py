@@ -871,3 +871,13 @@ def test_side_by_side_labels_each_panel_and_leaves_a_gap():
     assert not torch.equal(other[..., 104:], labelled[..., 104:]) and (other[..., 96:104] == 1).all()
     with pytest.raises(ValueError, match="one per video"):
         side_by_side(source, edit, labels=["source"])
+
+
+def test_a_label_with_newlines_and_control_characters_is_drawn_on_one_line():
+    """A --target may hold any text (config.toml keeps it); its label must not end the run after all the work."""
+    from stemref.video import side_by_side
+
+    video = torch.full((1, 3, 64, 96), 0.5, dtype=torch.float64)
+    tricky = side_by_side(video, labels=["edit 1: a\ndog\r\x7f\x00 \u2028on a mat"])
+    plain = side_by_side(video, labels=["edit 1: a dog     on a mat"])
+    assert torch.equal(tricky, plain)
