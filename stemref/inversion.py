@@ -166,7 +166,7 @@ def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = N
 
     `progress` follows the DDIM steps, `vae_progress` the frames through the VAE decoder.
     """
-    s = inversion.settings
+    s = check_inversion(inversion).settings
     _check_settings(s, batch)
     # the stored timesteps, not settings.steps, define the path (they agree for every file invert wrote)
     steps = len(inversion.timesteps)
@@ -190,7 +190,7 @@ def replay(sd: StableDiffusion, inversion: Inversion, steps: list[int], recorder
     bases afresh, so its bases are an equally good draw, not the original one. For a reused (cached)
     inversion, whose run recorded nothing.
     """
-    s = inversion.settings
+    s = check_inversion(inversion).settings
     _check_settings(s, batch)
     eps_fn = _noise_fn(sd, s, batch, recorder)
     with sd.unet.attention(_chooser(sd, s)):

@@ -18,6 +18,7 @@ from torch import nn
 
 from .clip import CLIPTextModel
 from .config import CLIPTextConfig, DDIMConfig, UNetConfig, VAEConfig
+from .loading import check_device, check_dtype
 from .pipeline import StableDiffusion
 from .scheduler import DDIMScheduler
 from .tokenizer import CLIPTokenizer
@@ -34,6 +35,7 @@ PERTURBATION = 0.05
 def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> StableDiffusion:
     """A tiny random-weight SD1.x (same seed, same weights on every machine); float64 for exact checks."""
+    dtype, device = check_dtype(dtype), check_device(device)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # the default initialisers draw from the global generator
         torch.manual_seed(seed)

@@ -487,3 +487,16 @@ def test_api_type_errors_are_clear(tiny_sd):
         stemref.Inversion(torch.zeros(3, 2, 8, 8, 8), [1, 501], InversionSettings(PROMPT, steps=2))
     with pytest.raises(ValueError, match=r"\(F, 4, h, w\).*got \(2, 8, 8, 8\)"):
         tiny_sd.decode_latents(torch.zeros(2, 8, 8, 8, dtype=torch.float64))
+
+
+def test_reconstruct_replay_and_tiny_model_refuse_wrong_types_clearly(tiny_sd):
+    from stemref.inversion import replay
+
+    with pytest.raises(TypeError, match="expected an Inversion .* got str"):
+        stemref.reconstruct(tiny_sd, "inversion.safetensors")
+    with pytest.raises(TypeError, match="expected an Inversion .* got Tensor"):
+        replay(tiny_sd, torch.zeros(3, 2, 4, 8, 8), [0], None)
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype.*got 'fp16'"):
+        stemref.tiny_model(0, dtype="fp16")
+    with pytest.raises(ValueError, match="device 'tpu' is not a torch device"):
+        stemref.tiny_model(0, device="tpu")
