@@ -492,10 +492,11 @@ def test_command_edits_with_fatezero(tiny_root, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--reweight", "watercolor"], "WORD=NUMBER"),
     (["--self-window", "1.5"], "fraction of the steps"),
-    (["--blend-latents"], "needs blend_words"),
+    (["--blend-latents"], "error: --blend-latents resets the latents outside the blend words' masks; give the "
+                          "words with --blend-source"),
     (["--reweight", "tiger=10"], "'tiger' is not a word of the target prompt 'a dog on the grass'"),
-    (["--blend-source", "tiger", "--blend-self-attention"], "blend source word 'tiger' is not a word of the prompt "
-                                                             "'a cat on the grass'"),
+    (["--blend-source", "tiger", "--blend-self-attention"], "error: --blend-source tiger: 'tiger' is not a word of "
+                                                             "the source prompt 'a cat on the grass'"),
 ])
 def test_command_refuses_bad_fatezero_settings(tiny_root, tmp_path, capsys, args, message):
     from stemref.cli import edit as edit_cli

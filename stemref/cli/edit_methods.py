@@ -278,20 +278,26 @@ def _word_numbers(items: list[str] | None, flag: str) -> dict[str, float]:
 
 
 def check_fatezero(s: dict[str, Any]) -> None:
-    """What FateZero's own settings refuse (word lists, blending without words), before the model loads."""
+    """What FateZero's own settings refuse (word lists, blending without words), before the model loads; the
+    checks that a flag can name come first."""
+    for flag, words, prompts in (("reweight", _word_numbers(s["reweight"], "reweight"), s["target"]),
+                                 ("word-window", _word_numbers(s["word_window"], "word-window"), s["target"]),
+                                 ("blend-target", s["blend_target"] or [], s["target"]),
+                                 ("blend-source", s["blend_source"] or [], [s["source"]])):
+        for word in words:
+            if not any(has_word(prompt, word, s["strip_punctuation"]) for prompt in prompts):
+                which = "source" if flag == "blend-source" else "target"
+                raise UserError(f"--{flag} {word}: {word!r} is not a word of the {which} prompt "
+                                f"{' or '.join(map(repr, prompts))}; name a whole, space-separated word of it")
+    if s["blend_latents"] and not (s["blend_source"] or s["blend_target"]):
+        raise UserError("--blend-latents resets the latents outside the blend words' masks; give the words with "
+                        "--blend-source (and --blend-target), or leave out --blend-latents")
     try:
         fatezero.FateZeroSettings(**fatezero_settings(s))
         for target in s["target"]:
             check_words(fatezero.FateZeroSettings(**fatezero_settings(s, target)), s["source"], target)
     except ValueError as e:
         raise UserError(f"FateZero settings: {e}") from None
-    for flag, words in (("reweight", _word_numbers(s["reweight"], "reweight")),
-                        ("word-window", _word_numbers(s["word_window"], "word-window")),
-                        ("blend-target", s["blend_target"] or [])):
-        for word in words:
-            if not any(has_word(target, word, s["strip_punctuation"]) for target in s["target"]):
-                raise UserError(f"--{flag} {word}: {word!r} is not a word of the target prompt "
-                                f"{' or '.join(map(repr, s['target']))}; name a whole, space-separated word of it")
     if s["store_dir"] is not None and Path(s["store_dir"]).exists() and not Path(s["store_dir"]).is_dir():
         raise UserError(f"--store-dir {s['store_dir']} is a file; name a new or empty folder")
     if s["store_dir"] is not None and Path(s["store_dir"]).exists() and any(Path(s["store_dir"]).iterdir()):
