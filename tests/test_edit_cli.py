@@ -11,6 +11,7 @@ import hashlib
 import http.server
 import json
 import os
+import sys
 import threading
 import tomllib
 from collections.abc import Iterator
@@ -333,26 +334,42 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(tiny_root, tmp_path, c
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
-def test_a_read_only_or_full_cache_is_refused_before_any_work(tiny_root, tmp_path, capsys, monkeypatch):
+def test_a_read_only_or_full_cache_is_said_before_any_work_and_its_entries_are_still_reused(tiny_root, tmp_path,
+                                                                                             capsys, monkeypatch):
+    """A cache that takes no new file is no reason to refuse a run: an entry already there is reused, and a new
+    one is skipped (with a warning, the result kept); the user hears of it before the work, not after."""
     import errno
 
-    from stemref.cli import checks
-
-    test_refused_before_the_model_loads(monkeypatch)
+    from stemref.cli import checks, edit as edit_cli
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
+    def loading(*args, **kwargs):
+        print("LOADING", file=sys.stderr)
+        return real_load(*args, **kwargs)
+
+    real_load = edit_cli.load_model
+    monkeypatch.setattr(edit_cli, "load_model", loading)
+    assert edit(tmp_path, tiny_root, "first") == 0  # its inversion is now in the cache
+    capsys.readouterr()
     with monkeypatch.context() as patch:
         patch.setattr(checks.tempfile, "TemporaryFile", read_only)
-        assert edit(tmp_path, tiny_root, "out") == 2
-    assert "(read-only file system); choose another --cache, or pass --no-reuse" in capsys.readouterr().err
+        assert edit(tmp_path, tiny_root, "read-only") == 0
+    lines = stderr_lines(capsys)
+    warning = next(i for i, line in enumerate(lines) if "(read-only file system); entries already there are reused"
+                   in line)
+    assert lines[warning].startswith("warning: --cache ") and warning < lines.index("LOADING")
+    assert any(line.startswith("inversion: reusing ") for line in lines)
     with monkeypatch.context() as patch:
         patch.setattr(checks.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10_000})())
-        assert edit(tmp_path, tiny_root, "out") == 2
+        assert edit(tmp_path, tiny_root, "full") == 0
+    lines = stderr_lines(capsys)
     # x_0 … x_T of 5 frames of 96×48 (12×6 latents, 4 channels) in float32: 3 × 5 × 4 × 12 × 6 × 4 bytes
-    assert "the disk has 10 kB free and this run's inversion needs about 17 kB" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    warning = lines.index(next(line for line in lines if "the disk has 10 kB free and this run's inversion needs "
+                               "about 17 kB; a new entry will not be cached" in line))
+    assert warning < lines.index("LOADING") and any(line.startswith("inversion: reusing ") for line in lines)
+    assert (tmp_path / "read-only" / "metrics.json").is_file() and (tmp_path / "full" / "metrics.json").is_file()
 
 
 def test_an_over_long_negative_prompt_names_its_flag(tiny_root, tmp_path, capsys):

@@ -84,8 +84,9 @@ def check_video_path(path: Path, flag: str = "VIDEO") -> None:
 
 
 def check_cache_folder(path: Path, flag: str = "--cache") -> None:
-    """A cache folder that exists as a folder (or can be made) and takes a new file, before any work: a run must
-    not find out after an hour of inversion or tuning that it cannot keep the result."""
+    """Before any work: a cache that is not a folder (and cannot become one) is refused; one that takes no new
+    file (read-only, full) is said now, not after an hour of inversion or tuning. Its entries are still reused,
+    and a new entry is skipped at the end with a warning, the result kept (Cache.put)."""
     ancestor = path.expanduser().absolute()
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -98,20 +99,21 @@ def check_cache_folder(path: Path, flag: str = "--cache") -> None:
         why = "read-only file system" if e.errno == errno.EROFS else "no permission to write" \
             if e.errno in (errno.EACCES, errno.EPERM) else "the disk is full" if e.errno == errno.ENOSPC \
             else e.strerror or str(e)
-        raise UserError(f"{flag} {path}: cannot write in {ancestor} ({why}); choose another --cache, or pass "
-                        "--no-reuse") from e
+        warn(f"{flag} {path}: cannot write in {ancestor} ({why}); entries already there are reused, but what this "
+             "run computes will not be cached (choose another --cache to keep it)")
 
 
 def check_free_space(path: Path, needed: int, what: str, flag: str = "--cache") -> None:
-    """Refuse before the work when the disk holding `path` (or its nearest existing parent) has less than
-    `needed` bytes free."""
+    """Say before the work when the disk holding `path` (or its nearest existing parent) has less than `needed`
+    bytes free: the entry will not be cached (an entry already there is still reused)."""
     ancestor = path.expanduser().absolute()
     while not ancestor.exists():
         ancestor = ancestor.parent
     free = shutil.disk_usage(ancestor).free
     if free < needed:
-        raise UserError(f"{flag} {path}: the disk has {_amount(free)} free and {what} needs about "
-                        f"{_amount(needed)}; free some space, choose another --cache, or pass --no-reuse")
+        warn(f"{flag} {path}: the disk has {_amount(free)} free and {what} needs about {_amount(needed)}; a new "
+             "entry will not be cached (an entry already there is reused); free some space or choose another "
+             "--cache to keep it")
 
 
 def _amount(n: float) -> str:
