@@ -72,6 +72,8 @@ def test_table(videos, tiny_clip_dir, capsys):
     (["--source-prompt", PROMPT], "same text"),
     (["--frames", "0"], "--frames must be at least 1"),
     (["--source-video", "{missing}/video.mp4"], "no such file"),
+    (["--prompt", "dog " * 100], "^error: --prompt: prompt is 100 tokens long; CLIP reads at most 75"),
+    (["--source-prompt", "cat " * 80], "^error: --source-prompt: prompt is 80 tokens long"),
 ])
 def test_bad_input_exits_2_with_one_line(videos, tiny_clip_dir, tmp_path, capsys, extra, message):
     edited, source = videos

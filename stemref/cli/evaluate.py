@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from .checks import check_prompt, check_video_path
+from .checks import check_prompt, check_video_path, checked
 from .errors import ArgumentParser, UserError, run
 from .model import add_device_arguments, check_device, chosen_dtype
 from ..clip_metrics import clip_metrics
@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
             clip = load_clip(args.clip, dtype=chosen_dtype(args), device=args.device)
         except WeightsError as e:
             raise UserError(str(e)) from e
+        for text, flag in ((args.prompt, "--prompt"), (args.source_prompt, "--source-prompt")):
+            checked(flag, clip.tokenizer.refuse_long, [text])  # before reading the videos, naming the flag
         edited = read_video(args.edited, count=args.frames, as_stored=True)
         source = read_video(args.source_video, args.start, args.stride, count=len(edited), as_stored=True)
         if len(source) != len(edited):
