@@ -97,6 +97,8 @@ def test_txt2img_writes_the_library_image(tiny_root, sd32, tmp_path):
     (["--weights", "{tmp}/missing-weights"], "stemref.download"),
     (["--out", "{tmp}/fox.txt"], "use a .png"),
     (["--size", "60"], "multiples of 8"),
+    (["--prompt", "fox " * 80], "error: --prompt: prompt is 80 tokens long"),
+    (["--negative", "blurry " * 80], "error: --negative: prompt is 80 tokens long"),
 ])
 def test_txt2img_bad_input_exits_2_without_output(tiny_root, tmp_path, capsys, args, message):
     defaults = ["--weights", str(tiny_root), "--prompt", "a fox", "--steps", "1", "--size", "64",
@@ -235,7 +237,7 @@ def test_compare_writes_four_contexts_and_table(tiny_root, clip, tmp_path):
     (["{clip}", "--context", "stem", "--batch", "2"], "only --context 1-frame"),
     (["{clip}", "--context", "2-frame", "--num-bases", "8"], "STEM option"),
     (["{clip}", "--weights", "{missing}"], "stemref.download"),
-    (["{clip}", "--prompt", "duck " * 80], "tokens long"),
+    (["{clip}", "--prompt", "duck " * 80], "error: --prompt: prompt is 80 tokens long"),
     (["{clip}", "--start", "10"], "beyond the end"),
 ])
 def test_invert_bad_input_exits_2_without_output(tiny_root, clip, tmp_path, capsys, args, message):
@@ -471,7 +473,7 @@ def test_invert_checks_every_argument_before_reading_or_loading(tiny_root, clip,
     (["--guidance", "nan"], "guidance must be a finite number"),
     (["--steps", "0"], "--steps 0"),
     (["--size", "64", "60"], "multiples of 8"),
-    (["--negative-prompt", "\udcff"], "--negative-prompt is not valid UTF-8"),
+    (["--negative", "\udcff"], "--negative is not valid UTF-8"),
     (["--out", "{tmp}/existing.png"], "exists; choose another name or pass --overwrite"),
     (["--out", "{tmp}/folder.png"], "is a folder"),
 ])

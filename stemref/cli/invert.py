@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .checks import check_fps, check_num_bases, check_prompt, check_seed, check_steps, check_video_path, warn_if_large
+from .checks import (check_fps, check_num_bases, check_prompt, check_seed, check_steps, check_video_path, checked,
+                     warn_if_large)
 from .errors import ArgumentParser, UserError, run, warn
 from .model import add_model_arguments, check_model_arguments, load_model, model_inputs
 from .output import PANEL_GAP, output_folder
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             fps = args.fps or source_fps(args.video, args.stride)
             with progress_printer("loading weights", "part") as report:
                 sd = load_model(args, progress=report)
-            sd.encode_prompt(args.prompt)  # an over-long prompt fails here, before minutes of inversion
+            checked("--prompt", sd.tokenizer.refuse_long, [args.prompt])  # before minutes of inversion
             with progress_printer("input consistency", "frame") as report:
                 input_consistency = consistency(sd, frames, args.prompt, report)
             rows = []

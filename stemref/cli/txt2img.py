@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m stemref.txt2img", description=__doc__.split("\n\nThe")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", required=True, help="what the image shows")
-    parser.add_argument("--negative-prompt", default="", help="what it should not show (default: none)")
+    parser.add_argument("--negative", default="", help="negative prompt: what it should not show (default: none)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the starting noise (default 0)")
@@ -53,13 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         check_steps(args.steps)
         check_seed(args.seed)
         check_prompt(args.prompt)
-        check_prompt(args.negative_prompt, "--negative-prompt")
+        check_prompt(args.negative, "--negative")
         check_output_file(args.out, args.overwrite, model_inputs(args))
         check_model_arguments(args)
         with progress_printer("loading weights", "part") as report:
             sd = load_model(args, progress=report)
+        for text, flag in ((args.prompt, "--prompt"), (args.negative, "--negative")):
+            checked(flag, sd.tokenizer.refuse_long, [text])
         with progress_printer("denoising") as report:
-            image = txt2img(sd, args.prompt, args.negative_prompt, args.steps, args.guidance, args.seed, size,
+            image = txt2img(sd, args.prompt, args.negative, args.steps, args.guidance, args.seed, size,
                             progress=report)
         pixels = (image[0].permute(1, 2, 0) * 255).round().byte().cpu().numpy()  # (H, W, 3)
         args.out.parent.mkdir(parents=True, exist_ok=True)
