@@ -40,3 +40,12 @@ def check_finite(x: torch.Tensor, what: str, hint: str) -> None:
     if not finite.all():
         bad = (~finite).sum().item()
         raise NonFiniteError(f"{what} contain {bad} NaN or infinite values of {x.numel()}; {hint}")
+
+
+def non_finite_hint(dtype: torch.dtype) -> str:
+    """Why a result of a run in `dtype` holds NaN: half precision overflows; at full precision, advising fp32 would
+    mislead, so the hint names what remains (extreme settings, the weights)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "half precision can overflow: try --dtype fp32 (dtype=torch.float32), or check the weights"
+    return (f"this run is {str(dtype).removeprefix('torch.')}, so not a half-precision overflow: check for extreme "
+            "settings (guidance, reweight factors) and the weights")

@@ -20,12 +20,11 @@ import torch
 from .attention import Recorder, RunInfo
 from .context import CONTEXTS, context_processor
 from .files import read_stemref_file, save_stemref_file
-from .frames import check_finite
+from .frames import check_finite, non_finite_hint
 from .pipeline import StableDiffusion, check_encodable
 from .sampling import NoiseFn, Progress, check_guidance, ddim_inversion_loop, ddim_sample_loop, predict_noise
 
 SELF_ATTENTION = r"attn1$"
-NON_FINITE_HINT = "half precision can overflow: try --dtype fp32 (dtype=torch.float32), or check the weights"
 FORMAT = "stemref.inversion/1"
 
 
@@ -156,7 +155,7 @@ def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 
     with sd.unet.attention(chooser):
         path = ddim_inversion_loop(sd.scheduler, x, eps_fn, steps, progress)
     latents = torch.stack(path)  # (S + 1, F, 4, h, w)
-    check_finite(latents, "the inverted latents", NON_FINITE_HINT)
+    check_finite(latents, "the inverted latents", non_finite_hint(sd.dtype))
     return Inversion(latents, timesteps, settings)
 
 
@@ -176,7 +175,7 @@ def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = N
     with sd.unet.attention(_chooser(sd, s)):
         x = ddim_sample_loop(sd.scheduler, inversion.x_T.to(sd.device, sd.dtype), _noise_fn(sd, s, batch), steps,
                              progress=progress)
-    check_finite(x, "the reconstructed latents", NON_FINITE_HINT)
+    check_finite(x, "the reconstructed latents", non_finite_hint(sd.dtype))
     return sd.decode_latents(x, progress=vae_progress)
 
 

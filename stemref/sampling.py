@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .attention import RunInfo
-from .frames import check_finite
+from .frames import check_finite, non_finite_hint
 from .pipeline import StableDiffusion
 from .scheduler import DDIMScheduler
 
@@ -98,6 +98,5 @@ def txt2img(sd: StableDiffusion, prompt: str, negative_prompt: str = "", steps: 
     uncond = sd.encode_prompt(negative_prompt) if guidance != 1.0 else None
     eps_fn = lambda x, t, i: predict_noise(sd, x, t, cond, uncond, guidance, RunInfo(frames=1, step=i))
     latents = ddim_sample_loop(sd.scheduler, noise.to(sd.device, sd.dtype), eps_fn, steps, progress=progress)
-    check_finite(latents, "the generated latents", "half precision can overflow: try --dtype fp32 "
-                 "(dtype=torch.float32), or a smaller guidance")
+    check_finite(latents, "the generated latents", non_finite_hint(sd.dtype))
     return sd.decode_latents(latents)

@@ -537,7 +537,7 @@ def test_non_finite_results_are_refused_not_written(tiny_root, clip, tmp_path, m
                                  "--out", str(tmp_path / "fox.png"), "--device", "cpu"])
     assert code == 2
     line = error_line(capsys.readouterr().err)
-    assert "NaN or infinite" in line and "--dtype fp32" in line
+    assert "NaN or infinite" in line and "this run is float32" in line and "--dtype fp32" not in line
     assert list(tmp_path.iterdir()) == []
 
 

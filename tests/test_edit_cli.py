@@ -251,7 +251,7 @@ def test_non_finite_edit_is_refused_not_written(tiny_root, tmp_path, monkeypatch
     monkeypatch.setattr(tokenflow, "edit_latents", overflowing)
     assert edit(tmp_path, tiny_root, "out", "--no-reuse") == 2
     err = capsys.readouterr().err.splitlines()[-1]
-    assert "the edited latents contain" in err and "--dtype fp32" in err
+    assert "the edited latents contain" in err and "this run is float32" in err and "--dtype fp32" not in err
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 

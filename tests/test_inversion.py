@@ -381,7 +381,7 @@ def test_non_finite_results_raise(tiny_sd, monkeypatch):
 
     monkeypatch.setattr(stemref.inversion, "predict_noise", nan_noise)
     monkeypatch.setattr(stemref.sampling, "predict_noise", nan_noise)
-    with pytest.raises(NonFiniteError, match="inverted latents contain .* NaN or infinite.*float32"):
+    with pytest.raises(NonFiniteError, match="inverted latents contain .* NaN or infinite.*this run is float64"):
         stemref.invert(tiny_sd, video(2), PROMPT, steps=2, context="all-frame")
     with pytest.raises(NonFiniteError, match="generated latents"):
         stemref.txt2img(tiny_sd, PROMPT, steps=1, size=64)
@@ -500,3 +500,18 @@ def test_reconstruct_replay_and_tiny_model_refuse_wrong_types_clearly(tiny_sd):
         stemref.tiny_model(0, dtype="fp16")
     with pytest.raises(ValueError, match="device 'tpu' is not a torch device"):
         stemref.tiny_model(0, device="tpu")
+
+
+def test_a_non_finite_result_advises_fp32_only_to_a_half_precision_run(tiny_sd):
+    """fp32 and fp64 do not overflow where fp16 does: 'try --dtype fp32' would send an fp32 user in a circle."""
+    import copy
+
+    from stemref.frames import non_finite_hint
+
+    broken = copy.deepcopy(tiny_sd)
+    broken.unet.conv_out.bias.data.fill_(float("inf"))
+    with pytest.raises(ValueError, match="NaN or infinite") as error:
+        stemref.invert(broken, video(2), PROMPT, steps=2, context="1-frame")
+    assert "try --dtype fp32" not in str(error.value) and "this run is float64" in str(error.value)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert "half precision can overflow: try --dtype fp32" in non_finite_hint(dtype)

@@ -26,10 +26,10 @@ from ..edit.cache import Cache, key_of, tensor_digest, weights_fingerprint
 from ..edit.fatezero_plan import check_words
 from ..edit.p2p import has_word
 from ..inversion import FORMAT as INVERSION_FORMAT
-from ..frames import check_finite
+from ..frames import check_finite, non_finite_hint
 from ..explain import (Picture, fatezero_pictures, fatezero_recorders, inversion_pictures, inversion_recorder,
                        tokenflow_pictures, tokenflow_recorder, tuning_pictures)
-from ..inversion import NON_FINITE_HINT, Inversion, invert, replay
+from ..inversion import Inversion, invert, replay
 from ..pipeline import StableDiffusion
 
 
@@ -354,7 +354,7 @@ def tuned_edit(job: Job, prepared: tuple[StableDiffusion, Inversion], target: st
 def decode(job: Job, latents: torch.Tensor) -> torch.Tensor:
     """VAE-decode every method's edited latents (F, 4, h, w) to frames (F, 3, H, W) on the CPU, with progress;
     non-finite latents (fp16 overflow) are refused here, before anything is written."""
-    check_finite(latents, "the edited latents", NON_FINITE_HINT)
+    check_finite(latents, "the edited latents", non_finite_hint(job.sd.dtype))
     with job.progress("decoding", unit="frame") as report:
         return job.sd.decode_latents(latents, progress=report).cpu()
 

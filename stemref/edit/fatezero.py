@@ -67,8 +67,8 @@ import torch
 from ..attention import Processor, RunInfo, sdpa
 from ..attention import Recorder as RunRecorder  # explanations (stemref.explain); `Recorder` below stores maps
 from ..context import EMAttention, context_processor
-from ..frames import check_finite
-from ..inversion import NON_FINITE_HINT, SELF_ATTENTION, Inversion, InversionSettings, check_inversion
+from ..frames import check_finite, non_finite_hint
+from ..inversion import SELF_ATTENTION, Inversion, InversionSettings, check_inversion
 from ..pipeline import StableDiffusion, check_encodable
 from ..sampling import Progress, ddim_inversion_loop, predict_noise
 from . import p2p
@@ -119,7 +119,7 @@ def edit_latents(sd: StableDiffusion, frames_or_inversion: torch.Tensor | Invers
         else:
             replay_inversion(sd, inversion, plan, store, progress, source_recorder)
         x = denoise(sd, inversion, plan, store, progress, recorder)  # 3.–5.
-    check_finite(x, "the edited latents", NON_FINITE_HINT)
+    check_finite(x, "the edited latents", non_finite_hint(sd.dtype))
     return x
 
 

@@ -68,8 +68,8 @@ import torch.nn.functional as F
 from ..attention import AttnCall, Recorder, RunInfo, from_source, sdpa
 from ..context import AllFrames
 from ..freeu import FreeU
-from ..frames import check_finite
-from ..inversion import NON_FINITE_HINT, Inversion, check_inversion
+from ..frames import check_finite, non_finite_hint
+from ..inversion import Inversion, check_inversion
 from ..pipeline import StableDiffusion
 from ..sampling import Progress
 
@@ -263,7 +263,7 @@ def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, nega
         del cache  # keyframe features live for one step only
         if progress:
             progress(i + 1, steps)
-    check_finite(x, "the edited latents", NON_FINITE_HINT)
+    check_finite(x, "the edited latents", non_finite_hint(sd.dtype))
     return x
 
 

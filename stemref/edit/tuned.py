@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from ..attention import RunInfo
-from ..frames import check_finite
-from ..inversion import NON_FINITE_HINT, Inversion, check_inversion, invert
+from ..frames import check_finite, non_finite_hint
+from ..inversion import Inversion, check_inversion, invert
 from ..pipeline import StableDiffusion
 from ..sampling import Progress, check_guidance, ddim_sample_loop, predict_noise
 
@@ -53,7 +53,7 @@ def edit_latents(model: StableDiffusion, inversion: Inversion, prompt: str, guid
     eps_fn = lambda x, t, i: predict_noise(model, x, t, cond, uncond, guidance, RunInfo(frames=x.shape[0], step=i))
     x = ddim_sample_loop(model.scheduler, inversion.x_T.to(model.device, model.dtype), eps_fn, steps,
                          progress=progress)
-    check_finite(x, "the edited latents", NON_FINITE_HINT)
+    check_finite(x, "the edited latents", non_finite_hint(model.dtype))
     return x
 
 
