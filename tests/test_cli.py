@@ -883,3 +883,18 @@ def test_a_label_with_newlines_and_control_characters_is_drawn_on_one_line():
     tricky = side_by_side(video, labels=["edit 1: a\ndog\r\x7f\x00 \u2028on a mat"])
     plain = side_by_side(video, labels=["edit 1: a dog     on a mat"])
     assert torch.equal(tricky, plain)
+
+
+def test_a_disk_full_before_the_first_file_leaves_no_partial_folder(tmp_path, monkeypatch):
+    """The marker is the first file of the partial folder: a full disk fails there, and nothing may stay (a
+    partial folder without its marker would never be cleaned up by a later run)."""
+    from stemref.cli import output
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(output, "_write_marker", full)
+    with pytest.raises(OSError, match="No space left"):
+        with output.output_folder(tmp_path / "new" / "run"):
+            pytest.fail("the block ran without its marker")
+    assert list(tmp_path.iterdir()) == []

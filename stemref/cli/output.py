@@ -128,8 +128,8 @@ def output_folder(path: Path, overwrite: bool = False, inputs: Iterable[Path] = 
         os.replace(kept, tmp)
     else:
         tmp.mkdir()
-    _write_marker(tmp, resume)
     try:
+        _write_marker(tmp, resume)  # inside: a full disk fails here already, and must leave nothing behind
         yield tmp
     except KeyboardInterrupt as e:
         if resume is not None:
