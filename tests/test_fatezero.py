@@ -492,6 +492,7 @@ def test_command_edits_with_fatezero(tiny_root, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--reweight", "watercolor"], "WORD=NUMBER"),
     (["--self-window", "1.5"], "fraction of the steps"),
+    (["--word-window", "dog=2"], "error: --word-window dog=2: a word's window is a fraction of the steps, from 0 to 1"),
     (["--blend-latents"], "error: --blend-latents resets the latents outside the blend words' masks; give the "
                           "words with --blend-source"),
     (["--reweight", "tiger=10"], "'tiger' is not a word of the target prompt 'a dog on the grass'"),

@@ -289,6 +289,10 @@ def check_fatezero(s: dict[str, Any]) -> None:
                 which = "source" if flag == "blend-source" else "target"
                 raise UserError(f"--{flag} {word}: {word!r} is not a word of the {which} prompt "
                                 f"{' or '.join(map(repr, prompts))}; name a whole, space-separated word of it")
+    for word, fraction in _word_numbers(s["word_window"], "word-window").items():
+        if not 0 <= fraction <= 1:
+            raise UserError(f"--word-window {word}={fraction:g}: a word's window is a fraction of the steps, from 0 "
+                            "to 1")
     if s["blend_latents"] and not (s["blend_source"] or s["blend_target"]):
         raise UserError("--blend-latents resets the latents outside the blend words' masks; give the words with "
                         "--blend-source (and --blend-target), or leave out --blend-latents")
