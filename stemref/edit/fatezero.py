@@ -256,7 +256,7 @@ def frame_maps(q: torch.Tensor, k: torch.Tensor, index: torch.Tensor) -> torch.T
 
 def _layer_contexts(sd: StableDiffusion, inv: InversionSettings) -> dict[str, Processor]:
     """Each attention layer's processor as the inversion ran it: the context where `inv.layers` matches."""
-    generator = torch.Generator(sd.device).manual_seed(inv.seed)
+    generator = torch.Generator().manual_seed(inv.seed)  # as inversion._chooser: CPU draws on every device
     context = context_processor(inv.context, generator=generator, **inv.options)
     pattern = re.compile(inv.layers)
     return {name: context if pattern.search(name) else sdpa for name in sd.unet.attention_layers}

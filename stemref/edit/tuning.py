@@ -25,6 +25,7 @@ Dimension legend: F frames, h × w latent grid, L text tokens, D text width.
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -211,7 +212,9 @@ class Trainer:
         """One AdamW step on the ε-MSE of latents x0 (F, 4, h, w) noised by `noise` to timestep t (1,); the loss."""
         for layer in self.spectral:  # STAM's spectral-norm estimates follow the weights (Miyato: once per step)
             layer.power_iteration_()
-        with torch.autocast(self.sd.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+        # entered only when asked: torch.autocast refuses device types it has no policy for, even disabled
+        amp = torch.autocast(self.sd.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
+        with amp:
             loss = diffusion_loss(self.unet, x0, noise, t, self.context, self.sd.scheduler, self.info)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimiser)
@@ -248,7 +251,8 @@ def tune(sd: StableDiffusion, frames: torch.Tensor, prompt: str, method: str = "
         x0 = posterior.mean + posterior.std * draw(posterior.mean.shape)
         x0 = x0 * sd.vae.config.scaling_factor  # (F, 4, h, w)
         noise = draw(x0.shape)
-        t = torch.randint(0, sd.scheduler.config.num_train_timesteps, (1,), generator=generator).to(sd.device)
+        # t stays on the CPU: the schedule is looked up there and only ᾱ_t moves to the device (no device → host read)
+        t = torch.randint(0, sd.scheduler.config.num_train_timesteps, (1,), generator=generator)
         losses.append(trainer.step(x0, noise, t))
         if progress:
             progress(step + 1, steps, losses[-1])
