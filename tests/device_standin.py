@@ -125,6 +125,9 @@ class DeviceStandIn(TorchDispatchMode):
         return tree_map(lambda x: OnDevice(x) if isinstance(x, torch.Tensor) and not isinstance(x, OnDevice) else x, out)
 
     def _check(self, func, args, flat) -> None:
+        if any(isinstance(t, torch.Tensor) and not isinstance(t, OnDevice) and t.is_meta for t in flat):
+            raise DeviceMixError(f"{func}: a data-less meta tensor reached the stand-in, made where no dispatch mode "
+                                 f"sees it (at {_caller()}); teach _Constructors to build it")
         hosted = [t for t in flat if isinstance(t, torch.Tensor) and not isinstance(t, OnDevice) and t.dim() > 0]
         if func in INDEX_OPS:  # CPU indices into a device tensor are allowed (CUDA copies them)
             indices = {id(t) for t in tree_flatten(args[1])[0] if isinstance(t, torch.Tensor)}
@@ -154,14 +157,23 @@ class _Constructors(TorchFunctionMode):
     sees them: they build it on the CPU here, and move it to the stand-in through the dispatcher."""
 
     FUNCS = {torch.tensor, torch.as_tensor, torch.asarray, torch.Tensor.new_tensor}
+    INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in self.INDEXING and isinstance(args[0], OnDevice):
+            # x[[0, 2]] builds its index tensor on x's device outside the dispatcher: build it on the CPU instead
+            index = tuple(map(_list_index, args[1])) if isinstance(args[1], tuple) else _list_index(args[1])
+            return func(args[0], index, *args[2:], **kwargs)
         if func in self.FUNCS and kwargs.get("device") is not None and torch.device(kwargs["device"]) == DEVICE:
             if isinstance(args[0], torch.Tensor):  # as_tensor(tensor, device=...) is tensor.to(device)
                 return args[0].to(device=DEVICE, dtype=kwargs.get("dtype"))
             return func(*args, **dict(kwargs, device="cpu")).to(DEVICE)
         return func(*args, **kwargs)
+
+
+def _list_index(i):
+    return torch.tensor(i) if isinstance(i, list) else i
 
 
 def _unwrap(x):
