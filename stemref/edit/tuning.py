@@ -265,6 +265,10 @@ def _check_settings(sd: StableDiffusion, s: TuneSettings) -> None:
     if not isinstance(s.lr, (int, float)) or not 0 < s.lr < 1:
         raise ValueError(f"lr must be a learning rate between 0 and 1 (3e-5 is the papers'), got {s.lr!r}")
     sd.encode_prompt(s.prompt)  # an over-long prompt is refused before any work
+    if sd.dtype == torch.float16:
+        raise ValueError("tuning a float16 model: AdamW's eps (1e-8) and squared gradients underflow in float16 and "
+                         "the weights turn NaN after one step; load the model in float32 (autocast='fp16' then runs "
+                         "the UNet in float16 on CUDA) or in bfloat16")
     if s.autocast not in (None, "fp16", "bf16"):
         raise ValueError(f"autocast must be None, 'fp16' or 'bf16', got {s.autocast!r}")
     if s.autocast is not None and (sd.device.type != "cuda" or sd.dtype != torch.float32):
