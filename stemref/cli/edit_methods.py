@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from . import UserError, progress_printer
+from .errors import UserError
+from .progress import progress_printer
 from .measure import clock
 from ..context import CONTEXTS
 from ..edit import fatezero, tokenflow, tuning
@@ -194,7 +195,8 @@ def tokenflow_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
 
 def fatezero_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
     s = job.settings
-    with job.progress(f"FateZero: {_short(target)}") as report:
+    # FateZero inverts again for each target (recording attention), so its count is 2 × --steps
+    with job.progress(f"FateZero: {_short(target)} (inversion + edit)") as report:
         latents = fatezero.edit_latents(job.sd, inversion, s["source"], target, guidance=s["guidance"],
                                         negative_prompt=s["negative"], memory_budget=s["store_memory"] * 2**20,
                                         store_dir=s["store_dir"], progress=report, **fatezero_settings(s))
@@ -232,6 +234,8 @@ def check_fatezero(s: dict[str, Any]) -> None:
         fatezero.FateZeroSettings(**fatezero_settings(s))
     except ValueError as e:
         raise UserError(f"FateZero settings: {e}") from None
+    if s["store_dir"] is not None and Path(s["store_dir"]).exists() and not Path(s["store_dir"]).is_dir():
+        raise UserError(f"--store-dir {s['store_dir']} is a file; name a new or empty folder")
     if s["store_dir"] is not None and Path(s["store_dir"]).exists() and any(Path(s["store_dir"]).iterdir()):
         raise UserError(f"--store-dir {s['store_dir']} is not empty; name a new or empty folder")
 
