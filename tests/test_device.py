@@ -167,10 +167,10 @@ def test_clip_metrics_on_device(tiny_clip_dir):
 def test_edit_command_end_to_end_on_device(tiny_root, tiny_clip_dir, tmp_path, monkeypatch):
     """`python -m stemref.edit` in-process with --device meta (the stand-in): the command's own device check
     knows only cpu, cuda and mps, so it is let through here."""
-    import stemref.cli
+    import stemref.cli.model
     from stemref.cli.edit import main
 
-    monkeypatch.setattr(stemref.cli, "check_device", lambda args: None)
+    monkeypatch.setattr(stemref.cli.model, "check_device", lambda args: None)
     video = Path(__file__).parent.parent / "examples" / "bunny.mp4"
     argv = [str(video), "--source", "a rabbit", "--target", "a bear", "--weights", str(tiny_root), "--out",
             str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), "--frames", "3", "--size", "64", "--steps", "2",
