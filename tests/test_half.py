@@ -106,6 +106,23 @@ def test_half_precision_run_stays_near_float64(tiny_sd, half_sd, runs, method, d
     assert difference <= bound
 
 
+# |half − float64| of the CLIP metrics of FRAMES (tiny CLIP), (bf16, fp16): about 1.5 × measured (README)
+CLIP_BOUNDS = {"clip_score": (0.13, 0.005), "clip_consistency": (3.3e-4, 4.2e-5)}
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+def test_clip_metrics_in_half_precision(tiny_clip_dir, dtype):
+    from stemref.clip_metrics import clip_metrics
+    from stemref.loading import load_clip
+
+    with DeviceStandIn(half=True) as dev:
+        scores = clip_metrics(load_clip(tiny_clip_dir, dtype=dtype, device=dev.device), FRAMES, "a dog", "a cat")
+    expected = clip_metrics(load_clip(tiny_clip_dir, dtype=torch.float64), FRAMES, "a dog", "a cat")
+    assert scores["frame_accuracy"] == expected["frame_accuracy"]
+    for name, bounds in CLIP_BOUNDS.items():
+        assert abs(scores[name] - expected[name]) <= bounds[HALF.index(dtype)]
+
+
 def test_float16_tuning_is_refused(half_sd):
     with DeviceStandIn(half=True), pytest.raises(ValueError, match="underflow in float16"):
         tuning.tune(half_sd[torch.float16], FRAMES, "a cat", "tune-a-video", steps=1)
