@@ -160,3 +160,25 @@ def test_propagation_matches_tokens_in_float32_under_fp16():
     assert torch.equal(out.view(3, h, N, d), outputs[:, 0][:, :, nearest].half())
     nearest16 = (unit(tokens[0]).half() @ unit(keys).half().T).argmax(-1)
     assert not torch.equal(nearest16, nearest)  # the island matters: fp16 cosines pick other tokens
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_other_float32_islands_under_half(dtype):
+    """FreeU's FFT, FateZero's attention softmax, the tuning loss and EI²'s spectral norm: each equals the float32
+    evaluation of the same rounded inputs (cast back where it returns the half dtype)."""
+    from stemref.edit.fatezero_fusion import probabilities
+    from stemref.freeu import fourier_filter
+    from stemref.temporal import spectral_normalise
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 8, 8, generator=g).to(dtype)
+    assert torch.equal(fourier_filter(x, 1, 0.5), fourier_filter(x.float(), 1, 0.5).to(dtype))
+    q, k = (torch.randn(2, 16, 8, generator=g).to(dtype) for _ in range(2))
+    scores = (q @ k.transpose(-1, -2)) * 8 ** -0.5  # the product in the half dtype, as on a GPU's tensor cores
+    assert torch.equal(probabilities(q, k), torch.softmax(scores.float(), dim=-1).to(dtype))
+    w = torch.randn(6, 5, generator=g).to(dtype)
+    assert torch.equal(spectral_normalise(w), spectral_normalise(w.float()).to(dtype))
+    eps, x0, noise = (torch.randn(3, 4, 8, 8, generator=g).to(dtype) for _ in range(3))
+    unet = lambda x_t, t, context, info: eps  # a stand-in predictor: the loss's own arithmetic is under test
+    loss = tuning.diffusion_loss(unet, x0, noise, torch.tensor([500]), None, DDIMScheduler(), None)
+    assert loss.dtype == torch.float32 and loss == torch.nn.functional.mse_loss(eps.float(), noise.float())
