@@ -33,14 +33,17 @@ BUDGET = 480  # seconds for all parts together: the 8 minutes
 SHARES = {"tests": 60, "unet": 60, "stem-targets": 90, "edit-scaling": 120, "fatezero-store": 70, "tuning": 70}
 
 
-def commands(device: str, quick: bool) -> dict[str, list[str]]:
-    """The command line of each part: GPU sizes, or toy sizes for checking on the CPU."""
+def commands(device: str, quick: bool, scale: float) -> dict[str, list[str]]:
+    """The command line of each part: GPU sizes, or toy sizes for checking on the CPU. A part that runs several
+    processes gives each a limit that lets all of them finish within the part's share (× `scale`)."""
+    limit = lambda part, runs: str(int(SHARES[part] * scale / runs) - 2)
     py = sys.executable
     dtype = "fp32" if device == "cpu" else "fp16"
     size = "64" if quick else "512"
     common = ["--device", device]
     return {
-        "tests": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "-rs", str(ROOT / "tests" / "test_cuda.py")],
+        "tests": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "-rs",
+                  str(ROOT / "tests" / "test_cuda.py")],
         "unet": [py, str(BENCH / "unet_vs_diffusers.py"), *common, "--dtype", dtype, "--size", size, "--batch", "2",
                  "--repeats", "1" if quick else "5", "--rounds", "1" if quick else "2"],
         "stem-targets": [py, str(BENCH / "inversion_scaling.py"), "--targets", *common, "--dtype", dtype,
@@ -49,13 +52,14 @@ def commands(device: str, quick: bool) -> dict[str, list[str]]:
                          "--num-bases", "16" if quick else "256"],
         "edit-scaling": [py, str(BENCH / "edit_scaling.py"), *common, "--dtype", dtype, "--size", size,
                          "--frames", *(["2"] if quick else ["8", "16", "32", "64"]), "--steps", "2" if quick else "3",
-                         "--max-seconds", str(SHARES["edit-scaling"] - 5 if quick else 45)],
+                         "--max-seconds", limit("edit-scaling", 1 if quick else 4)],
         "fatezero-store": [py, str(BENCH / "fatezero_store.py"), *common, "--dtype", dtype, "--size", size,
-                           "--frames", "2" if quick else "8", "--contexts", *(["fatezero"] if quick else ["fatezero", "stem"]),
-                           "--steps", "2" if quick else "10", "--max-seconds", str(SHARES["fatezero-store"] // 2 - 5)],
+                           "--frames", "2" if quick else "8",
+                           "--contexts", *(["fatezero"] if quick else ["fatezero", "stem"]),
+                           "--steps", "2" if quick else "10", "--max-seconds", limit("fatezero-store", 1 if quick else 2)],
         "tuning": [py, str(BENCH / "tuning.py"), *common, "--size", size, "--frames", "1" if quick else "8",
                    "--methods", *(["tune-a-video"] if quick else ["tune-a-video", "ei2"]), "--checkpointing", "0", "1",
-                   "--max-seconds", str(SHARES["tuning"] // (2 if quick else 4) - 3)],
+                   "--max-seconds", limit("tuning", 2 if quick else 4)],
     }
 
 
@@ -79,12 +83,14 @@ def run_part(name: str, command: list[str], seconds: float) -> dict:
 
 def markdown(header: dict, parts: list[dict]) -> str:
     lines = [f"# bench/gpu.sh report, {header['started']}", "",
-             f"{header['device']}; torch {header['torch']}; {'quick check at toy sizes' if header['quick'] else 'fp16, 512²'}; "
+             f"{header['device']}; torch {header['torch']}; "
+             f"{'quick check at toy sizes' if header['quick'] else 'fp16, 512²'}; "
              f"{header['seconds']:.0f} s in all (budget {BUDGET * header['time_scale']:.0f} s)", "",
              "| part | status | seconds |", "|---|---|---:|"]
     lines += [f"| {p['part']} | {p['status']} | {p['seconds']:.0f} |" for p in parts]
     for p in parts:
-        lines += ["", f"## {p['part']}", "", f"`{p['command']}`: {p['status']}", "", p["stdout"].strip() or "(no output)"]
+        lines += ["", f"## {p['part']}", "", f"`{p['command']}`: {p['status']}", "",
+                  p["stdout"].strip() or "(no output)"]
         if p["status"] != "ok":
             lines += ["", "stderr (end):", "", "```", p["stderr_tail"].strip(), "```"]
     return "\n".join(lines) + "\n"
@@ -93,7 +99,8 @@ def markdown(header: dict, parts: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cuda:i; cpu only to check the script")
-    parser.add_argument("--quick", action="store_true", help="toy sizes (64², 1–2 frames, 2 steps): check every part")
+    parser.add_argument("--quick", action="store_true",
+                        help="toy sizes (64², 1–2 frames, 2 steps): check every part")
     parser.add_argument("--parts", nargs="+", choices=list(SHARES), default=list(SHARES))
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every part's share of the 8 "
                         "minutes (a slow or shared CPU checking the script needs several times more)")
@@ -111,7 +118,7 @@ def main() -> int:
     device = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     deadline = time.monotonic() + BUDGET * a.time_scale
     parts = []
-    for name, command in commands(a.device, a.quick).items():
+    for name, command in commands(a.device, a.quick, a.time_scale).items():
         if name in a.parts:
             parts.append(run_part(name, command, min(SHARES[name] * a.time_scale, deadline - time.monotonic())))
     header = {"started": started.isoformat(timespec="seconds"), "device": device, "torch": torch.__version__,

@@ -122,7 +122,8 @@ class DeviceStandIn(TorchDispatchMode):
         if isinstance(args[0] if args else None, torch.Tensor) and func._schema.is_mutable and \
                 func._schema.arguments[0].is_write:
             return args[0] if isinstance(args[0], OnDevice) else out
-        return tree_map(lambda x: OnDevice(x) if isinstance(x, torch.Tensor) and not isinstance(x, OnDevice) else x, out)
+        wrap = lambda x: OnDevice(x) if isinstance(x, torch.Tensor) and not isinstance(x, OnDevice) else x
+        return tree_map(wrap, out)
 
     def _check(self, func, args, flat) -> None:
         if any(isinstance(t, torch.Tensor) and not isinstance(t, OnDevice) and t.is_meta for t in flat):
@@ -135,7 +136,8 @@ class DeviceStandIn(TorchDispatchMode):
         if func is aten.copy_.default:  # copies between devices are what copy_ is for
             hosted = []
         if hosted:
-            raise DeviceMixError(f"{func}: a {hosted[0].device} tensor {tuple(hosted[0].shape)} {hosted[0].dtype} met device tensors "
+            t = hosted[0]
+            raise DeviceMixError(f"{func}: a {t.device} tensor {tuple(t.shape)} {t.dtype} met device tensors "
                                  f"(at {_caller()})")
         if self.half and func not in CASTS:
             floats = {t.dtype for t in flat if isinstance(t, OnDevice) and t.dim() > 0 and t.is_floating_point()}
@@ -144,12 +146,6 @@ class DeviceStandIn(TorchDispatchMode):
 
     def _sync(self, func) -> None:
         self.syncs.append(Sync(str(func), _caller()))
-
-    def per_site(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for s in self.syncs:
-            counts[s.where] = counts.get(s.where, 0) + 1
-        return counts
 
 
 class _Constructors(TorchFunctionMode):

@@ -41,8 +41,9 @@ def test_stem_inversion_reconstruct_and_tokenflow_in_fp16(gpu_sd, tiny_sd):
 def test_fatezero_with_blending_and_a_spilling_store_in_fp16(gpu_sd, tiny_sd, tmp_path):
     options = dict(steps=2, context="stem", context_options=STEM, max_tokens=16, blend_words=(["cat"], ["dog"]),
                    blend_self_attention=True, blend_latents=True, memory_budget=0)
-    out = fatezero.edit(gpu_sd, FRAMES, "a cat on the grass", "a dog on the grass", store_dir=tmp_path / "g", **options)
-    ref = fatezero.edit(tiny_sd, FRAMES, "a cat on the grass", "a dog on the grass", store_dir=tmp_path / "c", **options)
+    prompts = ("a cat on the grass", "a dog on the grass")
+    out = fatezero.edit(gpu_sd, FRAMES, *prompts, store_dir=tmp_path / "g", **options)
+    ref = fatezero.edit(tiny_sd, FRAMES, *prompts, store_dir=tmp_path / "c", **options)
     close_to(out, ref, "fatezero")
 
 

@@ -112,7 +112,8 @@ def test_the_tokenflow_blend_weight_bug_is_caught(dev_sd, dev_inversion):
     spec = importlib.util.spec_from_loader("stemref.edit.tokenflow_c560cf2_bug", loader=None)
     buggy = importlib.util.module_from_spec(spec)
     buggy.__package__ = "stemref.edit"
-    exec(compile(source.replace(fixed, "self.weights.to(out.dtype)"), "tokenflow_c560cf2_bug.py", "exec"), buggy.__dict__)
+    bug = source.replace(fixed, "self.weights.to(out.dtype)")
+    exec(compile(bug, "tokenflow_c560cf2_bug.py", "exec"), buggy.__dict__)
     with DeviceStandIn(), pytest.raises(DeviceMixError, match=r"aten.mul.Tensor: a cpu tensor \(1, 1, 1, 1, 1\)"):
         buggy.edit_latents(dev_sd, dev_inversion, "a dog", batch=2)
 
@@ -161,7 +162,8 @@ def test_clip_metrics_on_device(tiny_clip_dir):
         scores = clip_metrics(clip, FRAMES, "a dog", "a cat")
     assert set(sites(dev)) == {"stemref/clip_metrics.py"}  # each score, and the finiteness checks of its inputs
     expected = clip_metrics(load_clip(tiny_clip_dir, dtype=torch.float64), FRAMES, "a dog", "a cat")
-    assert scores.keys() == expected.keys() and all(scores[k] == pytest.approx(v, rel=1e-12) for k, v in expected.items())
+    assert scores.keys() == expected.keys()
+    assert all(scores[k] == pytest.approx(v, rel=1e-12) for k, v in expected.items())
 
 
 def test_edit_command_end_to_end_on_device(tiny_root, tiny_clip_dir, tmp_path, monkeypatch):

@@ -49,7 +49,8 @@ class Runs:
         return self.memo[sd.dtype, key]
 
     def stem(self, sd):
-        return self.get(sd, "stem inversion", lambda: stemref.invert(sd, FRAMES, "a cat", steps=2, context="stem", **STEM))
+        invert = lambda: stemref.invert(sd, FRAMES, "a cat", steps=2, context="stem", **STEM)
+        return self.get(sd, "stem inversion", invert)
 
     def tuned(self, sd, method: str):
         # a float16 model edits with the float64 tuning's tensors (float16 tuning is refused)
