@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from ..attention import AttnCall, RunInfo, from_source, sdpa
 from ..context import AllFrames
 from ..freeu import FreeU
-from ..inversion import Inversion
+from ..frames import check_finite
+from ..inversion import NON_FINITE_HINT, Inversion, check_inversion
 from ..pipeline import StableDiffusion
 from ..sampling import Progress
 
@@ -194,7 +195,7 @@ def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, nega
     every step (absolute frame indices); without it they are drawn from `seed`. Equal arguments give
     bit-identical results. `blend` chooses how a frame mixes two keyframes (see the module docstring).
     """
-    frames, steps = inversion.x_T.shape[0], len(inversion.timesteps)
+    frames, steps = check_inversion(inversion).x_T.shape[0], len(inversion.timesteps)
     ranges = batch_ranges(frames, _positive_int(batch, "batch"))
     table = _keyframe_table(keyframes, steps, ranges)
     _check_settings(guidance, pnp_attn, pnp_conv, blend)
@@ -227,6 +228,7 @@ def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, nega
         del cache  # keyframe features live for one step only
         if progress:
             progress(i + 1, steps)
+    check_finite(x, "the edited latents", NON_FINITE_HINT)
     return x
 
 
