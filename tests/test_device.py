@@ -5,9 +5,9 @@ real CPU data, under a dispatch mode that fails any op in which such a tensor me
 does) and records every device -> host read. Each path must (1) run without a device mix, (2) give the same
 numbers as the plain CPU run, to float64 rounding (the stand-in changes where tensors claim to live, not what
 is computed; PyTorch picks some kernels by device type, e.g. SDPA's math backend for the stand-in), and
-(3) read from the device only where the README's "Device → host reads" list says so; in particular nothing
-per denoising, inversion or tuning step beyond what is listed. Two steps are enough to show (3): a read per
-step would appear twice.
+(3) read from the device only where the README's "Device → host reads" list says so: per step, counted between
+two progress callbacks (the second step's reads, after any first-call setup), nothing in the denoising and
+inversion loops and one loss per tuning step; once per call, only at the listed sites.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from stemref.edit import fatezero, tokenflow, tuned as tuned_edit, tuning
 
 FRAMES = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 STEPS = 2
-CHECK_FINITE = "stemref/frames.py"  # check_finite: one read per inversion, reconstruction or sampling run
+# sites that read once per call (not per step): refusing non-finite results and inputs, the weights' identity
+PER_CALL = {"stemref/frames.py", "edit/cache.py", "stemref/loading.py", "stemref/clip_metrics.py"}
 STEM = dict(num_bases=4)
 
 
@@ -37,6 +38,20 @@ def dev_sd(tiny_root):
 
 def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
+
+
+class StepReads:
+    """A progress callback that notes the device -> host reads so far at the end of each step."""
+
+    def __init__(self, dev: DeviceStandIn):
+        self.dev, self.marks = dev, []
+
+    def __call__(self, done: int, total: int, *loss) -> None:
+        self.marks.append(len(self.dev.syncs))
+
+    def per_step(self, first: int = 1) -> list[int]:
+        """The reads of each step after `first` (whose count includes one-time work)."""
+        return [b - a for a, b in zip(self.marks[first - 1:], self.marks[first:])]
 
 
 def sites(dev: DeviceStandIn) -> dict[str, int]:
@@ -79,9 +94,10 @@ def test_standin_in_half_mode_fails_a_float32_tensor_beside_fp16():
 def test_every_inversion_context_and_reconstruct_on_device(dev_sd, tiny_sd, context):
     options = STEM if context == "stem" else {}
     with DeviceStandIn() as dev:
-        inv = stemref.invert(dev_sd, FRAMES, "a cat", steps=STEPS, context=context, **options)
-        frames = stemref.reconstruct(dev_sd, inv)
-    assert sites(dev) == {CHECK_FINITE: 2}
+        inverting, denoising = StepReads(dev), StepReads(dev)
+        inv = stemref.invert(dev_sd, FRAMES, "a cat", steps=STEPS, context=context, progress=inverting, **options)
+        frames = stemref.reconstruct(dev_sd, inv, progress=denoising)
+    assert inverting.per_step() == denoising.per_step() == [0] and set(sites(dev)) <= PER_CALL
     expected = stemref.invert(tiny_sd, FRAMES, "a cat", steps=STEPS, context=context, **options)
     assert_same(host(inv.latents), expected.latents)
     assert_same(host(frames), stemref.reconstruct(tiny_sd, expected))
@@ -97,8 +113,9 @@ def dev_inversion(dev_sd):
 def test_tokenflow_with_freeu_on_device(dev_sd, tiny_sd, dev_inversion):
     options = dict(batch=2, freeu=True)  # 2 batches of 3 frames: the second blends two keyframes
     with DeviceStandIn() as dev:
-        latents = tokenflow.edit_latents(dev_sd, dev_inversion, "a dog", **options)
-    assert dev.syncs == []
+        steps = StepReads(dev)
+        latents = tokenflow.edit_latents(dev_sd, dev_inversion, "a dog", progress=steps, **options)
+    assert steps.per_step() == [0] and set(sites(dev)) <= PER_CALL
     cpu_inversion = stemref.Inversion(host(dev_inversion.latents), dev_inversion.timesteps, dev_inversion.settings)
     assert_same(host(latents), tokenflow.edit_latents(tiny_sd, cpu_inversion, "a dog", **options))
 
@@ -123,10 +140,14 @@ def test_fatezero_with_blending_and_a_spilling_store_on_device(dev_sd, tiny_sd, 
     options = dict(steps=STEPS, context="stem", context_options=STEM, max_tokens=16, blend_words=(["cat"], ["dog"]),
                    blend_self_attention=True, blend_latents=True, memory_budget=0)
     with DeviceStandIn() as dev:
+        steps = StepReads(dev)
         latents = fatezero.edit_latents(dev_sd, FRAMES, "a cat on the grass", "a dog on the grass",
-                                        store_dir=tmp_path / "dev", **options)
-    # a store over its budget writes each step's maps to disk: one read per stored tensor, by design
-    assert set(sites(dev)) == {"edit/attention_store.py"}
+                                        store_dir=tmp_path / "dev", progress=steps, **options)
+    # progress counts inversion steps, then edit steps; a store over its budget writes each inversion step's maps
+    # to disk (one read per stored tensor, by design); the edit steps read nothing
+    spilled = sum(s.where.startswith("edit/attention_store.py") for s in dev.syncs)
+    assert steps.per_step()[STEPS - 1:] == [0] * STEPS and 0 < spilled
+    assert set(sites(dev)) <= PER_CALL | {"edit/attention_store.py"}
     expected = fatezero.edit_latents(tiny_sd, FRAMES, "a cat on the grass", "a dog on the grass",
                                      store_dir=tmp_path / "cpu", **options)
     assert_same(host(latents), expected)
@@ -137,18 +158,20 @@ def test_fatezero_with_blending_and_a_spilling_store_on_device(dev_sd, tiny_sd, 
 def test_tuning_steps_and_tuned_editing_on_device(dev_sd, tiny_sd, method):
     options = dict(steps=STEPS, lr=1e-3, checkpointing=method == "ei2")
     with DeviceStandIn() as dev:
-        tuned = tuning.tune(dev_sd, FRAMES, "a cat", method, **options)
-    # the loss of each step (Tuned.losses, progress) and, once per run, the base weights' fingerprint
-    counts = sites(dev)
-    assert counts.pop("edit/tuning.py") == STEPS and set(counts) == {"edit/cache.py"}
+        steps = StepReads(dev)
+        tuned = tuning.tune(dev_sd, FRAMES, "a cat", method, progress=steps, **options)
+    # one read per step, the loss (Tuned.losses, progress); once per run, the base weights' fingerprint
+    assert steps.per_step() == [1] and sites(dev).pop("edit/tuning.py") == STEPS
+    assert set(sites(dev)) <= PER_CALL | {"edit/tuning.py"}
     expected = tuning.tune(tiny_sd, FRAMES, "a cat", method, **options)
     assert_same(torch.tensor(tuned.losses), torch.tensor(expected.losses))
     for k, v in expected.tensors.items():
         assert_same(host(tuned.tensors[k]), v)
     with DeviceStandIn() as dev:
-        edited = tuned_edit.edit(tuned.model(dev_sd), FRAMES, "a dog", method, steps=STEPS)
-    counts = sites(dev)
-    assert counts.pop(CHECK_FINITE) == 1 and set(counts) <= {"edit/cache.py"}
+        steps = StepReads(dev)
+        edited = tuned_edit.edit(tuned.model(dev_sd), FRAMES, "a dog", method, steps=STEPS, progress=steps)
+    inverting, _, sampling = steps.per_step()  # the middle one spans the end of the inversion, the start of sampling
+    assert inverting == sampling == 0 and set(sites(dev)) <= PER_CALL
     assert edited.device == dev.device and torch.isfinite(host(edited)).all()
 
 
@@ -160,7 +183,7 @@ def test_clip_metrics_on_device(tiny_clip_dir):
     with DeviceStandIn() as dev:
         clip = load_clip(tiny_clip_dir, dtype=torch.float64, device=dev.device)
         scores = clip_metrics(clip, FRAMES, "a dog", "a cat")
-    assert set(sites(dev)) == {"stemref/clip_metrics.py"}  # each score, and the finiteness checks of its inputs
+    assert set(sites(dev)) <= PER_CALL  # each score, its inputs' finiteness, the loaded weights' finiteness
     expected = clip_metrics(load_clip(tiny_clip_dir, dtype=torch.float64), FRAMES, "a dog", "a cat")
     assert scores.keys() == expected.keys()
     assert all(scores[k] == pytest.approx(v, rel=1e-12) for k, v in expected.items())
