@@ -30,6 +30,7 @@ from .em import check_em_options, em_bases
 # Σ_t z, zᵀk); 1,024 × K per head (1 MiB at K = 256 in fp32, 8 MiB for 8 heads) stays in a CPU's cache
 # between them, where 16,384 tokens ran the EM 2-4× slower (bench/README.md). A GPU prefers larger chunks.
 DEFAULT_CHUNK = 1024
+DOWNSAMPLE = ("avg", "stride")  # FineCoarse's ways to make the other frames' coarse tokens
 CONTEXTS = ("1-frame", "2-frame", "all-frame", "stem", "fatezero")
 CONTEXT_OPTIONS = {"1-frame": (), "2-frame": (), "all-frame": ("chunk_frames",),
                    "stem": ("num_bases", "iters", "tau", "scope", "chunk", "warm_start_iters",
@@ -155,6 +156,10 @@ class EMAttention:
         if self.all_frame_if_few_tokens and k_video.shape[-2] <= self.num_bases:
             return _unmerge(F.scaled_dot_product_attention(q_video, k_video, v_video), q.shape[1]), None
         mu, nu = self.bases(k_video, v_video, call, group)  # (B, h, K, d), (B, h, K, dv)
+        recorder = call.info.recorder
+        if recorder is not None and recorder.wants("bases", call.name, call.info.step):
+            recorder.add("bases", call.name, call.info.step, call=call, group=group, keys=k_video, bases=mu,
+                         tau=self.tau, chunk=self.chunk)
         return _unmerge(self.attend_to_bases(q_video, mu, nu), q.shape[1]), mu  # (B, n, h, N, dv)
 
     def bases(self, k: torch.Tensor, v: torch.Tensor, call: AttnCall,
@@ -243,8 +248,8 @@ class FineCoarse:
     def __init__(self, r: int = 2, downsample: str = "avg"):
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"r must be a positive integer downsampling factor (the paper uses 2 or 4), got {r!r}")
-        if downsample not in ("avg", "stride"):
-            raise ValueError(f"downsample must be 'avg' or 'stride', got {downsample!r}")
+        if downsample not in DOWNSAMPLE:
+            raise ValueError(f"downsample must be one of {', '.join(DOWNSAMPLE)}, got {downsample!r}")
         self.r, self.downsample = r, downsample
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:

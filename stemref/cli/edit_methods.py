@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,9 @@ from ..edit.fatezero_plan import check_words
 from ..edit.p2p import has_word
 from ..inversion import FORMAT as INVERSION_FORMAT
 from ..frames import check_finite
-from ..inversion import NON_FINITE_HINT, Inversion, invert
+from ..explain import (Picture, fatezero_pictures, fatezero_recorders, inversion_pictures, inversion_recorder,
+                       tokenflow_pictures, tokenflow_recorder, tuning_pictures)
+from ..inversion import NON_FINITE_HINT, Inversion, invert, replay
 from ..pipeline import StableDiffusion
 
 
@@ -51,6 +53,15 @@ class Job:
     settings: dict[str, Any]
     cache_root: Path | None
     timings: dict[str, float] = field(default_factory=dict)
+    pictures: list[Picture] = field(default_factory=list)  # for index.html, each edit's named after it
+
+    def explained(self, pictures: list[Picture], target: str | None = None) -> None:
+        """Keep pictures for the report; an edit's get its target in the title and its number in the file name."""
+        if target is not None:
+            n = self.settings["target"].index(target) + 1
+            pictures = [replace(p, name=f"edit-{n:02d}-{p.name}", title=f"Edit {n} ({_short(target)}): {p.title}")
+                        for p in pictures]
+        self.pictures.extend(pictures)
 
     def progress(self, label: str, unit: str = "step") -> progress_printer:
         return progress_printer(label, unit)
@@ -141,19 +152,32 @@ TUNING = (
            "master weights; ignored on CPU)", ("fp16", "bf16")),
 )
 TUNE_A_VIDEO = TUNING + (
-    Option("temporal_bias", str, "random", "tune-a-video: initial output bias of the temporal attention: random "
-           "(the official code's) or zero", ("random", "zero")),
+    Option("temporal_bias", str, tuning.METHODS["tune-a-video"]["temporal_bias"], "tune-a-video: initial output "
+           "bias of the temporal attention: random (the official code's) or zero", tuning.CHOICES["temporal_bias"]),
 )
+EI2_DEFAULTS, CHOICES = tuning.METHODS["ei2"], tuning.CHOICES
 EI2 = TUNING + (
-    Option("stam_position", str, "before_cross", "ei2: STAM before the cross-attention (the paper) or after the "
-           "feed-forward (Tune-A-Video's slot)", ("before_cross", "after_ff")),
-    Option("stam_centring", str, "frames", "ei2: Instance Centering over the frames (Eq. 6) or over the channels",
-           ("frames", "channels")),
-    Option("spectral_norm", str, "power", "ei2: spectral normalisation by Miyato's power method or exact SVD",
-           ("power", "exact")),
-    Option("ffam_r", int, 2, "ei2: FFAM's downsampling factor of the other frames"),
-    Option("ffam_downsample", str, "avg", "ei2: FFAM's downsampling: average r×r cells or keep every r-th token",
-           ("avg", "stride")),
+    Option("temporal_norm", str, EI2_DEFAULTS["temporal_norm"], "ei2: STAM's norm (Figure 4): Instance Centering "
+           "(the paper), LayerNorm with or without its learnt scale and shift (Tune-A-Video's), none, or "
+           "InstanceNorm over the frames", CHOICES["temporal_norm"]),
+    Option("stam_centring", str, EI2_DEFAULTS["stam_centring"], "ei2: Instance Centering over the frames (Eq. 6) "
+           "or over each token's channels (a LayerNorm without rescaling); with --temporal-norm centering",
+           CHOICES["stam_centring"]),
+    Option("spectral_norm", str, EI2_DEFAULTS["spectral_norm"], "ei2: spectral normalisation of STAM's value and "
+           "output maps by Miyato's power method, by exact SVD, or off (Figure 4; the output weight then starts at "
+           "zero, as Tune-A-Video's)", CHOICES["spectral_norm"]),
+    Option("stam_heads", str, EI2_DEFAULTS["stam_heads"], "ei2: STAM with the block's heads or a single head (the "
+           "paper's variance analysis)", CHOICES["stam_heads"]),
+    Option("stam_position", str, EI2_DEFAULTS["stam_position"], "ei2: STAM's slot (Figure 6): before-cross "
+           "(FFAM → STAM → cross-attention, the paper), after-cross (FFAM → cross-attention → STAM), after-ff "
+           "(after the feed-forward, Tune-A-Video's)", CHOICES["stam_position"]),
+    Option("frame_attention", str, EI2_DEFAULTS["frame_attention"], "ei2: the self-attention (Figure 5): FFAM, or "
+           "Tune-A-Video's sparse-causal attention (frame 0 and the previous frame)", CHOICES["frame_attention"]),
+    Option("ffam_r", int, EI2_DEFAULTS["ffam_r"], "ei2: FFAM's downsampling factor of the other frames"),
+    Option("ffam_downsample", str, EI2_DEFAULTS["ffam_downsample"], "ei2: FFAM's downsampling: average r×r cells "
+           "or keep every r-th token", CHOICES["ffam_downsample"]),
+    Option("resnet_norm", str, EI2_DEFAULTS["resnet_norm"], "ei2: the ResNets' GroupNorm statistics pooled over the "
+           "frames of the video (Tune-A-Video's code) or per frame", CHOICES["resnet_norm"]),
 )
 
 
@@ -176,33 +200,47 @@ def cached_inversion(job: Job, sd: StableDiffusion | None = None, prompt: str | 
                    "prompt": prompt, "steps": s["steps"], "context": s["inversion"], "options": options,
                    "seed": s["seed"], "weights": weights_fingerprint(sd), "dtype": str(sd.dtype)}
     context = None if s["inversion"] == "model" else s["inversion"]
+    recorder = inversion_recorder(sd.unet, s["steps"])
 
     def compute() -> Inversion:
         with job.progress("encoding frames", unit="frame") as encoding, \
                 job.progress(f"{s['inversion']} inversion") as report:
             return invert(sd, job.frames, prompt, s["steps"], context, seed=s["seed"], progress=report,
-                          vae_progress=encoding, **options)
-    return job.cached("inversion", "inversions", description, lambda path: Inversion.load(path).check_of(job.frames),
-                      compute)
+                          vae_progress=encoding, recorder=recorder, **options)
+    inversion = job.cached("inversion", "inversions", description,
+                           lambda path: Inversion.load(path).check_of(job.frames), compute)
+    if recorder.features is None and s["explain"]:  # reused from the cache: one inversion step again
+        started = clock(sd.device)
+        replay(sd, inversion, [recorder.feature_step], recorder)
+        job.timings["explain"] = job.timings.get("explain", 0.0) + clock(sd.device) - started
+    if recorder.features is None:
+        job.say("note: the inversion came from the cache, so its pictures are left out; --explain replays one step")
+    job.explained(inversion_pictures(recorder, s["num_bases"], s["inversion"]))
+    return inversion
 
 
 def tokenflow_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
     s = job.settings
+    recorder = tokenflow_recorder(job.sd.unet, s["steps"])
     with job.progress(f"TokenFlow: {_short(target)}") as report:
         latents = tokenflow.edit_latents(job.sd, inversion, target, negative_prompt=s["negative"],
                                          guidance=s["guidance"], batch=s["batch"], pnp_attn=s["pnp_attn"],
                                          pnp_conv=s["pnp_conv"], freeu=s["freeu"], seed=s["seed"], blend=s["blend"],
-                                         progress=report)
+                                         progress=report, recorder=recorder)
+    job.explained(tokenflow_pictures(recorder, len(job.frames)), target)
     return decode(job, latents)
 
 
 def fatezero_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
     s = job.settings
+    source, edit = fatezero_recorders(job.sd.unet, job.sd.tokenizer, s["source"], target)
     # FateZero inverts again for each target (recording attention), so its count is 2 × --steps
     with job.progress(f"FateZero: {_short(target)} (inversion + edit)") as report:
         latents = fatezero.edit_latents(job.sd, inversion, s["source"], target, guidance=s["guidance"],
                                         negative_prompt=s["negative"], memory_budget=s["store_memory"] * 2**20,
-                                        store_dir=s["store_dir"], progress=report, **fatezero_settings(s, target))
+                                        store_dir=s["store_dir"], progress=report, recorder=edit,
+                                        source_recorder=source, **fatezero_settings(s, target))
+    job.explained(fatezero_pictures(source, edit, job.sd.tokenizer, s["source"], target, job.frames), target)
     return decode(job, latents)
 
 
@@ -283,9 +321,19 @@ def cached_tuning(job: Job) -> tuning.Tuned:
     return job.cached("tuning", "tuned", description, lambda path: tuning.Tuned.load(path, sd), compute)
 
 
+def check_tuning(s: dict[str, Any]) -> None:
+    """What the tuned method's options refuse together (e.g. --stam-centring without Instance Centering)."""
+    try:
+        tuning.method_options(s["method"], {name: s[name] for name in tuning.METHODS[s["method"]]})
+    except ValueError as e:
+        raise UserError(f"{s['method']} options: {e}") from None
+
+
 def tuned_prepare(job: Job) -> tuple[StableDiffusion, Inversion]:
     """Tune (or reuse the tuning), then invert with the tuned model and the empty prompt."""
-    model = cached_tuning(job).model(job.sd)
+    tuned = cached_tuning(job)
+    job.explained(tuning_pictures(tuned.losses, job.settings["method"]))
+    model = tuned.model(job.sd)
     return model, cached_inversion(job, model, prompt="")
 
 
@@ -313,10 +361,11 @@ METHODS: dict[str, Method] = {
     "tune-a-video": Method("Tune-A-Video: one-shot tuning of an inflated UNet (sparse-causal and temporal attention), "
                            "DDIM inversion and guided sampling with the tuned model", TUNE_A_VIDEO, tuned_prepare,
                            tuned_edit, inversion="model", guidance=tuned_editing.GUIDANCE["tune-a-video"],
-                           gpu_dtype="fp32", inversions=tuned_editing.INVERSIONS),
+                           gpu_dtype="fp32", inversions=tuned_editing.INVERSIONS, check=check_tuning),
     "ei2": Method("EI²: Tune-A-Video with STAM (shift-restricted temporal attention) and FFAM (fine-coarse frame "
                   "attention)", EI2, tuned_prepare, tuned_edit, inversion="model",
-                  guidance=tuned_editing.GUIDANCE["ei2"], gpu_dtype="fp32", inversions=tuned_editing.INVERSIONS),
+                  guidance=tuned_editing.GUIDANCE["ei2"], gpu_dtype="fp32", inversions=tuned_editing.INVERSIONS,
+                  check=check_tuning),
 }
 
 

@@ -5,9 +5,11 @@
         DIR/reconstruction.mp4      x_T denoised back to frames with the same prompt and context
         DIR/side_by_side.mp4        input | reconstruction
         DIR/metrics.json            PSNR, SSIM, temporal consistency, seconds, peak memory, settings
+        DIR/index.html              the videos, STEM's bases, the features' PCA and consistency per step, metrics
     python -m stemref.invert VIDEO --prompt "..." --compare --weights W --out DIR
         DIR/<context>/…             the above for 1-frame, 2-frame, all-frame and stem, on the same frames
         DIR/compare.md, .json       one row per context: the layout of the STEM supplement's Table A3
+        DIR/index.html              the contexts side by side: features, consistency curves, the table
 
 Everything is written into a hidden folder beside DIR that becomes DIR only at the end, so a failed run
 leaves nothing behind. The library functions are `stemref.invert` and `stemref.reconstruct`
@@ -31,9 +33,11 @@ from .output import PANEL_GAP, output_folder
 from .progress import progress_printer
 from .measure import FEATURE_TIMESTEP, SCORED, clock, consistency, peak_memory, reset_peak_memory, source_fps
 from ..context import CONTEXTS
+from ..explain import Picture, inversion_pictures, inversion_recorder, similarity_plot
 from ..inversion import invert, reconstruct
 from ..metrics import LAST_DECODER_SELF_ATTENTION, psnr, ssim
 from ..pipeline import StableDiffusion
+from ..report import Video, write_report
 from ..video import read_video, side_by_side, write_video
 
 STEM_BASES = 256
@@ -83,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.compare:
                 (tmp / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
                 (tmp / "compare.md").write_text(compare_table(rows, args.video))
+                compare_report(tmp, rows, args.video)
         H, W = frames.shape[-2:]
         print(f"{len(frames)} frames of {W}×{H}, {args.steps} steps", file=sys.stderr)
         for row in rows:
@@ -163,10 +168,11 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
     batch = args.batch if context == "1-frame" else None
     reset_peak_memory(sd.device)
     started = clock(sd.device)
+    recorder = inversion_recorder(sd.unet, args.steps)
     with progress_printer(f"{context} VAE encode", "frame") as encoding, \
             progress_printer(f"{context} inversion") as stepping:
         inversion = invert(sd, frames, args.prompt, args.steps, context, seed=args.seed, batch=batch,
-                           progress=stepping, vae_progress=encoding, **options)
+                           progress=stepping, vae_progress=encoding, recorder=recorder, **options)
     inverted = clock(sd.device)
     with progress_printer(f"{context} reconstruction") as stepping, \
             progress_printer(f"{context} VAE decode", "frame") as decoding:
@@ -178,8 +184,8 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
         recon_consistency = consistency(sd, recon, args.prompt, report)
     inversion.save(folder / "inversion.safetensors")
     write_video(folder / "reconstruction.mp4", recon, fps)
-    write_video(folder / "side_by_side.mp4", side_by_side(frames, recon, labels=["input", f"{context} reconstruction"],
-                                                          gap=PANEL_GAP), fps)
+    together = side_by_side(frames, recon, labels=["input", f"{context} reconstruction"], gap=PANEL_GAP)
+    write_video(folder / "side_by_side.mp4", together, fps)
     metrics = {
         "context": context,
         "psnr": psnr(recon, frames),
@@ -189,6 +195,8 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
         "seconds": {"inversion": inverted - started, "reconstruction": finished - inverted},
         "peak_memory_bytes": peak,
         "peak_memory_measure": measure,
+        # per inversion step: mean cosine similarity of consecutive frames' features (unwarped; index.html plots it)
+        "feature_similarity": {str(step): value for step, value in sorted(recorder.similarity.items())},
         "frames": frames.shape[0],
         "width": frames.shape[-1], "height": frames.shape[-2], "scored": SCORED,
         "steps": args.steps,
@@ -198,6 +206,12 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
                      "consistency_layer": LAST_DECODER_SELF_ATTENTION, "consistency_timestep": FEATURE_TIMESTEP},
     }
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_report(folder, f"stemref invert ({LABELS[context]}): {args.video}",
+                 summary=f"PSNR {metrics['psnr']:.3f} dB, SSIM {metrics['ssim']:.4f} against the input",
+                 videos=[Video("input | reconstruction", "side_by_side.mp4", together, fps),
+                         Video("reconstruction", "reconstruction.mp4", recon, fps)],
+                 pictures=inversion_pictures(recorder, options.get("num_bases", STEM_BASES), context),
+                 metrics={k: v for k, v in metrics.items() if k != "settings"}, settings=metrics["settings"])
     return metrics
 
 
@@ -231,6 +245,26 @@ def compare_table(rows: list[dict], video: Path) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def compare_report(folder: Path, rows: list[dict], video: Path) -> Path:
+    """folder/index.html for --compare: each context's page and features side by side, the curves in one plot."""
+    curves = {LABELS[r["context"]]: {int(k): v for k, v in r.get("feature_similarity", {}).items()} for r in rows}
+    pictures = [similarity_plot({k: v for k, v in curves.items() if v})] if any(curves.values()) else []
+    pictures += [Picture(f"{r['context']}-features", f"{LABELS[r['context']]}: features",
+                         "The PCA of the last decoder self-attention layer's features (fitted per context), top, and "
+                         "the similarity of consecutive frames, bottom: compare how steady the colours stay.",
+                         file=f"{r['context']}/explain/features-pca.png")
+                 for r in rows if (folder / r["context"] / "explain" / "features-pca.png").is_file()]
+    table = [{"context": LABELS[r["context"]], "psnr": r["psnr"], "ssim": r["ssim"],
+              "consistency": r["consistency"]["reconstruction"],
+              "seconds": r["seconds"]["inversion"] + r["seconds"]["reconstruction"],
+              "peak_memory_bytes": r["peak_memory_bytes"]} for r in rows]
+    return write_report(folder, f"stemref invert --compare: {video}", links=[
+        (f"{LABELS[r['context']]}: videos and pictures", f"{r['context']}/index.html") for r in rows],
+        pictures=pictures, metrics={"contexts": table, "input consistency": rows[0]["consistency"]["input"]},
+        settings=rows[0]["settings"],
+        summary="Reconstruction after inversion under each self-attention context (STEM supplement, Table A3).")
 
 
 def _number(value: float | None, digits: int) -> str:

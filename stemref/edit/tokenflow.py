@@ -1,22 +1,35 @@
 """TokenFlow editing (Geyer, Bar-Tal, Bagon, Dekel, ICLR 2024) on any inversion, as the STEM code runs it.
 
+The paper's pipeline is its Fig. 4: (I) sample keyframes and edit them jointly with extended attention, (II)
+propagate their edited tokens to every frame along the source video's correspondences. The numbered steps
+below follow one denoising step of it and name the paper's symbols: J_t the edited video's latents, T_base
+the keyframes' self-attention outputs, φ the source frames' self-attention features, γ the nearest-neighbour
+field, F_γ the propagation.
+
 An edited video is denoised from the inversion's x_T. Each UNet call holds three branches of the same
 frames, branch-major: the source (the inversion's latents at the same timestep, with the inversion
 prompt), the unconditional branch (the negative prompt) and the conditional branch (the target prompt);
 guidance mixes the last two, the source branch's ε is discarded. Every denoising step:
 
-  1. Keyframes: one frame per batch of `batch` frames, drawn from a seeded generator (or given).
-  2. Keyframe pass. The UNet runs on the keyframes only. In every self-attention layer the edited branches
-     use *extended* attention: each keyframe's queries attend to the tokens of all keyframes of the same
-     branch; the source branch stays per frame. Each layer keeps, for this step only, the source
+  1. Keyframes: one frame per batch of `batch` frames, drawn from a seeded generator (or given); the paper
+     samples keyframes afresh at every step too.
+  2. Keyframe pass (Fig. 4, I: joint keyframe editing). The UNet runs on the keyframes only. In every
+     self-attention layer the edited branches use *extended* attention, ExtAttn(Q^{i}; [K^{i_1} … K^{i_k}];
+     [V^{i_1} … V^{i_k}]): each keyframe's queries attend to the tokens of all keyframes of the same branch;
+     the source branch stays per frame. Each layer keeps, for this step only, the source
      keyframes' self-attention inputs and all three branches' self-attention outputs. The pass's ε is
-     discarded: it exists to fill that cache.
-  3. Batch passes. The UNet runs batch by batch; self-attention is not computed. Each token of a frame
-     looks up its nearest neighbour (cosine similarity of the source branch's self-attention inputs)
-     among the tokens of its batch's keyframe and, from the second batch on, of the previous batch's
-     keyframe; it takes those keyframe tokens' cached attention outputs, in all three branches, blended
-     with the official sigmoid weights. That is how the keyframes' joint edit flows to every frame.
-  4. Plug-and-play injection from the source branch into both edited branches: the residual of
+     discarded: it exists to fill that cache (T_base).
+  3. Batch passes (Fig. 4, II: propagation). The UNet runs batch by batch; self-attention is not
+     computed. Each token p of frame i looks up its nearest neighbour among a keyframe's tokens,
+         γ^{i±}[p] = argmin_q D(φ(x^i)[p], φ(x^{i±})[q]),   D the cosine distance,
+     with φ the source branch's self-attention inputs, and takes that keyframe token's cached attention
+     output in all three branches, blended over two keyframes:
+         F_γ(T_base, i, p) = w_i · T_base^{i+}[γ^{i+}[p]] + (1 − w_i) · T_base^{i−}[γ^{i−}[p]].
+     In the paper i+ and i− are the keyframes on either side of frame i; here, as in the official code, they
+     are the frame's own batch's keyframe and the previous batch's (see Fidelity). That is how the
+     keyframes' joint edit flows to every frame.
+  4. Plug-and-play injection (Tumanyan et al., CVPR 2023) from the source branch into both edited branches,
+     as the paper edits its keyframes with PnP: the residual of
      `up_blocks.1.resnets.1` for the first `pnp_conv` of the steps (both passes), the self-attention q and
      k of decoder layers 4–11 for the first `pnp_attn` (keyframe pass; the batch passes compute no
      attention). FreeU, when on, re-weighs the decoder's features in every call.
@@ -24,14 +37,20 @@ guidance mixes the last two, the source branch's ε is discarded. Every denoisin
 Everything plugs into the UNet through its extension points: the attention processors below
 (`KeyframeAttention`, `Propagation`), `RunInfo.inject` and the UNet's `freeu` argument.
 
-Official behaviour kept so results compare with the papers (`blend="official"`, the default): blend
-distances are to batch *centres* (i·B + B//2), not to the sampled keyframes, and the sigmoid squashes the
-weights into [0.622, 0.731], so even a keyframe takes 27 % of its tokens' outputs from the previous batch's
-keyframe; a frame of the first batch takes only its own keyframe. `blend="keyframes"` is the variant that
-measures distances to the two sampled keyframes and interpolates linearly: a keyframe keeps its own
-attention output exactly, and a frame's share of a keyframe falls off with its distance to it. Where the official code drops frames past the last
-whole batch, stemref edits them as a last, shorter batch: its keyframe is drawn among its own frames and
-its blend weights come from the same formula (distances to i·B + B//2).
+Fidelity (the official code's behaviour, kept so that results compare with the papers; `blend="official"` is
+the default):
+- The two keyframes a frame blends are its own batch's and the previous batch's (never the next one), and
+  the blend distances are to batch *centres* (i·B + B//2), not to the sampled keyframes; the sigmoid then
+  squashes w_i into [0.622, 0.731], so even a keyframe takes 27 % of its tokens' outputs from the previous
+  batch's keyframe, and a frame of the first batch takes only its own keyframe. `blend="keyframes"` is the
+  variant closer to the paper: distances to the two sampled keyframes, interpolated linearly, so a keyframe
+  keeps its own attention output exactly and a frame's share of a keyframe falls off with its distance.
+- φ, the features matched, are the self-attention *inputs* of the source branch (as the paper's appendix
+  says; its Fig. 4 speaks of outputs).
+- In the keyframe pass the source branch attends per frame; only the edited branches use extended attention.
+- Where the official code drops frames past the last whole batch, stemref edits them as a last, shorter
+  batch: its keyframe is drawn among its own frames and its blend weights come from the same formula
+  (distances to i·B + B//2).
 
 Dimension legend:
   F frames, B frames per batch (the last batch may be shorter), K keyframes (one per batch)
@@ -46,7 +65,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention import AttnCall, RunInfo, from_source, sdpa
+from ..attention import AttnCall, Recorder, RunInfo, from_source, sdpa
 from ..context import AllFrames
 from ..freeu import FreeU
 from ..frames import check_finite
@@ -102,23 +121,34 @@ class Propagation:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
         if call.is_cross:
             return sdpa(q, k, v, call)
-        features = self.cache[call.name]
+        features = self.cache[call.name]  # T_base and the keyframes' φ at this layer
         B, (N, C) = call.info.frames, call.x.shape[1:]
         # matched on the source branch's tokens only; fp32 at least: argmax on fp16 cosines would tie too often
         work = torch.promote_types(call.x.dtype, torch.float32)
         tokens = F.normalize(call.x[:B].reshape(B * N, C).to(work), dim=-1)  # (B·N, C)
-        out = _nearest_outputs(features, self.index, tokens, B)  # (3, B, h, N, d)
-        if self.index > 0:
+        nearest = _nearest(features, self.index, tokens)  # (B·N,)
+        recorder = call.info.recorder
+        if recorder is not None and recorder.wants("matches", call.name, call.info.step):
+            recorder.add("matches", call.name, call.info.step, batch=self.index, nearest=nearest.view(B, N),
+                         hw=call.info.hw)
+        out = _gathered_outputs(features, self.index, nearest, B)  # (3, B, h, N, d): T_base^{i+}[γ^{i+}[p]]
+        if self.index > 0:  # F_γ = w_i · T_base^{i+}[γ^{i+}] + (1 − w_i) · T_base^{i−}[γ^{i−}]
             w = self.weights.to(out.device, out.dtype).view(1, B, 1, 1, 1)
-            out = w * out + (1 - w) * _nearest_outputs(features, self.index - 1, tokens, B)
+            previous = _nearest(features, self.index - 1, tokens)  # (B·N,)
+            out = w * out + (1 - w) * _gathered_outputs(features, self.index - 1, previous, B)
         return out.reshape(3 * B, *out.shape[2:])  # (3B, h, N, d)
 
 
-def _nearest_outputs(features: KeyframeFeatures, keyframe: int, tokens: torch.Tensor, frames: int) -> torch.Tensor:
-    """For each of the unit-norm `tokens` (B·N, C) of `frames` frames, keyframe `keyframe`'s attention outputs at
-    its token of highest cosine similarity, in all three branches: (3, B, h, N, d)."""
+def _nearest(features: KeyframeFeatures, keyframe: int, tokens: torch.Tensor) -> torch.Tensor:
+    """For each of the unit-norm `tokens` (B·N, C), the index of keyframe `keyframe`'s token of highest cosine
+    similarity (γ, the nearest-neighbour field): (B·N,) into its N_kf tokens."""
     keys = F.normalize(features.inputs[keyframe].to(tokens.dtype), dim=-1)  # (N_kf, C)
-    nearest = torch.cat([(chunk @ keys.T).argmax(dim=-1) for chunk in tokens.split(MATCH_CHUNK)])  # (B·N,)
+    return torch.cat([(chunk @ keys.T).argmax(dim=-1) for chunk in tokens.split(MATCH_CHUNK)])  # (B·N,)
+
+
+def _gathered_outputs(features: KeyframeFeatures, keyframe: int, nearest: torch.Tensor, frames: int) -> torch.Tensor:
+    """Keyframe `keyframe`'s attention outputs at the tokens `nearest` (B·N,) of `frames` frames, in all three
+    branches: (3, B, h, N, d)."""
     out = features.outputs[:, keyframe]  # (3, h, N_kf, d)
     gathered = out.index_select(2, nearest)  # (3, h, B·N, d)
     return gathered.view(3, out.shape[1], frames, -1, out.shape[-1]).transpose(1, 2)  # (3, B, h, N, d)
@@ -134,7 +164,8 @@ BLENDS = ("official", "keyframes")
 
 def blend_weights(index: int, frames: range, batch: int, blend: str = "official",
                   keyframes: list[int] | None = None) -> torch.Tensor | None:
-    """The share of batch `index`'s own keyframe for each of its frames (None for batch 0: no blend).
+    """w_i of the propagation F_γ: the share of batch `index`'s own keyframe for each of its frames (None for
+    batch 0: no blend). The paper only asks w_i ∈ [0, 1] to follow the frame's distance to the two keyframes.
 
     official: with batch centres p = i·B + B//2 and p' = (i−1)·B + B//2, frame s gets
     sigmoid(|s−p'| / (|s−p| + |s−p'|)), in [0.622, 0.731]. keyframes: with the sampled keyframes k_i and
@@ -146,7 +177,7 @@ def blend_weights(index: int, frames: range, batch: int, blend: str = "official"
     if blend == "official":
         own, previous = index * batch + batch // 2, (index - 1) * batch + batch // 2
         d_own, d_previous = (s - own).abs(), (s - previous).abs()
-        return torch.sigmoid(d_previous / (d_own + d_previous))
+        return torch.sigmoid(d_previous / (d_own + d_previous))  # official quirk: a sigmoid of a share in [0, 1]
     d_own, d_previous = (s - keyframes[index]).abs(), (s - keyframes[index - 1]).abs()
     return d_previous / (d_own + d_previous)  # the keyframes lie in different batches: never 0 / 0
 
@@ -188,12 +219,14 @@ def resolve_freeu(freeu: bool | FreeU | tuple | None) -> FreeU | None:
 def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, negative_prompt: str = DEFAULT_NEGATIVE,
                  guidance: float = 7.5, batch: int = 8, pnp_attn: float = 0.5, pnp_conv: float = 0.8,
                  freeu: bool | FreeU | tuple | None = None, keyframes: torch.Tensor | list | None = None,
-                 seed: int = 1, blend: str = "official", progress: Progress | None = None) -> torch.Tensor:
+                 seed: int = 1, blend: str = "official", progress: Progress | None = None,
+                 recorder: Recorder | None = None) -> torch.Tensor:
     """Edit the inverted video towards `prompt`; returns the edited latents x_0 (F, 4, h, w).
 
     The source prompt is the inversion's. `keyframes` (steps, batches) fixes the keyframe of every batch at
     every step (absolute frame indices); without it they are drawn from `seed`. Equal arguments give
     bit-identical results. `blend` chooses how a frame mixes two keyframes (see the module docstring).
+    `recorder` (stemref.explain) is offered each step's keyframes and every token's keyframe match.
     """
     frames, steps = check_inversion(inversion).x_T.shape[0], len(inversion.timesteps)
     ranges = batch_ranges(frames, _positive_int(batch, "batch"))
@@ -212,18 +245,20 @@ def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, nega
         x_source = path[1 + inversion.timesteps.index(t)]  # the source video's latents at t
         key = table[i] if table is not None else draw_keyframes(generator, ranges, batch)
         inject = injected_layers(i, steps, pnp_attn, pnp_conv)
+        if recorder is not None and recorder.wants("keyframes", "", i):
+            recorder.add("keyframes", "", i, keyframes=list(key), batches=ranges)
         cache: dict[str, KeyframeFeatures] = {}
         with sd.unet.attention(self_attention(KeyframeAttention(cache))):
-            _branches(sd, x_source[key], x[key], t, (source, negative, target), RunInfo(len(key), i, inject=inject), freeu)
+            _branches(sd, x_source[key], x[key], t, (source, negative, target), RunInfo(len(key), i, inject=inject, recorder=recorder), freeu)
         denoised = torch.empty_like(x)
         for b, r in enumerate(ranges):
             frames_b = slice(r.start, r.stop)
             with sd.unet.attention(self_attention(Propagation(cache, b, blend_weights(b, r, batch, blend, key)))):
                 eps = _branches(sd, x_source[frames_b], x[frames_b], t, (source, negative, target),
-                                RunInfo(len(r), i, inject=inject), freeu)
-            _, eps_uncond, eps_cond = eps.chunk(3)
+                                RunInfo(len(r), i, inject=inject, recorder=recorder), freeu)
+            _, eps_uncond, eps_cond = eps.chunk(3)  # the source branch's ε is discarded
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-            denoised[frames_b] = sd.scheduler.step(eps, t, x[frames_b], steps)
+            denoised[frames_b] = sd.scheduler.step(eps, t, x[frames_b], steps)  # J_{t−1} = DDIM step (DDIM Eq. 12)
         x = denoised
         del cache  # keyframe features live for one step only
         if progress:
