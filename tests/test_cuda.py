@@ -29,21 +29,21 @@ def close_to(out: torch.Tensor, expected: torch.Tensor, method: str) -> None:
     assert (out.double().cpu() - expected).abs().mean().item() <= BOUNDS[method][FP16]
 
 
-def test_stem_inversion_reconstruct_and_tokenflow_in_fp16(gpu_sd, tiny_sd):
+def test_stem_inversion_reconstruct_and_tokenflow_in_fp16(gpu_sd, tiny_loaded):
     inv = stemref.invert(gpu_sd, FRAMES, "a cat", steps=2, context="stem", **STEM)
-    ref = stemref.invert(tiny_sd, FRAMES, "a cat", steps=2, context="stem", **STEM)
+    ref = stemref.invert(tiny_loaded, FRAMES, "a cat", steps=2, context="stem", **STEM)
     close_to(inv.x_T, ref.x_T, "stem x_T")
-    close_to(stemref.reconstruct(gpu_sd, inv), stemref.reconstruct(tiny_sd, ref), "stem")
+    close_to(stemref.reconstruct(gpu_sd, inv), stemref.reconstruct(tiny_loaded, ref), "stem")
     close_to(tokenflow.edit(gpu_sd, inv, "a dog", batch=2, freeu=True),
-             tokenflow.edit(tiny_sd, ref, "a dog", batch=2, freeu=True), "tokenflow")
+             tokenflow.edit(tiny_loaded, ref, "a dog", batch=2, freeu=True), "tokenflow")
 
 
-def test_fatezero_with_blending_and_a_spilling_store_in_fp16(gpu_sd, tiny_sd, tmp_path):
+def test_fatezero_with_blending_and_a_spilling_store_in_fp16(gpu_sd, tiny_loaded, tmp_path):
     options = dict(steps=2, context="stem", context_options=STEM, max_tokens=16, blend_words=(["cat"], ["dog"]),
                    blend_self_attention=True, blend_latents=True, memory_budget=0)
     prompts = ("a cat on the grass", "a dog on the grass")
     out = fatezero.edit(gpu_sd, FRAMES, *prompts, store_dir=tmp_path / "g", **options)
-    ref = fatezero.edit(tiny_sd, FRAMES, *prompts, store_dir=tmp_path / "c", **options)
+    ref = fatezero.edit(tiny_loaded, FRAMES, *prompts, store_dir=tmp_path / "c", **options)
     close_to(out, ref, "fatezero")
 
 

@@ -91,16 +91,16 @@ def test_standin_in_half_mode_fails_a_float32_tensor_beside_fp16():
 
 # ---- inversion ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("context", ["1-frame", "2-frame", "all-frame", "fatezero", "stem"])
-def test_every_inversion_context_and_reconstruct_on_device(dev_sd, tiny_sd, context):
+def test_every_inversion_context_and_reconstruct_on_device(dev_sd, tiny_loaded, context):
     options = STEM if context == "stem" else {}
     with DeviceStandIn() as dev:
         inverting, denoising = StepReads(dev), StepReads(dev)
         inv = stemref.invert(dev_sd, FRAMES, "a cat", steps=STEPS, context=context, progress=inverting, **options)
         frames = stemref.reconstruct(dev_sd, inv, progress=denoising)
     assert inverting.per_step() == denoising.per_step() == [0] and set(sites(dev)) <= PER_CALL
-    expected = stemref.invert(tiny_sd, FRAMES, "a cat", steps=STEPS, context=context, **options)
+    expected = stemref.invert(tiny_loaded, FRAMES, "a cat", steps=STEPS, context=context, **options)
     assert_same(host(inv.latents), expected.latents)
-    assert_same(host(frames), stemref.reconstruct(tiny_sd, expected))
+    assert_same(host(frames), stemref.reconstruct(tiny_loaded, expected))
 
 
 # ---- TokenFlow ----------------------------------------------------------------------------------------------
@@ -110,14 +110,14 @@ def dev_inversion(dev_sd):
         return stemref.invert(dev_sd, FRAMES, "a cat", steps=STEPS, context="stem", **STEM)
 
 
-def test_tokenflow_with_freeu_on_device(dev_sd, tiny_sd, dev_inversion):
+def test_tokenflow_with_freeu_on_device(dev_sd, tiny_loaded, dev_inversion):
     options = dict(batch=2, freeu=True)  # 2 batches of 3 frames: the second blends two keyframes
     with DeviceStandIn() as dev:
         steps = StepReads(dev)
         latents = tokenflow.edit_latents(dev_sd, dev_inversion, "a dog", progress=steps, **options)
     assert steps.per_step() == [0] and set(sites(dev)) <= PER_CALL
     cpu_inversion = stemref.Inversion(host(dev_inversion.latents), dev_inversion.timesteps, dev_inversion.settings)
-    assert_same(host(latents), tokenflow.edit_latents(tiny_sd, cpu_inversion, "a dog", **options))
+    assert_same(host(latents), tokenflow.edit_latents(tiny_loaded, cpu_inversion, "a dog", **options))
 
 
 def test_the_tokenflow_blend_weight_bug_is_caught(dev_sd, dev_inversion):
@@ -136,7 +136,7 @@ def test_the_tokenflow_blend_weight_bug_is_caught(dev_sd, dev_inversion):
 
 
 # ---- FateZero -------------------------------------------------------------------------------------------------
-def test_fatezero_with_blending_and_a_spilling_store_on_device(dev_sd, tiny_sd, tmp_path):
+def test_fatezero_with_blending_and_a_spilling_store_on_device(dev_sd, tiny_loaded, tmp_path):
     options = dict(steps=STEPS, context="stem", context_options=STEM, max_tokens=16, blend_words=(["cat"], ["dog"]),
                    blend_self_attention=True, blend_latents=True, memory_budget=0)
     with DeviceStandIn() as dev:
@@ -148,14 +148,14 @@ def test_fatezero_with_blending_and_a_spilling_store_on_device(dev_sd, tiny_sd, 
     spilled = sum(s.where.startswith("edit/attention_store.py") for s in dev.syncs)
     assert steps.per_step()[STEPS - 1:] == [0] * STEPS and 0 < spilled
     assert set(sites(dev)) <= PER_CALL | {"edit/attention_store.py"}
-    expected = fatezero.edit_latents(tiny_sd, FRAMES, "a cat on the grass", "a dog on the grass",
+    expected = fatezero.edit_latents(tiny_loaded, FRAMES, "a cat on the grass", "a dog on the grass",
                                      store_dir=tmp_path / "cpu", **options)
     assert_same(host(latents), expected)
 
 
 # ---- Tune-A-Video / EI² -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["tune-a-video", "ei2"])
-def test_tuning_steps_and_tuned_editing_on_device(dev_sd, tiny_sd, method):
+def test_tuning_steps_and_tuned_editing_on_device(dev_sd, tiny_loaded, method):
     options = dict(steps=STEPS, lr=1e-3, checkpointing=method == "ei2")
     with DeviceStandIn() as dev:
         steps = StepReads(dev)
@@ -163,7 +163,7 @@ def test_tuning_steps_and_tuned_editing_on_device(dev_sd, tiny_sd, method):
     # one read per step, the loss (Tuned.losses, progress); once per run, the base weights' fingerprint
     assert steps.per_step() == [1] and sites(dev).pop("edit/tuning.py") == STEPS
     assert set(sites(dev)) <= PER_CALL | {"edit/tuning.py"}
-    expected = tuning.tune(tiny_sd, FRAMES, "a cat", method, **options)
+    expected = tuning.tune(tiny_loaded, FRAMES, "a cat", method, **options)
     assert_same(torch.tensor(tuned.losses), torch.tensor(expected.losses))
     for k, v in expected.tensors.items():
         assert_same(host(tuned.tensors[k]), v)

@@ -94,11 +94,11 @@ def half_sd(tiny_root):
 @pytest.mark.parametrize("method, dtype", [
     pytest.param(m, dtype, id=f"{m}-{str(dtype)[6:]}") for m in BOUNDS for i, dtype in enumerate(HALF)
     if BOUNDS[m][i] is not None])  # float16 tuning is refused: test_float16_tuning_is_refused
-def test_half_precision_run_stays_near_float64(tiny_sd, half_sd, runs, method, dtype):
+def test_half_precision_run_stays_near_float64(tiny_loaded, half_sd, runs, method, dtype):
     """bf16 on the plain CPU; fp16 on the stand-in in half mode (one dtype is enough to catch a float32
     tensor beside the activations, and the stand-in costs time)."""
     bound = BOUNDS[method][HALF.index(dtype)]
-    expected = runs.get(tiny_sd, method, lambda: runs.run(tiny_sd, method))
+    expected = runs.get(tiny_loaded, method, lambda: runs.run(tiny_loaded, method))
     with DeviceStandIn(half=True):
         out = runs.run(half_sd[dtype], method)
     assert torch.isfinite(out).all()
