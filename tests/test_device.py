@@ -120,17 +120,22 @@ def test_tokenflow_with_freeu_on_device(dev_sd, tiny_loaded, dev_inversion):
     assert_same(host(latents), tokenflow.edit_latents(tiny_loaded, cpu_inversion, "a dog", **options))
 
 
+def tokenflow_with_blend_weights(cast: str):
+    """A copy of stemref.edit.tokenflow whose Propagation casts its blend weights with `cast` instead."""
+    source = Path(tokenflow.__file__).read_text()
+    fixed = "self.weights.to(out.device, out.dtype)"
+    assert fixed in source, "tokenflow.Propagation changed: update the reintroduced bugs of the device tests"
+    spec = importlib.util.spec_from_loader("stemref.edit.tokenflow_bug", loader=None)
+    buggy = importlib.util.module_from_spec(spec)
+    buggy.__package__ = "stemref.edit"
+    exec(compile(source.replace(fixed, cast), "tokenflow_bug.py", "exec"), buggy.__dict__)
+    return buggy
+
+
 def test_the_tokenflow_blend_weight_bug_is_caught(dev_sd, dev_inversion):
     """Commit c560cf2's bug, reintroduced in a copy of the module: blend weights cast to the outputs' dtype but
     left on the CPU. The stand-in must fail it (CPU tests alone passed it)."""
-    source = Path(tokenflow.__file__).read_text()
-    fixed = "self.weights.to(out.device, out.dtype)"
-    assert fixed in source, "tokenflow.Propagation changed: update this test's reintroduced bug"
-    spec = importlib.util.spec_from_loader("stemref.edit.tokenflow_c560cf2_bug", loader=None)
-    buggy = importlib.util.module_from_spec(spec)
-    buggy.__package__ = "stemref.edit"
-    bug = source.replace(fixed, "self.weights.to(out.dtype)")
-    exec(compile(bug, "tokenflow_c560cf2_bug.py", "exec"), buggy.__dict__)
+    buggy = tokenflow_with_blend_weights("self.weights.to(out.dtype)")
     with DeviceStandIn(), pytest.raises(DeviceMixError, match=r"aten.mul.Tensor: a cpu tensor \(1, 1, 1, 1, 1\)"):
         buggy.edit_latents(dev_sd, dev_inversion, "a dog", batch=2)
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import stemref
-from device_standin import DeviceStandIn, host
+from device_standin import DeviceMixError, DeviceStandIn, host
 from stemref.edit import fatezero, tokenflow, tuned as tuned_edit, tuning
 from stemref.scheduler import DDIMScheduler, _ddim_move
 
@@ -122,6 +122,18 @@ def test_clip_metrics_in_half_precision(tiny_clip_dir, dtype):
     assert scores["frame_accuracy"] == expected["frame_accuracy"]
     for name, bounds in CLIP_BOUNDS.items():
         assert abs(scores[name] - expected[name]) <= bounds[HALF.index(dtype)]
+
+
+def test_float64_blend_weights_beside_fp16_outputs_are_caught(half_sd, runs):
+    """The dtype half of c560cf2's bug, reintroduced: blend weights moved to the outputs' device but left in float64
+    (PyTorch would silently promote the fp16 outputs). The stand-in's half mode must fail it."""
+    from test_device import tokenflow_with_blend_weights
+
+    sd = half_sd[torch.float16]
+    buggy = tokenflow_with_blend_weights("self.weights.to(out.device)")
+    mixed = r"aten.mul.Tensor mixes \['torch.float16', 'torch.float64'\]"
+    with DeviceStandIn(half=True), pytest.raises(DeviceMixError, match=mixed):
+        buggy.edit_latents(sd, runs.stem(sd), "a dog", batch=2)
 
 
 def test_float16_tuning_is_refused(half_sd):
