@@ -49,9 +49,9 @@ class StepReads:
     def __call__(self, done: int, total: int, *loss) -> None:
         self.marks.append(len(self.dev.syncs))
 
-    def per_step(self, first: int = 1) -> list[int]:
-        """The reads of each step after `first` (whose count includes one-time work)."""
-        return [b - a for a, b in zip(self.marks[first - 1:], self.marks[first:])]
+    def per_step(self) -> list[int]:
+        """The reads of each step but the first (whose count includes one-time work)."""
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
 def sites(dev: DeviceStandIn) -> dict[str, int]:
