@@ -398,6 +398,7 @@ def test_a_network_error_names_the_hub_url_flag(tmp_path, capsys):
      {"width": 128, "height": 64, "square": False, "size": 512}),
     ("width = 512\nheight = 512\n", ["--square"], {"square": True, "width": None, "size": 512}),
     ("width = 512\nheight = 256\n", ["--steps", "3"], {"width": 512, "height": 256}),  # no geometry flag: the file's
+    ("width = 128\nheight = 96\n", ["--no-square"], {"width": 128, "height": 96, "square": False}),  # fits both ways
 ])
 def test_a_geometry_flag_wins_over_the_files_other_way(tmp_path, in_file, flags, expected):
     from stemref.cli.edit import build_parser, resolve_settings

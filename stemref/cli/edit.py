@@ -143,8 +143,11 @@ def resolve_settings(parser: argparse.ArgumentParser, argv: list[str] | None) ->
     config = given.pop("config", None)
     if config is not None:
         settings.update(read_config(config))
-        for way, other in GEOMETRY:  # a flag's way of setting the size replaces the file's other way
-            if way & given.keys() and not other & given.keys():
+        # a flag's way of setting the size replaces the file's other way; --no-square chooses no way (it holds
+        # for --width/--height too)
+        chosen = {name for name in given if name != "square" or given["square"]}
+        for way, other in GEOMETRY:
+            if way & chosen and not other & chosen:
                 settings.update({name: defaults[name] for name in other})
     settings.update(given)
     settings["config"] = config  # not a setting (to_toml leaves it out): an input that --out must not hold
