@@ -22,7 +22,8 @@ from .context import CONTEXTS, context_processor
 from .files import read_stemref_file, save_stemref_file
 from .frames import check_finite, non_finite_hint
 from .pipeline import StableDiffusion, check_encodable
-from .sampling import NoiseFn, Progress, check_guidance, ddim_inversion_loop, ddim_sample_loop, predict_noise
+from .sampling import (NoiseFn, Progress, check_guidance, check_seed, ddim_inversion_loop, ddim_sample_loop,
+                       predict_noise)
 
 SELF_ATTENTION = r"attn1$"
 FORMAT = "stemref.inversion/1"
@@ -199,6 +200,7 @@ def replay(sd: StableDiffusion, inversion: Inversion, steps: list[int], recorder
 
 def _check_settings(s: InversionSettings, batch: int | None) -> None:
     check_guidance(s.guidance)
+    check_seed(s.seed)
     if s.context is not None and s.context not in CONTEXTS:
         raise ValueError(f"unknown context {s.context!r}; choose one of {', '.join(CONTEXTS)}")
     if s.context is None and s.options:

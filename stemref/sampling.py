@@ -83,6 +83,13 @@ def check_guidance(guidance: object) -> None:
         raise ValueError(f"guidance must be a finite number (7.5 is usual, 1 turns it off), got {guidance!r}")
 
 
+def check_seed(seed: object) -> None:
+    """A seed torch's generators take (64 bits); refused here, by name, rather than deep in a generator."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64:
+        raise ValueError(f"seed must be a whole number from {-2**63} to {2**64 - 1} (torch's generators take 64 "
+                         f"bits), got {seed!r}")
+
+
 def txt2img(sd: StableDiffusion, prompt: str, negative_prompt: str = "", steps: int = 50, guidance: float = 7.5,
             seed: int = 0, size: int | tuple[int, int] = 512, progress: Progress | None = None) -> torch.Tensor:
     """One image (1, 3, H, W) in [0, 1] for `prompt`. `size` is an int or (height, width), multiples of 8.
@@ -92,6 +99,7 @@ def txt2img(sd: StableDiffusion, prompt: str, negative_prompt: str = "", steps: 
     """
     H, W = check_size(size)
     check_guidance(guidance)
+    check_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((1, sd.unet.config.in_channels, H // 8, W // 8), generator=generator)
     cond = sd.encode_prompt(prompt)

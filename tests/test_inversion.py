@@ -515,3 +515,18 @@ def test_a_non_finite_result_advises_fp32_only_to_a_half_precision_run(tiny_sd):
     assert "try --dtype fp32" not in str(error.value) and "this run is float64" in str(error.value)
     for dtype in (torch.float16, torch.bfloat16):
         assert "half precision can overflow: try --dtype fp32" in non_finite_hint(dtype)
+
+
+@pytest.mark.parametrize("seed", [2**64, -2**63 - 1, 1.5, True])
+def test_a_seed_torch_cannot_take_is_a_value_error_naming_the_seed(tiny_sd, seed):
+    from stemref.edit import fatezero, tokenflow
+
+    with pytest.raises(ValueError, match="seed must be a whole number"):
+        stemref.invert(tiny_sd, video(2), PROMPT, steps=1, context="1-frame", seed=seed)
+    with pytest.raises(ValueError, match="seed must be a whole number"):
+        stemref.txt2img(tiny_sd, PROMPT, steps=1, size=64, seed=seed)
+    with pytest.raises(ValueError, match="seed must be a whole number"):
+        fatezero.edit(tiny_sd, video(2), PROMPT, PROMPT, steps=1, seed=seed)
+    inversion = stemref.invert(tiny_sd, video(2), PROMPT, steps=1, context="1-frame")
+    with pytest.raises(ValueError, match="seed must be a whole number"):
+        tokenflow.edit(tiny_sd, inversion, PROMPT, seed=seed)

@@ -70,7 +70,7 @@ from ..context import EMAttention, context_processor
 from ..frames import check_finite, non_finite_hint
 from ..inversion import SELF_ATTENTION, Inversion, InversionSettings, check_inversion
 from ..pipeline import StableDiffusion, check_encodable
-from ..sampling import Progress, ddim_inversion_loop, predict_noise
+from ..sampling import Progress, check_seed, ddim_inversion_loop, predict_noise
 from . import p2p
 from .attention_store import AttentionStore
 from .fatezero_fusion import Fusion, Recorder
@@ -111,6 +111,7 @@ def edit_latents(sd: StableDiffusion, frames_or_inversion: torch.Tensor | Invers
     else:
         frames, inversion = frames_or_inversion, None
         check_encodable(frames)
+        check_seed(seed)
         inv = InversionSettings(source_prompt, steps, context, 1.0, SELF_ATTENTION, seed, dict(context_options or {}))
     plan = Plan.make(sd, s, inv.steps, source_prompt, target_prompt)  # 1.
     with AttentionStore(memory_budget, store_dir, keep_store) as store:

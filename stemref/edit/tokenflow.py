@@ -71,7 +71,7 @@ from ..freeu import FreeU
 from ..frames import check_finite, non_finite_hint
 from ..inversion import Inversion, check_inversion
 from ..pipeline import StableDiffusion
-from ..sampling import Progress
+from ..sampling import Progress, check_seed
 
 DEFAULT_NEGATIVE = "ugly, blurry, low res, unrealistic, unaesthetic"
 PNP_CONV_LAYER = "up_blocks.1.resnets.1"  # 16×16 at 512², 1280 channels in SD1.5
@@ -232,6 +232,7 @@ def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, nega
     ranges = batch_ranges(frames, _positive_int(batch, "batch"))
     table = _keyframe_table(keyframes, steps, ranges)
     _check_settings(guidance, pnp_attn, pnp_conv, blend)
+    check_seed(seed)
     freeu = resolve_freeu(freeu)
     timesteps = sd.scheduler.timesteps(steps).tolist()  # descending
     if sorted(timesteps) != list(inversion.timesteps):
