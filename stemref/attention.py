@@ -25,6 +25,8 @@ How each method plugs in (all through `UNet2DConditionModel.set_attention`):
   during inversion and fuses them during editing; `call.info.hw` reshapes maps to the latent grid.
 - EI²'s FFAM (`context.FineCoarse`): a processor on self-attention whose keys and values are the frame's own
   tokens plus the other frames' tokens pooled r×r.
+- Several processes (distributed.py): each holds a contiguous shard of the frames; `RunInfo.shard` says which,
+  and the frame-context processors fetch the few other frames' tokens (or reduce the EM's sums) through it.
 - Trainable temporal modules (EI²'s STAM, Tune-A-Video's temporal attention) are not processors but
   real submodules with their own checkpoint keys, inserted into `BasicTransformerBlock`; their inner
   attention is again an `Attention`, so processors can reach them by name.
@@ -44,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import Shard
+
 
 @dataclass(frozen=True)
 class RunInfo:
@@ -58,6 +62,10 @@ class RunInfo:
     # Gradient checkpointing: when gradients are on, the UNet recomputes each ResNet's and transformer's
     # activations in the backward pass instead of keeping them (tuning's memory saver; no effect on values).
     checkpoint: bool = False
+    # Frame sharding across processes (distributed.py): this call holds only this rank's `frames` of the
+    # video's shard.total; processors whose frames see other frames fetch those through the shard's group.
+    # None: the call holds the whole video.
+    shard: Shard | None = None
 
 
 @dataclass(frozen=True)

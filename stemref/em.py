@@ -15,6 +15,12 @@ additive over tokens, so the EM streams over token chunks of size `chunk`: no T 
 only chunk × K. The unchunked EM is the same code with one chunk. The initial mean and std are streamed
 the same way, merged chunk by chunk in float64 (Chan et al.'s parallel variance).
 
+Several processes (`shard`, distributed.py): each holds the tokens of its frames. The same additivity makes the
+EM exact across them: each rank forms its sums, one all-reduce per iteration adds them (Σ_t z and zᵀk, with
+zᵀv in the last), and every rank divides the same totals, so every rank holds the same bases. The initial
+statistics are merged across ranks the same way, and the random draw does not depend on the tokens: the same
+seed gives every rank the single process's initial bases.
+
 Precision: all EM arithmetic is float32 (float64 for float64 inputs) whatever the input dtype; τ = 0.01
 multiplies logit errors by 100, which fp16 cannot afford. The bases come back in the input dtype.
 
@@ -27,13 +33,16 @@ from __future__ import annotations
 
 import torch
 
+from .distributed import Shard, all_reduce_sum
+
 EPS = 1e-4  # in the basis normalisation of the E-step and the column normalisation of the M-step
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def em_bases(keys: torch.Tensor, values: torch.Tensor, num_bases: int = 256, iters: int = 5, tau: float = 0.01,
              init: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             chunk: int | None = None, *, low_precision_products: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+             chunk: int | None = None, *, low_precision_products: bool = False,
+             shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Key bases μ (..., h, K, d) and value bases ν (..., h, K, dv) of keys (..., h, T, d), values (..., h, T, dv).
 
     The initial bases are μ₀ = mean + std · ε with the per-(head, channel) mean and (unbiased) std of the
@@ -44,15 +53,18 @@ def em_bases(keys: torch.Tensor, values: torch.Tensor, num_bases: int = 256, ite
     `low_precision_products` (off by default; changes the result) runs the M-step products zᵀk and zᵀv in
     the keys' dtype when that is fp16 or bf16 (tensor cores on a GPU), summing them over chunks in fp32; the
     E-step's logits and softmax stay fp32, since τ multiplies the logits' errors by 1/τ = 100.
+
+    `shard`: the keys and values are this rank's tokens of a video sharded over processes (module docstring).
     """
     check_em_options(num_bases, iters, tau, chunk)
     _check_inputs(keys, values, num_bases, init)
     dtype = compute_dtype(keys)
-    mu = _initial_bases(keys, num_bases, generator, chunk, dtype) if init is None else init.to(dtype)  # (..., h, K, d)
-    for _ in range(iters - 1):
-        (mu,) = m_step(keys, mu, tau, keys, chunk=chunk, low_precision_products=low_precision_products)
+    mu = _initial_bases(keys, num_bases, generator, chunk, dtype, shard) if init is None else init.to(dtype)
+    for _ in range(iters - 1):  # mu (..., h, K, d)
+        (mu,) = m_step(keys, mu, tau, keys, chunk=chunk, low_precision_products=low_precision_products, shard=shard)
     # the last iteration also pools the values: ν shares the final responsibilities with μ
-    mu, nu = m_step(keys, mu, tau, keys, values, chunk=chunk, low_precision_products=low_precision_products)
+    mu, nu = m_step(keys, mu, tau, keys, values, chunk=chunk, low_precision_products=low_precision_products,
+                    shard=shard)
     return mu.to(keys.dtype), nu.to(values.dtype)
 
 
@@ -101,7 +113,7 @@ def _chunks(x: torch.Tensor, chunk: int | None) -> tuple[torch.Tensor, ...]:
 
 
 def _initial_bases(keys: torch.Tensor, num_bases: int, generator: torch.Generator | None, chunk: int | None,
-                   dtype: torch.dtype) -> torch.Tensor:
+                   dtype: torch.dtype, shard: Shard | None = None) -> torch.Tensor:
     """μ₀ ~ Normal(mean, std) per (head, channel), with mean and std streamed over token chunks in float64."""
     n, mean, m2 = 0, 0.0, 0.0
     for piece in _chunks(keys, chunk):
@@ -114,11 +126,22 @@ def _initial_bases(keys: torch.Tensor, num_bases: int, generator: torch.Generato
         mean = mean + delta * (n_c / (n + n_c))
         m2 = m2 + m2_c + delta.square() * (n * n_c / (n + n_c))
         n += n_c
+    if shard is not None:
+        n, mean, m2 = _merge_across(n, mean, m2, shard)
     std = (m2 / (n - 1)).sqrt()  # (..., h, d), unbiased like torch.std
     shape = (*keys.shape[:-2], num_bases, keys.shape[-1])
     device = generator.device if generator is not None else keys.device
     noise = torch.randn(shape, generator=generator, dtype=dtype, device=device).to(keys.device)  # (..., h, K, d)
     return mean.to(dtype).unsqueeze(-2) + std.to(dtype).unsqueeze(-2) * noise  # (..., h, K, d)
+
+
+def _merge_across(n: int, mean: torch.Tensor, m2: torch.Tensor, shard: Shard) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(n, mean, M2) of all ranks' tokens from each rank's: M2 = Σ_r M2_r + n_r (mean_r − mean)², in float64."""
+    count = torch.tensor([float(n)], dtype=torch.float64, device=mean.device)
+    total, weighted = all_reduce_sum([count, mean * n], shard)
+    mean_all = weighted / total
+    (m2_all,) = all_reduce_sum([m2 + (mean - mean_all).square() * n], shard)
+    return int(total.item()), mean_all, m2_all
 
 
 def _logit_weights(mu: torch.Tensor, tau: float) -> torch.Tensor:
@@ -135,7 +158,7 @@ def _e_step(k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def m_step(keys: torch.Tensor, bases: torch.Tensor, tau: float, *pooled: torch.Tensor, chunk: int | None = None,
-           low_precision_products: bool = False) -> list[torch.Tensor]:
+           low_precision_products: bool = False, shard: Shard | None = None) -> list[torch.Tensor]:
     """One M-step, streamed over token chunks: z̄ᵀx for each x in `pooled`, with z̄ the responsibilities of
     `keys` (..., T, d) to `bases` (..., K, d) normalised over the tokens, z̄_tk = z_tk / (Σ_t z_tk + 1e-4).
 
@@ -144,7 +167,8 @@ def m_step(keys: torch.Tensor, bases: torch.Tensor, tau: float, *pooled: torch.T
     bases and pools the edited keys and values. Each x is (..., T, ·); results (..., K, ·) in float32 (float64
     for float64 keys). Each chunk's responsibilities are formed once and used at once (Σ_t z and every zᵀx)
     while they are still in cache; context.DEFAULT_CHUNK tokens keep them there on a CPU.
-    `low_precision_products`: see em_bases.
+    `low_precision_products`: see em_bases. `shard`: keys and pooled tensors hold this rank's tokens; the sums
+    are all-reduced before the division, so every rank gets the whole video's result.
     """
     dtype = compute_dtype(keys)
     w = _logit_weights(bases.to(dtype), tau)  # (..., K, d)
@@ -158,6 +182,8 @@ def m_step(keys: torch.Tensor, bases: torch.Tensor, tau: float, *pooled: torch.T
             # in fp32 the transpose is a view: the product reads z in place
             zx = z.transpose(-1, -2).to(product_dtype) @ x_pieces[i].to(product_dtype)  # (..., K, ·)
             sums[j] = _add(sums[j], zx.to(dtype))
+    if shard is not None:
+        z_sum, *sums = all_reduce_sum([z_sum, *sums], shard)
     norm = z_sum.unsqueeze(-1) + EPS  # (..., K, 1): Σ_t z per basis
     return [total / norm for total in sums]  # each (..., K, ·)
 

@@ -7,6 +7,13 @@ The context decides what each frame's self-attention sees: "1-frame" (itself), "
 the previous frame), "all-frame" (every frame) or "stem" (K bases estimated by EM from every frame).
 All latents along the path are kept: TokenFlow and FateZero edit from them.
 
+Several processes: with `group=` (a torch.distributed process group, e.g. torch.distributed.group.WORLD),
+every process takes the same arguments, encodes and inverts only its contiguous shard of the frames
+(distributed.py) and returns the Inversion of its shard (`Inversion.shard` says which frames); the
+frame-context processors exchange what crosses shards, so each shard's latents are those a single process
+computes for those frames. `Inversion.whole()` gathers the shards (on every rank) for saving or editing in one
+process; `reconstruct` of a sharded Inversion returns the shard's frames.
+
 Dimension legend: S steps, F frames, h × w latent grid (H/8 × W/8).
 """
 from __future__ import annotations
@@ -16,9 +23,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from . import distributed
 from .attention import RunInfo
 from .context import CONTEXTS, context_processor
+from .distributed import Shard, shard_frames
 from .files import read_stemref_file, save_stemref_file
 from .frames import check_finite
 from .pipeline import StableDiffusion, check_encodable
@@ -44,9 +54,25 @@ class InversionSettings:
 class Inversion:
     """latents[0] are the encoded frames x_0; latents[i] the latents at timesteps[i - 1]; latents[-1] is x_T."""
 
-    latents: torch.Tensor  # (S + 1, F, 4, h, w)
+    latents: torch.Tensor  # (S + 1, F, 4, h, w); with a shard, this rank's frames only
     timesteps: list[int]  # ascending, e.g. [1, 21, …, 981]
     settings: InversionSettings
+    shard: Shard | None = field(default=None, compare=False, repr=False)  # the frames this process holds
+
+    def whole(self) -> "Inversion":
+        """Every process's frames in one Inversion, on every rank (a collective); itself when not sharded."""
+        if self.shard is None:
+            return self
+        return Inversion(distributed.all_gather(self.latents, self.shard, dim=1), self.timesteps, self.settings)
+
+    def local(self, group: dist.ProcessGroup | None) -> "Inversion":
+        """This rank's shard of a whole Inversion over `group` (no communication); itself without a group."""
+        if self.shard is not None:
+            raise ValueError("this Inversion is already one process's shard; call whole() first to reshard it")
+        shard = shard_frames(self.latents.shape[1], group)
+        if shard is None:
+            return self
+        return Inversion(self.latents[:, shard.start:shard.stop], self.timesteps, self.settings, shard)
 
     @property
     def x_T(self) -> torch.Tensor:
@@ -60,6 +86,8 @@ class Inversion:
 
     def save(self, path: str | Path) -> Path:
         """One .safetensors file: the latents, and the settings as JSON in its metadata."""
+        if self.shard is not None:
+            raise ValueError("this Inversion holds one process's frames; save inversion.whole() (from one rank)")
         meta = {"format": FORMAT, "timesteps": self.timesteps, "settings": asdict(self.settings)}
         return save_stemref_file(path, {"latents": self.latents}, meta, "inversion")
 
@@ -105,7 +133,8 @@ def _checked(latents: torch.Tensor, meta: dict, path: Path) -> Inversion:
 
 def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 50, context: str | None = "stem",
            guidance: float = 1.0, layers: str = SELF_ATTENTION, seed: int = 0, batch: int | None = None,
-           progress: Progress | None = None, vae_progress: Progress | None = None, **options) -> Inversion:
+           progress: Progress | None = None, vae_progress: Progress | None = None,
+           group: dist.ProcessGroup | None = None, **options) -> Inversion:
     """DDIM-invert `frames` (F, 3, H, W) in [0, 1] under `context` in the layers matching `layers`.
 
     `guidance` 1 (the default, as STEM and TokenFlow invert) uses the prompt only. `batch` bounds memory for
@@ -114,37 +143,47 @@ def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 
     off-by-default warm_start_iters, all_frame_if_few_tokens, low_precision_products; see context.EMAttention).
     context=None keeps the processors installed in the UNet (a tuned video UNet's own self-attention,
     edit/tuning.py). `progress` follows the DDIM steps, `vae_progress` the frames through the VAE encoder.
+    `group`: share the work among the processes of a torch.distributed group (module docstring); every
+    process passes all frames and gets back the Inversion of its shard.
     """
     check_encodable(frames)
     settings = InversionSettings(prompt, steps, context, guidance, layers, seed, options)
     _check_settings(settings, batch)
+    shard = shard_frames(frames.shape[0], group)
+    _check_shardable(settings, shard)
     # everything that can refuse the settings runs before the (slow) VAE encode
     timesteps = sd.scheduler.timesteps(steps).flip(0).tolist()  # ascending
-    eps_fn, chooser = _noise_fn(sd, settings, batch), _chooser(sd, settings, frames)
-    x = sd.encode_frames(frames, progress=vae_progress)
+    eps_fn, chooser = _noise_fn(sd, settings, batch, shard), _chooser(sd, settings, frames)
+    x = sd.encode_frames(frames if shard is None else frames[shard.start:shard.stop], progress=vae_progress)
     with sd.unet.attention(chooser):
         path = ddim_inversion_loop(sd.scheduler, x, eps_fn, steps, progress)
     latents = torch.stack(path)  # (S + 1, F, 4, h, w)
     check_finite(latents, "the inverted latents", NON_FINITE_HINT)
-    return Inversion(latents, timesteps, settings)
+    return Inversion(latents, timesteps, settings, shard)
 
 
 def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = None,
-                progress: Progress | None = None, vae_progress: Progress | None = None) -> torch.Tensor:
+                progress: Progress | None = None, vae_progress: Progress | None = None,
+                group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Denoise x_T back to frames (F, 3, H, W) with the inversion's prompt, guidance and context.
 
-    `progress` follows the DDIM steps, `vae_progress` the frames through the VAE decoder.
+    `progress` follows the DDIM steps, `vae_progress` the frames through the VAE decoder. A sharded Inversion
+    (from `invert(..., group=)`), or a whole one with `group`, is reconstructed by the processes together:
+    each returns its shard's frames.
     """
+    if group is not None and inversion.shard is None:
+        inversion = inversion.local(group)
     s = inversion.settings
     _check_settings(s, batch)
+    _check_shardable(s, inversion.shard)
     # the stored timesteps, not settings.steps, define the path (they agree for every file invert wrote)
     steps = len(inversion.timesteps)
     if sd.scheduler.timesteps(steps).flip(0).tolist() != inversion.timesteps:
         raise ValueError(f"the inversion's timesteps {inversion.timesteps[:3]}… are not this scheduler's "
                          f"{steps}-step DDIM path; reconstruct with the scheduler (weights) it was inverted with")
     with sd.unet.attention(_chooser(sd, s)):
-        x = ddim_sample_loop(sd.scheduler, inversion.x_T.to(sd.device, sd.dtype), _noise_fn(sd, s, batch), steps,
-                             progress=progress)
+        x = ddim_sample_loop(sd.scheduler, inversion.x_T.to(sd.device, sd.dtype),
+                             _noise_fn(sd, s, batch, inversion.shard), steps, progress=progress)
     check_finite(x, "the reconstructed latents", NON_FINITE_HINT)
     return sd.decode_latents(x, progress=vae_progress)
 
@@ -164,6 +203,18 @@ def _check_settings(s: InversionSettings, batch: int | None) -> None:
         re.compile(s.layers)
     except re.error as e:
         raise ValueError(f"layers={s.layers!r} is not a valid regular expression: {e}") from e
+
+
+def _check_shardable(s: InversionSettings, shard: Shard | None) -> None:
+    """Refuse, before any work, the settings that cannot run across processes."""
+    if shard is None:
+        return
+    if s.context is None:
+        raise ValueError("context=None (a tuned video UNet's own attention) runs in one process: its temporal "
+                         "layers see every frame; invert without a group")
+    if s.context == "stem" and s.options.get("scope") is not None:
+        raise ValueError(f"scope={s.options['scope']} is not supported across processes; use scope=None (the "
+                         "paper's bases over the whole video) or one process")
 
 
 def _chooser(sd: StableDiffusion, s: InversionSettings, frames: torch.Tensor | None = None):
@@ -197,13 +248,13 @@ def _check_stem_tokens(sd: StableDiffusion, frames: torch.Tensor, layers: list[s
                          f"frames (at least {16 * 2 ** halvings} px on a side) or more frames")
 
 
-def _noise_fn(sd: StableDiffusion, s: InversionSettings, batch: int | None) -> NoiseFn:
-    """ε of the whole video per call, or of `batch` frames at a time (1-frame context only)."""
+def _noise_fn(sd: StableDiffusion, s: InversionSettings, batch: int | None, shard: Shard | None = None) -> NoiseFn:
+    """ε of the whole video (this rank's shard of it) per call, or of `batch` frames at a time (1-frame only)."""
     cond = sd.encode_prompt(s.prompt)
     uncond = sd.encode_prompt("") if s.guidance != 1.0 else None
 
     def eps_fn(x: torch.Tensor, t: int, step: int) -> torch.Tensor:
         chunks = x.split(batch) if batch else [x]
-        return torch.cat([predict_noise(sd, c, t, cond, uncond, s.guidance, RunInfo(frames=c.shape[0], step=step))
+        return torch.cat([predict_noise(sd, c, t, cond, uncond, s.guidance, RunInfo(frames=c.shape[0], step=step, shard=shard))
                           for c in chunks])
     return eps_fn

@@ -1,0 +1,120 @@
+"""Frame sharding across processes (stemref.distributed): N gloo processes on the CPU give the single process's
+results, frame for frame, in float64.
+
+Each test starts N processes with torch.multiprocessing (a gloo group through a file in tmp_path); each loads the
+tiny checkpoint, runs every case of the test and saves its shard's results; the test compares every rank's shard
+with the same frames of a single-process run in this process. 7 frames on 2 and 3 processes give uneven shards
+(4 + 3, 3 + 2 + 2). One spawn per test runs many cases: starting processes is the expensive part.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+import stemref
+from stemref.distributed import Shard, all_gather, even_starts, fetch, left_neighbour, shard_frames
+
+PROMPT = "a mallard on a pond"
+FRAMES = 7
+STEPS = 2
+INVERSIONS = {  # name -> invert keyword arguments
+    "1-frame": dict(context="1-frame"),
+    "2-frame": dict(context="2-frame"),
+    "all-frame": dict(context="all-frame"),
+    "stem": dict(context="stem", num_bases=4, seed=3),
+    "stem-guided": dict(context="stem", num_bases=4, guidance=3.0),
+    "fatezero-mid": dict(context="fatezero", min_channels=64),
+    "fatezero-first+previous": dict(context="fatezero", mode="first+previous"),
+}
+
+
+def video(frames: int = FRAMES, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.rand(frames, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# ---- running N processes -------------------------------------------------------------------------------------
+def _worker(rank: int, size: int, job, out: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=size)
+    try:
+        results = job(dist.group.WORLD, *args)
+        save_file({k: v.contiguous() for k, v in results.items()}, f"{out}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(size: int, job, tmp_path: Path, *args) -> list[dict[str, torch.Tensor]]:
+    """job(group, *args) -> {name: tensor} in `size` processes; every rank's results."""
+    mp.start_processes(_worker, args=(size, job, str(tmp_path), args), nprocs=size, join=True, start_method="spawn")
+    return [load_file(tmp_path / f"rank{r}.safetensors") for r in range(size)]
+
+
+def assert_same(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """≤ 1e-10 relative to the expected values' magnitude."""
+    scale = expected.abs().max().item()
+    error = (got - expected).abs().max().item()
+    assert got.shape == expected.shape, (what, got.shape, expected.shape)
+    assert error <= 1e-10 * scale, f"{what}: max error {error:.3g} at scale {scale:.3g}"
+
+
+# ---- the collectives ----------------------------------------------------------------------------------------
+def test_even_starts_are_contiguous_and_as_even_as_possible():
+    assert even_starts(7, 2) == (0, 4, 7)
+    assert even_starts(7, 3) == (0, 3, 5, 7)
+    assert even_starts(6, 3) == (0, 2, 4, 6)
+    assert shard_frames(7, None) is None
+
+
+def _collectives(group):
+    shard = shard_frames(FRAMES, group)
+    items = torch.arange(FRAMES, dtype=torch.float64).view(FRAMES, 1)[shard.start:shard.stop] * torch.ones(1, 2)
+    wants = [range(2, 6), range(0), range(6, 7)][:shard.size]
+    return {"gathered": all_gather(items, shard), "left": left_neighbour(items, shard),
+            "fetched": fetch(items, shard, wants), "transposed": all_gather(items.T, shard, dim=1)}
+
+
+@pytest.mark.parametrize("size", [3])
+def test_collectives_move_the_right_items(tmp_path, size):
+    ranks = run_ranks(size, _collectives, tmp_path)
+    whole = torch.arange(FRAMES, dtype=torch.float64).view(FRAMES, 1) * torch.ones(1, 2)
+    starts = even_starts(FRAMES, size)
+    for r, got in enumerate(ranks):
+        torch.testing.assert_close(got["gathered"], whole, rtol=0, atol=0)
+        torch.testing.assert_close(got["transposed"], whole.T, rtol=0, atol=0)
+        torch.testing.assert_close(got["left"], whole[starts[r] - 1:starts[r]] if r else whole[:0], rtol=0, atol=0)
+    torch.testing.assert_close(ranks[0]["fetched"], whole[2:6], rtol=0, atol=0)
+    assert ranks[1]["fetched"].shape == (0, 2)
+    torch.testing.assert_close(ranks[2]["fetched"], whole[6:7], rtol=0, atol=0)
+
+
+# ---- inversion and reconstruction ---------------------------------------------------------------------------
+def _inversions(group, root):
+    sd = stemref.load(root, dtype=torch.float64)
+    frames, out = video(), {}
+    for name, options in INVERSIONS.items():
+        inv = stemref.invert(sd, frames, PROMPT, steps=STEPS, group=group, **options)
+        out[name] = inv.latents
+        if name == "stem":
+            out["stem-reconstruction"] = stemref.reconstruct(sd, inv)
+            out["stem-whole"] = inv.whole().latents
+    return out
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_sharded_inversion_equals_one_process(tiny_sd, tiny_root, tmp_path, size):
+    ranks = run_ranks(size, _inversions, tmp_path, tiny_root)
+    starts = even_starts(FRAMES, size)
+    for name, options in INVERSIONS.items():
+        inv = stemref.invert(tiny_sd, video(), PROMPT, steps=STEPS, **options)
+        for r, got in enumerate(ranks):
+            assert_same(got[name], inv.latents[:, starts[r]:starts[r + 1]], f"{name} on rank {r} of {size}")
+            if name == "stem":
+                assert_same(got["stem-whole"], inv.latents, f"gathered stem on rank {r}")
+                assert_same(got["stem-reconstruction"], stemref.reconstruct(tiny_sd, inv)[starts[r]:starts[r + 1]],
+                            f"stem reconstruction on rank {r} of {size}")
