@@ -118,3 +118,34 @@ def test_sharded_inversion_equals_one_process(tiny_sd, tiny_root, tmp_path, size
                 assert_same(got["stem-whole"], inv.latents, f"gathered stem on rank {r}")
                 assert_same(got["stem-reconstruction"], stemref.reconstruct(tiny_sd, inv)[starts[r]:starts[r + 1]],
                             f"stem reconstruction on rank {r} of {size}")
+
+
+# ---- TokenFlow ------------------------------------------------------------------------------------------------
+TOKENFLOWS = {  # name -> edit_latents keyword arguments; 7 frames
+    "batch3": dict(batch=3),  # 3 keyframes; on 2 ranks (4 + 3 frames) the middle batch is cut in two
+    "batch4-keyframes-blend": dict(batch=4, blend="keyframes"),  # 2 keyframes: fewer than 3 ranks
+    "batch2-freeu": dict(batch=2, freeu=True, pnp_attn=1.0),
+}
+
+
+def _tokenflows(group, root, inversion_file):
+    from stemref.edit import tokenflow
+
+    sd = stemref.load(root, dtype=torch.float64)
+    inv = stemref.Inversion.load(inversion_file)
+    return {name: tokenflow.edit_latents(sd, inv, "a swan", group=group, **options)
+            for name, options in TOKENFLOWS.items()}
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_sharded_tokenflow_equals_one_process(tiny_sd, tiny_root, tmp_path, size):
+    from stemref.edit import tokenflow
+
+    inv = stemref.invert(tiny_sd, video(), PROMPT, steps=STEPS, context="stem", num_bases=4)
+    inv.save(tmp_path / "inversion.safetensors")
+    ranks = run_ranks(size, _tokenflows, tmp_path, tiny_root, tmp_path / "inversion.safetensors")
+    starts = even_starts(FRAMES, size)
+    for name, options in TOKENFLOWS.items():
+        expected = tokenflow.edit_latents(tiny_sd, inv, "a swan", **options)
+        for r, got in enumerate(ranks):
+            assert_same(got[name], expected[starts[r]:starts[r + 1]], f"{name} on rank {r} of {size}")
