@@ -149,3 +149,39 @@ def test_sharded_tokenflow_equals_one_process(tiny_sd, tiny_root, tmp_path, size
         expected = tokenflow.edit_latents(tiny_sd, inv, "a swan", **options)
         for r, got in enumerate(ranks):
             assert_same(got[name], expected[starts[r]:starts[r + 1]], f"{name} on rank {r} of {size}")
+
+
+# ---- FateZero -------------------------------------------------------------------------------------------------
+SOURCE, TARGET = "a cat on the grass", "a dog on the grass"
+FATEZEROS = {  # name -> edit_latents keyword arguments (the inversion runs inside, sharded, unless "replay")
+    "stem": dict(context="stem", context_options=dict(num_bases=4), self_window=1.0, cross_window=1.0),
+    "fatezero-mid-blend": dict(context="fatezero", context_options=dict(min_channels=64),
+                               blend_words=(["cat"], ["dog"]), blend_self_attention=True, blend_threshold=0.5),
+    "fatezero-first+previous": dict(context="fatezero", context_options=dict(mode="first+previous")),
+    "all-frame-replay": dict(),  # from a saved whole all-frame Inversion: the store is recorded by replaying it
+}
+
+
+def _fatezeros(group, root, inversion_file):
+    from stemref.edit import fatezero
+
+    sd = stemref.load(root, dtype=torch.float64)
+    return {name: fatezero.edit_latents(sd, stemref.Inversion.load(inversion_file) if name.endswith("replay")
+                                        else video(), SOURCE, TARGET, steps=STEPS, max_tokens=16, group=group,
+                                        **options)
+            for name, options in FATEZEROS.items()}
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_sharded_fatezero_equals_one_process(tiny_sd, tiny_root, tmp_path, size):
+    from stemref.edit import fatezero
+
+    inv = stemref.invert(tiny_sd, video(), SOURCE, steps=STEPS, context="all-frame")
+    inv.save(tmp_path / "inversion.safetensors")
+    ranks = run_ranks(size, _fatezeros, tmp_path, tiny_root, tmp_path / "inversion.safetensors")
+    starts = even_starts(FRAMES, size)
+    for name, options in FATEZEROS.items():
+        expected = fatezero.edit_latents(tiny_sd, inv if name.endswith("replay") else video(), SOURCE, TARGET,
+                                         steps=STEPS, max_tokens=16, **options)
+        for r, got in enumerate(ranks):
+            assert_same(got[name], expected[starts[r]:starts[r + 1]], f"{name} on rank {r} of {size}")

@@ -17,7 +17,7 @@ The unconditional branch, the 64² layers and the steps outside the windows run 
 Contexts. Inversion and edit use the same self-attention context (stemref.context): FateZero's own
 spatial-temporal attention ("fatezero": the middle frame in layers of ≥ 640 channels), or "1-frame",
 "2-frame", "all-frame", "stem". For every context but STEM, frame f attends to the tokens of a fixed list of
-frames (`key_frames`), so a map is softmax(q_f K_fᵀ/√d) over the same key set in inversion and edit.
+frames (`context.visible_frames`), so a map is softmax(q_f K_fᵀ/√d) over the same key set in inversion and edit.
 
 STEM. Under STEM, frame f attends to K bases μ estimated by EM from all tokens of the video: the inversion's
 map is A_src = softmax(q_src μ_srcᵀ/√d), (F, h, N, K). A fresh EM on the edit's tokens would give bases in
@@ -46,6 +46,13 @@ windows are recorded. The store spills to disk beyond a memory budget. Given a s
 frames, the inversion's UNet calls are replayed on its latents to record the store (the same calls, so the
 same maps).
 
+Several processes (`group=`, distributed.py): each rank encodes, inverts and edits its contiguous shard of the
+frames, and keeps the store of its own frames (spilling as usual). The contexts fetch what crosses shards as in
+inversion (FateZero's middle frame is broadcast, 2-frame's first and previous frames, all-frame's keys and
+values); the fusion fetches the source and edited keys and edited values of those same frames in one transfer
+per layer, and under STEM the edit's bases come from all-reduced sums of the source responsibilities, so every
+rank fuses exactly what the single process fuses. Each rank returns its shard's edited latents.
+
 Official quirks kept (../shared/notes/fatezero.md): inversion without CFG; windows int(s·N)
 for self and int(c·(N+1)) for cross; replace falls back to refine when the word counts differ; the blend mask
 is nearest-resized, per-frame normalised and only used with `blend_self_attention`; latent blending resets to
@@ -64,8 +71,11 @@ from pathlib import Path
 
 import torch
 
+import torch.distributed as dist
+
 from ..attention import AttnCall, Processor, RunInfo, sdpa, split_heads
-from ..context import AllFrames, EMAttention, SparseCausal, SpatialTemporal, context_processor, gather_frames
+from ..context import EMAttention, context_processor, gather_frames, visible_frames
+from ..distributed import Shard, shard_frames
 from ..em import compute_dtype, m_step
 from ..inversion import SELF_ATTENTION, Inversion, InversionSettings
 from ..pipeline import StableDiffusion, check_encodable
@@ -127,13 +137,15 @@ def edit(sd: StableDiffusion, frames_or_inversion: torch.Tensor | Inversion, sou
 def edit_latents(sd: StableDiffusion, frames_or_inversion: torch.Tensor | Inversion, source_prompt: str,
                  target_prompt: str, *, steps: int = 50, context: str = "stem", context_options: dict | None = None,
                  seed: int = 0, memory_budget: int = 2**30, store_dir: str | Path | None = None,
-                 keep_store: bool = False, progress: Progress | None = None, **settings) -> torch.Tensor:
+                 keep_store: bool = False, progress: Progress | None = None, group: dist.ProcessGroup | None = None,
+                 **settings) -> torch.Tensor:
     """The edited latents x_0 (F, 4, h, w) of `frames` (F, 3, H, W) in [0, 1], or of a saved `Inversion` of them.
 
     `context` and `context_options` choose the self-attention context of inversion and edit (ignored for an
     Inversion, which names its own), `seed` seeds STEM's EM. `settings` are FateZeroSettings' fields. The
     attention store keeps up to `memory_budget` bytes in memory and spills the rest to `store_dir` (a
-    temporary folder by default), deleted at the end unless `keep_store`.
+    temporary folder by default), deleted at the end unless `keep_store`. With `group` the processes of the
+    group edit together, each its shard of the frames (module docstring), and each returns its shard's latents.
     """
     unknown = sorted(set(settings) - {f.name for f in fields(FateZeroSettings)})
     if unknown:
@@ -141,7 +153,9 @@ def edit_latents(sd: StableDiffusion, frames_or_inversion: torch.Tensor | Invers
                          f"known: {', '.join(f.name for f in fields(FateZeroSettings))}")
     s = FateZeroSettings(**settings)
     if isinstance(frames_or_inversion, Inversion):
-        inversion, frames = frames_or_inversion, None
+        inversion, frames, shard = frames_or_inversion, None, None
+        if group is not None and inversion.shard is None:
+            inversion = inversion.local(group)
         if inversion.settings.prompt != source_prompt:
             raise ValueError(f"the inversion was made with the prompt {inversion.settings.prompt!r}, not the source "
                              f"prompt {source_prompt!r}; FateZero's source maps come from the inversion's prompt")
@@ -149,11 +163,12 @@ def edit_latents(sd: StableDiffusion, frames_or_inversion: torch.Tensor | Invers
     else:
         frames, inversion = frames_or_inversion, None
         check_encodable(frames)
+        shard = shard_frames(frames.shape[0], group)
         inv = InversionSettings(source_prompt, steps, context, 1.0, SELF_ATTENTION, seed, dict(context_options or {}))
     plan = Plan.make(sd, s, inv.steps, source_prompt, target_prompt)
     with AttentionStore(memory_budget, store_dir, keep_store) as store:
         if inversion is None:
-            inversion = record_inversion(sd, frames, inv, plan, store, progress)
+            inversion = record_inversion(sd, frames, inv, plan, store, progress, shard)
         else:
             replay_inversion(sd, inversion, plan, store, progress)
         return denoise(sd, inversion, plan, store, progress)
@@ -226,18 +241,6 @@ def latent_blend_steps(steps: int) -> range:
     return range(start, max(start, end - 1))
 
 
-def key_frames(context: Processor, frames: int, channels: int, device: torch.device) -> torch.Tensor:
-    """(F, m) long: the frames whose tokens each frame's self-attention sees under `context` (not STEM)."""
-    own = torch.arange(frames, device=device)
-    if isinstance(context, SpatialTemporal):
-        return context.key_frames(frames, channels, device)
-    if isinstance(context, SparseCausal):
-        return torch.stack([torch.zeros_like(own), (own - 1).clamp(min=0)], dim=1)  # (F, 2)
-    if isinstance(context, AllFrames):
-        return own.expand(frames, frames)  # (F, F)
-    return own[:, None]  # per-frame attention: sdpa, per_frame
-
-
 def probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """softmax(q kᵀ/√d) over the keys, the softmax in float32 (float64 for float64): (..., N, d), (..., M, d) -> (..., N, M).
 
@@ -246,12 +249,6 @@ def probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """
     scores = (q.contiguous() @ k.contiguous().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (..., N, M)
     return torch.softmax(scores, dim=-1, dtype=compute_dtype(q)).to(q.dtype)
-
-
-def frame_maps(q: torch.Tensor, k: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Self-attention maps of frames that attend to the frames index[f]: q (n, h, N, d), k (F, h, N, d),
-    index (n, m) into k's rows -> (n, h, N, m·N)."""
-    return probabilities(q, gather_frames(k[None], index)[0])
 
 
 def _layer_contexts(sd: StableDiffusion, inv: InversionSettings) -> dict[str, Processor]:
@@ -307,26 +304,28 @@ class Recorder:
         return out
 
 
-def _recording_eps(sd: StableDiffusion, inv: InversionSettings, frames: int, store: AttentionStore):
+def _recording_eps(sd: StableDiffusion, inv: InversionSettings, frames: int, store: AttentionStore,
+                   shard: Shard | None = None):
     cond = sd.encode_prompt(inv.prompt)
     uncond = sd.encode_prompt("") if inv.guidance != 1.0 else None
 
     def eps_fn(x: torch.Tensor, t: int, j: int) -> torch.Tensor:
-        eps = predict_noise(sd, x, t, cond, uncond, inv.guidance, RunInfo(frames=frames, step=j))
+        eps = predict_noise(sd, x, t, cond, uncond, inv.guidance, RunInfo(frames=frames, step=j, shard=shard))
         store.end_step(t)
         return eps
     return eps_fn
 
 
 def record_inversion(sd: StableDiffusion, frames: torch.Tensor, inv: InversionSettings, plan: Plan,
-                     store: AttentionStore, progress: Progress | None = None) -> Inversion:
-    """DDIM-invert `frames` under the inversion's context, recording the store on the way."""
+                     store: AttentionStore, progress: Progress | None = None, shard: Shard | None = None) -> Inversion:
+    """DDIM-invert `frames` under the inversion's context, recording the store on the way (with a shard: this
+    rank's frames, returning its shard's Inversion)."""
     recorder = Recorder(plan, store, _layer_contexts(sd, inv))
-    x = sd.encode_frames(frames)
-    eps_fn = _recording_eps(sd, inv, x.shape[0], store)
+    x = sd.encode_frames(frames if shard is None else frames[shard.start:shard.stop])
+    eps_fn = _recording_eps(sd, inv, x.shape[0], store, shard)
     with sd.unet.attention(lambda name: recorder):
         path = ddim_inversion_loop(sd.scheduler, x, eps_fn, inv.steps, _phase(progress, 0, 2 * inv.steps))
-    return Inversion(torch.stack(path), sd.scheduler.timesteps(inv.steps).flip(0).tolist(), inv)
+    return Inversion(torch.stack(path), sd.scheduler.timesteps(inv.steps).flip(0).tolist(), inv, shard)
 
 
 @torch.no_grad()
@@ -346,7 +345,7 @@ def replay_inversion(sd: StableDiffusion, inversion: Inversion, plan: Plan, stor
     random = any(isinstance(c, EMAttention) for c in contexts.values())
     calls = range(needed[-1] + 1) if random else needed
     recorder = Recorder(plan, store, contexts)
-    eps_fn = _recording_eps(sd, inv, inversion.latents.shape[1], store)
+    eps_fn = _recording_eps(sd, inv, inversion.latents.shape[1], store, inversion.shard)
     with sd.unet.attention(lambda name: recorder):
         for j in calls:
             eps_fn(inversion.latents[j].to(sd.device, sd.dtype), ascending[j], j)
@@ -423,25 +422,30 @@ class Fusion:
         mask = self._self_mask(call)  # (F, 1, N, 1) or None
         q_src, k_src = self.source_qk(call, q)
         if isinstance(context, EMAttention):
-            return self._self_stem(q, k, v, q_src, k_src, self._stored(call, "mu", q), context, mask)
-        index = key_frames(context, frames, q.shape[1] * q.shape[-1], q.device)  # (F, m)
+            return self._self_stem(q, k, v, q_src, k_src, self._stored(call, "mu", q), context, mask, call.info.shard)
+        d = k.shape[-1]
+        # the source keys, the edited keys and values of the frames each frame sees: one table, one transfer
+        table, index = visible_frames(context, torch.cat([k_src, k, v], dim=-1)[None], q.shape[1] * d,
+                                      call.info.shard)  # (1, U, h, N, 2d + dv), (F, m)
         outs = []
         for f in range(0, frames, chunk):
             rows = slice(f, f + chunk)
-            p_src = frame_maps(q_src[rows], k_src, index[rows])  # (n, h, N, m·N)
-            p_edit = frame_maps(q[rows], k, index[rows])
+            seen = gather_frames(table, index[rows])[0]  # (n, h, m·N, 2d + dv)
+            p_src = probabilities(q_src[rows], seen[..., :d])  # (n, h, N, m·N)
+            p_edit = probabilities(q[rows], seen[..., d:2 * d])
             p = p2p.fuse_self(p_src, p_edit, None if mask is None else mask[rows])
-            outs.append(p @ gather_frames(v[None], index[rows])[0])  # (n, h, N, dv)
+            outs.append(p @ seen[..., 2 * d:].contiguous())  # (n, h, N, dv)
         return torch.cat(outs)
 
-    def _self_stem(self, q, k, v, q_src, k_src, mu_src, context: EMAttention, mask) -> torch.Tensor:
+    def _self_stem(self, q, k, v, q_src, k_src, mu_src, context: EMAttention, mask,
+                   shard: Shard | None) -> torch.Tensor:
         """STEM inside the self window: the edit's bases from the source's responsibilities (module docstring)."""
         scope = context.scope or q.shape[0]
         outs = []
         for g, f in enumerate(range(0, q.shape[0], scope)):
             rows = slice(f, f + scope)
             mu_edit, nu_edit = bases_from_source(_video(k_src[rows]), mu_src[g], _video(k[rows]), _video(v[rows]),
-                                                 context.tau, context.chunk)  # (h, K, ·)
+                                                 context.tau, context.chunk, shard)  # (h, K, ·)
             a_src = probabilities(_video(q_src[rows]), mu_src[g])  # (h, n·N, K)
             a_edit = probabilities(_video(q[rows]), mu_edit)
             m = None if mask is None else mask[rows].reshape(1, -1, 1)  # (1, n·N, 1)
@@ -490,13 +494,14 @@ def source_qk(layer, reader: StepReader, name: str, is_cross: bool,
 
 
 def bases_from_source(k_src: torch.Tensor, mu_src: torch.Tensor, k_edit: torch.Tensor, v_edit: torch.Tensor,
-                      tau: float, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                      tau: float, chunk: int | None, shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """μ_edit = z̄ᵀ k_edit, ν_edit = z̄ᵀ v_edit with z̄ the source tokens' responsibilities to the source bases.
 
     k_src, k_edit (h, T, d), v_edit (h, T, dv), mu_src (h, K, d) -> (h, K, d), (h, K, dv): one M-step of the
-    source's EM (em.m_step), pooling the edit's keys and values.
+    source's EM (em.m_step), pooling the edit's keys and values. With a shard, the tokens are this rank's and
+    the sums are all-reduced: every rank gets the whole video's bases.
     """
-    mu, nu = m_step(k_src, mu_src, tau, k_edit, v_edit, chunk=chunk)
+    mu, nu = m_step(k_src, mu_src, tau, k_edit, v_edit, chunk=chunk, shard=shard)
     return mu.to(k_edit.dtype), nu.to(v_edit.dtype)
 
 
@@ -506,7 +511,7 @@ def denoise(sd: StableDiffusion, inversion: Inversion, plan: Plan, store: Attent
     """The edit: DDIM from the inversion's x_T with CFG ("" / target), fusing the store; returns x_0 (F, 4, h, w)."""
     s, steps = plan.settings, plan.steps
     x = inversion.x_T.to(sd.device, sd.dtype)
-    frames, size = x.shape[0], tuple(x.shape[-2:])
+    frames, size, shard = x.shape[0], tuple(x.shape[-2:]), inversion.shard
     fusion = Fusion(sd, plan, _layer_contexts(sd, inversion.settings), level_grid(size, plan.blend_level))
     cond = sd.encode_prompt(plan.target_prompt)
     uncond = sd.encode_prompt(s.negative_prompt) if s.guidance != 1.0 else None
@@ -515,7 +520,7 @@ def denoise(sd: StableDiffusion, inversion: Inversion, plan: Plan, store: Attent
         for i, t in enumerate(plan.timesteps):
             with store.read(t) as reader:
                 fusion.reader = (i, reader)
-                eps = predict_noise(sd, x, t, cond, uncond, s.guidance, RunInfo(frames=frames, step=i))
+                eps = predict_noise(sd, x, t, cond, uncond, s.guidance, RunInfo(frames=frames, step=i, shard=shard))
                 x = sd.scheduler.step(eps, t, x, steps)
                 if i in blend:
                     # official quirk: the inversion latent at t_i, while x is already at the next level
