@@ -1,10 +1,11 @@
 """Frame sharding across processes (stemref.distributed): N gloo processes on the CPU give the single process's
 results, frame for frame, in float64.
 
-Each test starts N processes with torch.multiprocessing (a gloo group through a file in tmp_path); each loads the
-tiny checkpoint, runs every case of the test and saves its shard's results; the test compares every rank's shard
-with the same frames of a single-process run in this process. 7 frames on 2 and 3 processes give uneven shards
-(4 + 3, 3 + 2 + 2). One spawn per test runs many cases: starting processes is the expensive part.
+For N = 2 and 3, one module fixture starts N processes with torch.multiprocessing (a gloo group through a file);
+each loads the tiny checkpoint, runs every case below (collectives, inversions, TokenFlow, FateZero) and saves its
+shard's results; the tests compare every rank's shard with the same frames of a single-process run in this
+process. 7 frames on 2 and 3 processes give uneven shards (4 + 3, 3 + 2 + 2). One start per N: starting
+processes is the expensive part.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 import stemref
 from stemref.distributed import Shard, all_gather, even_starts, fetch, left_neighbour, shard_frames
 
-PROMPT = "a mallard on a pond"
+SOURCE, TARGET = "a cat on the grass", "a dog on the grass"
 FRAMES = 7
 STEPS = 2
 INVERSIONS = {  # name -> invert keyword arguments
@@ -63,6 +64,33 @@ def assert_same(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     assert error <= 1e-10 * scale, f"{what}: max error {error:.3g} at scale {scale:.3g}"
 
 
+def _all_cases(group, root, inversion_file):
+    out = {}
+    for prefix, job in (("collectives", _collectives), ("invert", _inversions), ("tokenflow", _tokenflows),
+                        ("fatezero", _fatezeros)):
+        out.update({f"{prefix}/{name}": value for name, value in job(group, root, inversion_file).items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def whole_inversion(tiny_sd):
+    """A single-process inversion that the editors start from (all-frame: FateZero replays it)."""
+    return stemref.invert(tiny_sd, video(), SOURCE, steps=STEPS, context="all-frame")
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def ranks(request, tiny_root, whole_inversion, tmp_path_factory):
+    """(N, every rank's results of every case), from one start of N processes."""
+    size, folder = request.param, tmp_path_factory.mktemp(f"ranks{request.param}")
+    whole_inversion.save(folder / "inversion.safetensors")
+    return size, run_ranks(size, _all_cases, folder, tiny_root, folder / "inversion.safetensors")
+
+
+def of(ranks: list[dict[str, torch.Tensor]], prefix: str) -> list[dict[str, torch.Tensor]]:
+    """Every rank's results of one job, by case name."""
+    return [{key.split("/", 1)[1]: value for key, value in r.items() if key.startswith(prefix + "/")} for r in ranks]
+
+
 # ---- the collectives ----------------------------------------------------------------------------------------
 def test_even_starts_are_contiguous_and_as_even_as_possible():
     assert even_starts(7, 2) == (0, 4, 7)
@@ -71,34 +99,34 @@ def test_even_starts_are_contiguous_and_as_even_as_possible():
     assert shard_frames(7, None) is None
 
 
-def _collectives(group):
+WANTS = [range(2, 6), range(0), range(6, 7)]  # what each rank fetches: across shards, nothing, the last frame
+
+
+def _collectives(group, root, inversion_file):
     shard = shard_frames(FRAMES, group)
     items = torch.arange(FRAMES, dtype=torch.float64).view(FRAMES, 1)[shard.start:shard.stop] * torch.ones(1, 2)
-    wants = [range(2, 6), range(0), range(6, 7)][:shard.size]
     return {"gathered": all_gather(items, shard), "left": left_neighbour(items, shard),
-            "fetched": fetch(items, shard, wants), "transposed": all_gather(items.T, shard, dim=1)}
+            "fetched": fetch(items, shard, WANTS[:shard.size]), "transposed": all_gather(items.T, shard, dim=1)}
 
 
-@pytest.mark.parametrize("size", [3])
-def test_collectives_move_the_right_items(tmp_path, size):
-    ranks = run_ranks(size, _collectives, tmp_path)
+def test_collectives_move_the_right_items(ranks):
+    size, ranks = ranks[0], of(ranks[1], "collectives")
     whole = torch.arange(FRAMES, dtype=torch.float64).view(FRAMES, 1) * torch.ones(1, 2)
     starts = even_starts(FRAMES, size)
     for r, got in enumerate(ranks):
         torch.testing.assert_close(got["gathered"], whole, rtol=0, atol=0)
         torch.testing.assert_close(got["transposed"], whole.T, rtol=0, atol=0)
         torch.testing.assert_close(got["left"], whole[starts[r] - 1:starts[r]] if r else whole[:0], rtol=0, atol=0)
-    torch.testing.assert_close(ranks[0]["fetched"], whole[2:6], rtol=0, atol=0)
-    assert ranks[1]["fetched"].shape == (0, 2)
-    torch.testing.assert_close(ranks[2]["fetched"], whole[6:7], rtol=0, atol=0)
+        wanted = WANTS[r]
+        torch.testing.assert_close(got["fetched"], whole[wanted.start:wanted.stop], rtol=0, atol=0)
 
 
 # ---- inversion and reconstruction ---------------------------------------------------------------------------
-def _inversions(group, root):
+def _inversions(group, root, inversion_file):
     sd = stemref.load(root, dtype=torch.float64)
     frames, out = video(), {}
     for name, options in INVERSIONS.items():
-        inv = stemref.invert(sd, frames, PROMPT, steps=STEPS, group=group, **options)
+        inv = stemref.invert(sd, frames, SOURCE, steps=STEPS, group=group, **options)
         out[name] = inv.latents
         if name == "stem":
             out["stem-reconstruction"] = stemref.reconstruct(sd, inv)
@@ -106,12 +134,11 @@ def _inversions(group, root):
     return out
 
 
-@pytest.mark.parametrize("size", [2, 3])
-def test_sharded_inversion_equals_one_process(tiny_sd, tiny_root, tmp_path, size):
-    ranks = run_ranks(size, _inversions, tmp_path, tiny_root)
+def test_sharded_inversion_equals_one_process(tiny_sd, ranks):
+    size, ranks = ranks[0], of(ranks[1], "invert")
     starts = even_starts(FRAMES, size)
     for name, options in INVERSIONS.items():
-        inv = stemref.invert(tiny_sd, video(), PROMPT, steps=STEPS, **options)
+        inv = stemref.invert(tiny_sd, video(), SOURCE, steps=STEPS, **options)
         for r, got in enumerate(ranks):
             assert_same(got[name], inv.latents[:, starts[r]:starts[r + 1]], f"{name} on rank {r} of {size}")
             if name == "stem":
@@ -133,26 +160,22 @@ def _tokenflows(group, root, inversion_file):
 
     sd = stemref.load(root, dtype=torch.float64)
     inv = stemref.Inversion.load(inversion_file)
-    return {name: tokenflow.edit_latents(sd, inv, "a swan", group=group, **options)
+    return {name: tokenflow.edit_latents(sd, inv, TARGET, group=group, **options)
             for name, options in TOKENFLOWS.items()}
 
 
-@pytest.mark.parametrize("size", [2, 3])
-def test_sharded_tokenflow_equals_one_process(tiny_sd, tiny_root, tmp_path, size):
+def test_sharded_tokenflow_equals_one_process(tiny_sd, whole_inversion, ranks):
     from stemref.edit import tokenflow
 
-    inv = stemref.invert(tiny_sd, video(), PROMPT, steps=STEPS, context="stem", num_bases=4)
-    inv.save(tmp_path / "inversion.safetensors")
-    ranks = run_ranks(size, _tokenflows, tmp_path, tiny_root, tmp_path / "inversion.safetensors")
+    size, ranks, inv = ranks[0], of(ranks[1], "tokenflow"), whole_inversion
     starts = even_starts(FRAMES, size)
     for name, options in TOKENFLOWS.items():
-        expected = tokenflow.edit_latents(tiny_sd, inv, "a swan", **options)
+        expected = tokenflow.edit_latents(tiny_sd, inv, TARGET, **options)
         for r, got in enumerate(ranks):
             assert_same(got[name], expected[starts[r]:starts[r + 1]], f"{name} on rank {r} of {size}")
 
 
 # ---- FateZero -------------------------------------------------------------------------------------------------
-SOURCE, TARGET = "a cat on the grass", "a dog on the grass"
 FATEZEROS = {  # name -> edit_latents keyword arguments (the inversion runs inside, sharded, unless "replay")
     "stem": dict(context="stem", context_options=dict(num_bases=4), self_window=1.0, cross_window=1.0),
     "fatezero-mid-blend": dict(context="fatezero", context_options=dict(min_channels=64),
@@ -172,13 +195,10 @@ def _fatezeros(group, root, inversion_file):
             for name, options in FATEZEROS.items()}
 
 
-@pytest.mark.parametrize("size", [2, 3])
-def test_sharded_fatezero_equals_one_process(tiny_sd, tiny_root, tmp_path, size):
+def test_sharded_fatezero_equals_one_process(tiny_sd, whole_inversion, ranks):
     from stemref.edit import fatezero
 
-    inv = stemref.invert(tiny_sd, video(), SOURCE, steps=STEPS, context="all-frame")
-    inv.save(tmp_path / "inversion.safetensors")
-    ranks = run_ranks(size, _fatezeros, tmp_path, tiny_root, tmp_path / "inversion.safetensors")
+    size, ranks, inv = ranks[0], of(ranks[1], "fatezero"), whole_inversion
     starts = even_starts(FRAMES, size)
     for name, options in FATEZEROS.items():
         expected = fatezero.edit_latents(tiny_sd, inv if name.endswith("replay") else video(), SOURCE, TARGET,
