@@ -33,7 +33,7 @@ import stemref
 import stemref.context
 import stemref.inversion
 import stemref.sampling
-from stemref.cli import MARKER
+from stemref.cli.output import MARKER
 from stemref.cli import download as download_cli
 from stemref.cli import invert as invert_cli
 from stemref.cli import txt2img as txt2img_cli
@@ -537,7 +537,7 @@ def test_help_lists_defaults_and_outputs(module, outputs, monkeypatch, capsys):
 
 
 def test_progress_shows_rate_and_eta_and_ends_its_line_before_any_message(monkeypatch, capsys):
-    import stemref.cli as cli
+    import stemref.cli.progress as cli
 
     clock = iter([0.0, 10.0, 12.0, 100.0, 102.0])  # created, two reports (the first after 10 s); again, one report
     monkeypatch.setattr(cli, "time", type("Clock", (), {"monotonic": staticmethod(lambda: next(clock))}))
@@ -601,3 +601,29 @@ def test_out_of_memory_is_one_line(tiny_root, clip, tmp_path, monkeypatch, capsy
     assert invert_cli.main(invert_args(clip, tmp_path / "run", tiny_root)) == 1
     assert "out of memory; use a smaller --size" in error_line(capsys.readouterr().err)
     assert list(tmp_path.iterdir()) == []
+
+
+# the modules whose only job is to give a command its `python -m stemref.NAME`: they may import the command
+COMMAND_SHIMS = {"invert.py", "txt2img.py", "evaluate.py"}
+
+
+def test_the_library_never_imports_the_command_line():
+    import ast
+
+    package = Path(stemref.__file__).parent
+    for file in package.rglob("*.py"):
+        shim = file.name == "__main__.py" or file.parent == package and file.name in COMMAND_SHIMS
+        if package / "cli" in file.parents or shim:
+            continue
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                name = "." * node.level + (node.module or "")
+                assert "cli" not in name.split("."), f"{file.relative_to(package)} imports {name}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("stemref.cli") for a in node.names), f"{file.relative_to(package)} imports the CLI"
+
+
+def test_download_runs_as_a_module_without_the_library_importing_the_command(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "stemref.download", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "--model" in result.stdout

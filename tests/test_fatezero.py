@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import stemref
 from stemref.attention import AttnCall, RunInfo
 from stemref.context import SpatialTemporal, context_processor, gather_frames, visible_frames
-from stemref.edit import fatezero
+from stemref.edit import fatezero, fatezero_fusion
 from stemref.edit.attention_store import AttentionStore, StepReader, write_safetensors
 from stemref.edit.fatezero import FateZeroSettings, Plan, edit
 from stemref.em import EPS
@@ -226,11 +226,11 @@ def test_maps_recomputed_from_the_store_equal_maps_stored_directly(tiny_sd, inve
                 is_cross = name.endswith("attn2")
                 q, k = fusion.source_qk(AttnCall(name, is_cross, RunInfo(frames=3, step=i)), expected)
                 if is_cross:
-                    got = fatezero.probabilities(q, k)
+                    got = fatezero_fusion.probabilities(q, k)
                 else:
                     context_ = fatezero._layer_contexts(tiny_sd, inv.settings)[name]
                     table, index = visible_frames(context_, k[None], q.shape[1] * q.shape[-1])
-                    got = fatezero.probabilities(q, gather_frames(table, index)[0])
+                    got = fatezero_fusion.probabilities(q, gather_frames(table, index)[0])
             assert torch.equal(got, expected), name
             checked += 1
         assert checked == STEPS * 2 * 11  # 11 self and 11 cross layers below the top level (as SD1.5's), every step
@@ -250,7 +250,7 @@ def test_stem_bases_of_the_recorder_are_the_inversions(tiny_sd):
         # the stored maps: softmax(q μᵀ/√d) of the conditional branch, recomputed from (q, μ)
         q_video = q[3:5].transpose(0, 1).reshape(2, 10, 4)  # frames 0, 1 of the conditional branch, (h, 2·N, d)
         expected = torch.softmax((q_video @ mu[0].transpose(-1, -2)) * 4 ** -0.5, -1)
-        assert torch.equal(fatezero.probabilities(fatezero._video(q[3:5]), mu[0]), expected)
+        assert torch.equal(fatezero_fusion.probabilities(fatezero_fusion._video(q[3:5]), mu[0]), expected)
 
 
 def test_bases_from_source_responsibilities_against_naive():
@@ -262,7 +262,7 @@ def test_bases_from_source_responsibilities_against_naive():
     z = torch.softmax((logits - logits.amax(-1, keepdim=True)) / tau, -1)
     z_bar = z / (z.sum(-2, keepdim=True) + EPS)
     for chunk in (None, 5):
-        mu_e, nu_e = fatezero.bases_from_source(k_src, mu, k_edit, v_edit, tau, chunk)
+        mu_e, nu_e = fatezero_fusion.bases_from_source(k_src, mu, k_edit, v_edit, tau, chunk)
         torch.testing.assert_close(mu_e, z_bar.transpose(-1, -2) @ k_edit, rtol=0, atol=1e-12)
         torch.testing.assert_close(nu_e, z_bar.transpose(-1, -2) @ v_edit, rtol=0, atol=1e-12)
 

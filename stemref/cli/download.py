@@ -8,7 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import EXIT_INTERRUPTED, Interrupted, progress_printer, run
+from .errors import EXIT_INTERRUPTED, Interrupted, run
+from .progress import progress_printer
 from ..download import DEFAULT_BASE_URL, MODELS, VARIANTS, DownloadError, Progress, download
 
 

@@ -34,8 +34,11 @@ from typing import Any
 
 import torch
 
-from . import (DTYPES, UserError, check_model_arguments, check_output_folder, check_prompt, check_steps, load_model,
-               model_inputs, output_folder, progress_printer, run, warn, warn_if_large)
+from .checks import check_prompt, check_steps, warn_if_large
+from .errors import UserError, run, warn
+from .model import DTYPES, check_model_arguments, load_model, model_inputs
+from .output import check_output_folder, output_folder
+from .progress import progress_printer
 from .download import stderr_progress
 from .edit_methods import METHODS, Job, Option
 from .measure import clock, consistency, peak_memory, reset_peak_memory, source_fps

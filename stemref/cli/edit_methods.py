@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from . import UserError, progress_printer
+from .errors import UserError
+from .progress import progress_printer
 from .measure import clock
 from ..context import CONTEXTS
 from ..edit import fatezero, tokenflow, tuning

@@ -18,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from . import UserError, add_device_arguments, check_device, chosen_dtype, run
+from .errors import UserError, run
+from .model import add_device_arguments, check_device, chosen_dtype
 from ..clip_metrics import clip_metrics
 from ..loading import DEFAULT_CLIP, WeightsError, load_clip
 from ..video import read_video

@@ -24,8 +24,11 @@ from pathlib import Path
 
 import torch
 
-from . import (UserError, add_model_arguments, check_model_arguments, check_prompt, check_steps, load_model,
-               model_inputs, output_folder, progress_printer, run, warn, warn_if_large)
+from .checks import check_prompt, check_steps, warn_if_large
+from .errors import UserError, run, warn
+from .model import add_model_arguments, check_model_arguments, load_model, model_inputs
+from .output import output_folder
+from .progress import progress_printer
 from .measure import FEATURE_TIMESTEP, clock, consistency, peak_memory, reset_peak_memory, source_fps
 from ..context import CONTEXTS
 from ..inversion import invert, reconstruct

@@ -13,8 +13,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import (UserError, add_model_arguments, check_model_arguments, check_output_file, check_prompt, check_steps,
-               checked, load_model, model_inputs, progress_printer, run, warn_if_large)
+from .checks import check_prompt, check_steps, checked, warn_if_large
+from .errors import UserError, run
+from .model import add_model_arguments, check_model_arguments, load_model, model_inputs
+from .output import check_output_file
+from .progress import progress_printer
 from ..files import atomic_path
 from ..sampling import check_guidance, check_size, txt2img
 

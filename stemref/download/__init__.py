@@ -1,4 +1,5 @@
-"""`python -m stemref.download`: fetch SD1.5's diffusers folder, or a CLIP for the metrics, from the Hugging Face hub.
+"""Fetch SD1.5's diffusers folder, or a CLIP for the metrics, from the Hugging Face hub (the library; the command
+`python -m stemref.download` is stemref/cli/download.py, run by this package's __main__.py).
 
 `--model` picks what (MODELS): SD1.5 (`sd15_files(variant)`), or OpenAI's CLIP ViT-L/14 or ViT-B/32 (their
 config.json and model.safetensors only: never the pickled or TF/Flax copies beside them).
@@ -31,7 +32,6 @@ import ipaddress
 import json
 import os
 import re
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -41,7 +41,7 @@ from email.message import Message
 from pathlib import Path
 from typing import Callable
 
-from .files import safetensors_problem
+from ..files import safetensors_problem
 
 DEFAULT_BASE_URL = "https://huggingface.co"
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -438,8 +438,3 @@ def _is_loopback(host: str) -> bool:
     except ValueError:
         return host == "localhost"
 
-
-if __name__ == "__main__":  # `python -m stemref.download`: the command lives in stemref/cli/download.py
-    from .cli.download import main
-
-    sys.exit(main())
