@@ -9,7 +9,9 @@ collective of this module:
     all_reduce_sum    STEM's M-step sums Σ_t z (K) and zᵀk, zᵀv (K × d) and the key statistics of its
                       initial bases: sums over tokens, so the sum of the shards' sums is the whole sum
     all_gather        all-frame attention's keys and values; TokenFlow's keyframe latents and keys/values
+    gather_to_first   the results (latents, frames) on rank 0, which writes them
     broadcast_item    one frame to every rank: the first frame (2-frame), FateZero's middle frame
+    broadcast_object  rank 0's decision (e.g. whether the cache holds the inversion) to every rank
     fetch             contiguous ranges of items from whichever ranks hold them (point to point): the
                       previous frame from the left neighbour, TokenFlow's keyframe features for a batch
 
@@ -107,11 +109,23 @@ def all_gather(x: torch.Tensor, shard: Shard, dim: int = 0) -> torch.Tensor:
 
     Shards may be uneven: each is padded to the longest for the collective and cut back after it.
     """
-    longest = max(shard.starts[r + 1] - shard.starts[r] for r in range(shard.size))
-    padded = x if x.shape[dim] == longest else torch.cat(
-        [x, x.new_zeros(*x.shape[:dim], longest - x.shape[dim], *x.shape[dim + 1:])], dim=dim)
+    padded = _padded(x, shard, dim)
     pieces = [torch.empty_like(padded) for _ in range(shard.size)]
     dist.all_gather(pieces, padded.contiguous(), group=shard.group)
+    return torch.cat([p.narrow(dim, 0, len(shard.range_of(r))) for r, p in enumerate(pieces)], dim=dim)
+
+
+def gather_to_first(x: torch.Tensor, shard: Shard, dim: int = 0) -> torch.Tensor | None:
+    """Every rank's items along `dim` on rank 0 of the group (shard.total of them), None on the others.
+
+    Shards may be uneven: each is padded to the longest for the collective and cut back after it.
+    """
+    padded = _padded(x, shard, dim)
+    first = shard.rank == 0
+    pieces = [torch.empty_like(padded) for _ in range(shard.size)] if first else None
+    dist.gather(padded.contiguous(), pieces, dst=dist.get_global_rank(shard.group, 0), group=shard.group)
+    if not first:
+        return None
     return torch.cat([p.narrow(dim, 0, len(shard.range_of(r))) for r, p in enumerate(pieces)], dim=dim)
 
 
@@ -164,6 +178,13 @@ def left_neighbour(x: torch.Tensor, shard: Shard, dim: int = 0) -> torch.Tensor:
     return fetch(x, shard, wants, dim)
 
 
+def broadcast_object(value: object, group: dist.ProcessGroup) -> object:
+    """Rank 0's `value` (any picklable object) on every rank of `group`."""
+    box = [value]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
 def check_same(value: str, group: dist.ProcessGroup) -> None:
     """Raise ValueError on every rank unless every rank of `group` passed the same string (e.g. a settings hash)."""
     values = [None] * dist.get_world_size(group)
@@ -174,5 +195,14 @@ def check_same(value: str, group: dist.ProcessGroup) -> None:
                          f"from rank 0; start every process with the same arguments and files")
 
 
+def _padded(x: torch.Tensor, shard: Shard, dim: int) -> torch.Tensor:
+    """x with zero items appended along `dim` up to the longest shard's length (collectives need equal shapes)."""
+    longest = max(len(shard.range_of(r)) for r in range(shard.size))
+    if x.shape[dim] == longest:
+        return x
+    return torch.cat([x, x.new_zeros(*x.shape[:dim], longest - x.shape[dim], *x.shape[dim + 1:])], dim=dim)
+
+
 def _overlap(a: range, b: range) -> range:
     return range(max(a.start, b.start), min(a.stop, b.stop)) if a and b else range(0)
+

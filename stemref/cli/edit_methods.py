@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .progress import progress_printer
+from .launch import Launch
+from .progress import progress_printer, silent_printer
 from .measure import clock
+from .. import distributed
 from ..context import CONTEXTS
 from ..edit import fatezero, tokenflow, tuning
 from ..edit import tuned as tuned_editing
@@ -49,12 +51,14 @@ class Job:
     settings: dict[str, Any]
     cache_root: Path | None
     timings: dict[str, float] = field(default_factory=dict)
+    launch: Launch = Launch()  # several processes under torchrun: only rank 0 reports, caches and writes
 
     def progress(self, label: str, unit: str = "step") -> progress_printer:
-        return progress_printer(label, unit)
+        return progress_printer(label, unit) if self.launch.main else silent_printer(label, unit)
 
     def say(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        if self.launch.main:
+            print(message, file=sys.stderr, flush=True)
 
     @cached_property
     def frames_digest(self) -> str:
@@ -174,13 +178,36 @@ def cached_inversion(job: Job, sd: StableDiffusion | None = None, prompt: str | 
                    "prompt": prompt, "steps": s["steps"], "context": s["inversion"], "options": options,
                    "seed": s["seed"], "weights": weights_fingerprint(sd), "dtype": str(sd.dtype)}
     context = None if s["inversion"] == "model" else s["inversion"]
+    group = job.launch.group
 
     def compute() -> Inversion:
         with job.progress("encoding frames", unit="frame") as encoding, \
                 job.progress(f"{s['inversion']} inversion") as report:
             return invert(sd, job.frames, prompt, s["steps"], context, seed=s["seed"], progress=report,
-                          vae_progress=encoding, **options)
-    return job.cached("inversion", "inversions", description, Inversion.load, compute)
+                          vae_progress=encoding, group=group, **options)
+    if group is None:
+        return job.cached("inversion", "inversions", description, Inversion.load, compute)
+    return _sharded_cached_inversion(job, description, compute)
+
+
+def _sharded_cached_inversion(job: Job, description: dict, compute: Callable[[], Inversion]) -> Inversion:
+    """Job.cached for several processes: rank 0 looks the inversion up and tells the others; on a hit every rank
+    reads the file (the cache folder must be the same on every machine) and keeps its shard; on a miss the ranks
+    invert together, rank 0 gathers the shards and stores the whole inversion. Returns this rank's shard."""
+    launch, cache, key = job.launch, Cache(job.cache_root, "inversions"), key_of(description)
+    found = cache.get(key, Inversion.load) if launch.main else None
+    hit = distributed.broadcast_object(None if found is None else str(cache.path(key)), launch.group)
+    if hit is not None:
+        job.say(f"inversion: reusing {hit}")
+        job.timings["inversion"] = 0.0
+        return (found if launch.main else Inversion.load(hit)).local(launch.group)
+    started = clock(job.sd.device)
+    inversion = compute()
+    job.timings["inversion"] = clock(job.sd.device) - started
+    whole = distributed.gather_to_first(inversion.latents.cpu(), launch.on_cpu(inversion.shard), dim=1)  # on rank 0
+    if launch.main and cache.put(key, Inversion(whole, inversion.timesteps, inversion.settings).save) is not None:
+        job.say(f"inversion: cached as {cache.path(key)}")
+    return inversion
 
 
 def tokenflow_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
@@ -190,16 +217,19 @@ def tokenflow_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
                                          guidance=s["guidance"], batch=s["batch"], pnp_attn=s["pnp_attn"],
                                          pnp_conv=s["pnp_conv"], freeu=s["freeu"], seed=s["seed"], blend=s["blend"],
                                          progress=report)
-    return decode(job, latents)
+    return decode(job, latents, inversion)
 
 
 def fatezero_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
     s = job.settings
+    store_dir = s["store_dir"]
+    if store_dir is not None and job.launch.group is not None:  # each rank spills its own frames' store
+        store_dir = Path(store_dir) / f"rank{job.launch.rank}"
     with job.progress(f"FateZero: {_short(target)}") as report:
         latents = fatezero.edit_latents(job.sd, inversion, s["source"], target, guidance=s["guidance"],
                                         negative_prompt=s["negative"], memory_budget=s["store_memory"] * 2**20,
-                                        store_dir=s["store_dir"], progress=report, **fatezero_settings(s))
-    return decode(job, latents)
+                                        store_dir=store_dir, progress=report, **fatezero_settings(s))
+    return decode(job, latents, inversion)
 
 
 def fatezero_settings(s: dict[str, Any]) -> dict[str, Any]:
@@ -274,12 +304,15 @@ def tuned_edit(job: Job, prepared: tuple[StableDiffusion, Inversion], target: st
     return decode(job, latents)
 
 
-def decode(job: Job, latents: torch.Tensor) -> torch.Tensor:
+def decode(job: Job, latents: torch.Tensor, inversion: Inversion | None = None) -> torch.Tensor | None:
     """VAE-decode every method's edited latents (F, 4, h, w) to frames (F, 3, H, W) on the CPU, with progress;
-    non-finite latents (fp16 overflow) are refused here, before anything is written."""
+    non-finite latents (fp16 overflow) are refused here, before anything is written. Of a sharded inversion's
+    edit, each rank decodes its shard and rank 0 gets every frame (the others None)."""
     check_finite(latents, "the edited latents", NON_FINITE_HINT)
     with job.progress("decoding", unit="frame") as report:
-        return job.sd.decode_latents(latents, progress=report).cpu()
+        frames = job.sd.decode_latents(latents, progress=report).cpu()
+    shard = None if inversion is None else inversion.shard
+    return frames if shard is None else distributed.gather_to_first(frames, job.launch.on_cpu(shard))
 
 
 METHODS: dict[str, Method] = {
