@@ -1,0 +1,89 @@
+"""`torchrun -m stemref.edit` on the CPU (gloo): two processes write what one writes; a killed rank, more
+processes than frames and ranks that disagree end cleanly (no output folder, no damaged cache entry).
+
+torchrun runs in a subprocess on the tiny checkpoint and the shipped clip at a small size, in float64.
+tests/torchrun_edit.py runs the command with one rank misbehaving on request.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from stemref.cli.edit import main
+from stemref.edit.cache import Cache
+from stemref.inversion import Inversion
+from stemref.video import read_video
+
+ROOT = Path(__file__).parent.parent
+CLIP = ROOT / "examples" / "bunny.mp4"
+SMALL = ["--frames", "5", "--size", "96", "--steps", "2", "--batch", "2", "--num-bases", "8", "--dtype", "fp64",
+         "--device", "cpu", "--format", "mkv", "--source", "a rabbit on a hill", "--target", "a bear on a hill"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+
+
+def torchrun(processes: int, mode: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*TORCHRUN, str(processes), str(ROOT / "tests" / "torchrun_edit.py"),
+                           mode, str(CLIP), *SMALL, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or p.name == "run")
+
+
+def test_two_processes_write_the_files_of_one(tiny_root, tmp_path):
+    common = ["--weights", str(tiny_root), "--cache", str(tmp_path / "cache")]
+    assert main([str(CLIP), *SMALL, *common, "--out", str(tmp_path / "one")]) == 0
+    result = torchrun(2, "plain", *common, "--out", str(tmp_path / "two"), "--no-reuse")
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    for video in one.glob("*.mkv"):  # lossless: the decoded frames, not the container bytes (it holds a UID)
+        assert torch.equal(read_video(video), read_video(two / video.name)), video.name
+    config_one, config_two = (tomllib.loads((f / "config.toml").read_text()) for f in (one, two))
+    assert (config_one.pop("processes"), config_two.pop("processes")) == (1, 2)
+    assert config_two.pop("reuse") is False and config_one.pop("reuse") is True
+    assert config_one == config_two
+    metrics_one, metrics_two = (json.loads((f / "metrics.json").read_text()) for f in (one, two))
+    assert metrics_one["frames"] == metrics_two["frames"] == 5
+    for a, b in zip(metrics_one["edits"], metrics_two["edits"]):
+        assert a["file"] == b["file"] and a["consistency"] == pytest.approx(b["consistency"], rel=1e-10)
+    # the sharded run read the single run's cached inversion? No: --no-reuse. A reuse run reads it on every rank:
+    result = torchrun(2, "plain", *common, "--out", str(tmp_path / "reused"))
+    assert result.returncode == 0 and "inversion: reusing" in result.stderr, result.stderr[-3000:]
+    assert torch.equal(read_video(one / "source.mkv"), read_video(tmp_path / "reused" / "source.mkv"))
+
+
+def test_a_killed_rank_ends_the_run_cleanly(tiny_root, tmp_path):
+    started = time.monotonic()
+    result = torchrun(2, "kill", "--weights", str(tiny_root), "--cache", str(tmp_path / "cache"),
+                      "--out", str(tmp_path / "run"), "--timeout", "60")
+    assert result.returncode != 0
+    assert time.monotonic() - started < 120
+    # torchrun's agent stops the other rank at once and names the one that failed (ours would, without torchrun)
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: -9", result.stderr), result.stderr[-3000:]
+    assert leftovers(tmp_path) == []  # neither the output folder nor a hidden partial one
+    cached = list((tmp_path / "cache" / "inversions").glob("*.safetensors"))
+    assert len(cached) == 1  # stored before the kill, and sound: it verifies and loads
+    assert Cache(tmp_path / "cache", "inversions").get(cached[0].stem, Inversion.load) is not None
+
+
+@pytest.mark.parametrize("mode, extra, message", [
+    ("plain", ["--frames", "2"], "3 processes cannot share 2 frame(s)"),
+    ("disagree", [], "the processes disagree on the settings: rank(s) 1"),
+])
+def test_impossible_runs_exit_2_before_any_work(tiny_root, tmp_path, mode, extra, message):
+    result = torchrun(3 if mode == "plain" else 2, mode, "--weights", str(tiny_root), "--cache",
+                      str(tmp_path / "cache"), "--out", str(tmp_path / "run"), *extra)
+    assert result.returncode != 0
+    assert message in result.stderr and "exitcode  : 2" in result.stderr, result.stderr[-3000:]
+    assert leftovers(tmp_path) == [] and not (tmp_path / "cache").exists()
