@@ -2,6 +2,7 @@
 stemref's own safetensors files (tensors plus JSON metadata: inversions, tuned weights)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -14,11 +15,12 @@ from safetensors.torch import save_file
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write; rename it onto `path` on success, delete it on any error.
 
     The temporary name is hidden and ends in `.part`, so writers must name their format explicitly. An
     OSError about the temporary file (disk full, permission denied) is raised again naming `path` instead.
+    With `replace=False` a file that appeared at `path` meanwhile is never replaced: FileExistsError.
     """
     # same folder: the final rename stays on one file system, so it is atomic
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
@@ -26,7 +28,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         # writers differ (safetensors makes 0600 files): give every output the mode open() would
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _place_new(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if e.filename is not None and str(tmp) in str(e.filename):
@@ -35,6 +40,24 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _place_new(tmp: Path, path: Path) -> None:
+    """Give `tmp` the name `path` only if no file has it: a hard link fails atomically on an existing name."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "a file appeared there while this was written; it was not replaced",
+                              str(path)) from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise
+        if path.exists():  # a file system without hard links: check, then rename
+            raise FileExistsError(errno.EEXIST, "a file appeared there while this was written; it was not replaced",
+                                  str(path)) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 def _umask() -> int:

@@ -52,20 +52,24 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from .files import atomic_path
 from .frames import check_frames
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
-# suffix -> (container format, codec, pixel format, codec options) for the PyAV writers
+# suffix -> (container format, codec, pixel format, codec options) for the PyAV writers. One encoder thread:
+# x264's output depends on its thread count (which "auto" takes from the machine), so the same frames give
+# the same bytes everywhere
 _PYAV_WRITERS = {
-    ".mp4": ("mp4", "libx264", "yuv420p", {"crf": "18"}),
-    ".mov": ("mov", "libx264", "yuv420p", {"crf": "18"}),
-    ".mkv": ("matroska", "ffv1", "bgr0", {}),
+    ".mp4": ("mp4", "libx264", "yuv420p", {"crf": "18", "threads": "1"}),
+    ".mov": ("mov", "libx264", "yuv420p", {"crf": "18", "threads": "1"}),
+    ".mkv": ("matroska", "ffv1", "bgr0", {"threads": "1"}),
 }
 WRITE_SUFFIXES = (*_PYAV_WRITERS, ".gif")
+# frame rates the writers store as given: mp4/mkv keep fps as a fraction with a denominator up to 1001
+MIN_FPS, MAX_FPS = 0.01, 1000
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -294,8 +298,8 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float = 8) -
             f"{path}: cannot write {suffix or 'files without a suffix'};"
             " use .mp4 or .mov (H.264), .mkv (lossless) or .gif"
         )
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 1000:
-        raise ValueError(f"{path}: fps must be a number in (0, 1000], got {fps!r}")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not MIN_FPS <= fps <= MAX_FPS:
+        raise ValueError(f"{path}: fps must be a number from {MIN_FPS} to {MAX_FPS}, got {fps!r}")
     pixels = to_uint8(frames, path)  # (F, H, W, 3)
     height, width = pixels.shape[1:3]
     if suffix in (".mp4", ".mov") and (height % 2 or width % 2):
@@ -327,7 +331,8 @@ def to_uint8(frames: torch.Tensor, path: Path | str) -> np.ndarray:
 
 def _write_pyav(tmp: Path, pixels: np.ndarray, fps: float, fmt: str, codec: str, pix_fmt: str, options: dict) -> None:
     # the format is named explicitly because the temporary name has no video suffix
-    with av.open(str(tmp), mode="w", format=fmt) as container:
+    # bitexact: no random segment id or date in the container, so equal frames give equal files
+    with av.open(str(tmp), mode="w", format=fmt, container_options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.height, stream.width = pixels.shape[1:3]
         stream.pix_fmt = pix_fmt
@@ -366,8 +371,11 @@ def save_frames(folder: str | os.PathLike, frames: torch.Tensor) -> list[Path]:
     return paths
 
 
-def side_by_side(*videos: torch.Tensor) -> torch.Tensor:
-    """Concatenate videos (F, 3, H, W_i) along the width into (F, 3, H, ΣW_i), e.g. source | edit."""
+def side_by_side(*videos: torch.Tensor, labels: list[str] | None = None, gap: int = 0) -> torch.Tensor:
+    """Concatenate videos (F, 3, H, W_i) along the width into (F, 3, H, ΣW_i + gaps), e.g. source | edit.
+
+    `labels` (one per video) are written at each panel's top left, white on a dark box (Pillow's default
+    font); `gap` white columns separate the panels."""
     if not videos:
         raise ValueError("side_by_side needs at least one video (F, 3, H, W)")
     for i, video in enumerate(videos):
@@ -381,4 +389,52 @@ def side_by_side(*videos: torch.Tensor) -> torch.Tensor:
                 f"side_by_side: video {i} has (F, C, H) = {tuple(video.shape[:3])} but video 0 has {tuple(first[:3])};"
                 " read both with the same count and size"
             )
-    return torch.cat(videos, dim=3)  # (F, 3, H, ΣW)
+    if labels is not None and len(labels) != len(videos):
+        raise ValueError(f"side_by_side: {len(labels)} labels for {len(videos)} videos; give one per video")
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 0:
+        raise ValueError(f"side_by_side: gap must be a whole number of pixels, 0 or more; got {gap!r}")
+    panels = [video if labels is None else _labelled(video, text) for video, text in zip(videos, labels or videos)]
+    if gap:
+        spacer = torch.ones(*first[:3], gap, dtype=videos[0].dtype, device=videos[0].device)  # (F, 3, H, gap)
+        panels = [part for panel in panels for part in (spacer, panel)][1:]
+    return torch.cat(panels, dim=3)  # (F, 3, H, ΣW + gaps)
+
+
+LABEL_SHADE = 0.6  # how much the box behind a label darkens the frame
+
+
+def _labelled(video: torch.Tensor, text: str) -> torch.Tensor:
+    """`video` (F, 3, H, W) with `text` at its top left: drawn once as two masks, then painted on every frame."""
+    height, width = video.shape[-2:]
+    font = _font(max(10, min(32, height // 12)))
+    box = Image.new("L", (width, height), 0)
+    glyphs = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(glyphs)
+    pad = 2
+    text = _fitted(draw, font, text, width - 3 * pad)
+    left, top, right, bottom = draw.textbbox((pad, pad), text, font=font)
+    ImageDraw.Draw(box).rectangle((0, 0, right + pad, bottom + pad), fill=255)
+    draw.text((pad, pad), text, fill=255, font=font)
+    shade = torch.from_numpy(np.asarray(box, dtype=np.float32) / 255).to(video)  # (H, W)
+    ink = torch.from_numpy(np.asarray(glyphs, dtype=np.float32) / 255).to(video)  # (H, W)
+    return (video * (1 - LABEL_SHADE * shade)) * (1 - ink) + ink  # white text on a darkened box
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)  # Pillow ≥ 10.1: a scalable font
+    except TypeError:
+        return ImageFont.load_default()  # older Pillow: one small bitmap font
+
+
+def _fitted(draw: ImageDraw.ImageDraw, font, text: str, width: int) -> str:
+    """`text` the default font can draw (the bitmap font only has Latin-1), cut with "..." to `width` pixels."""
+    try:
+        draw.textlength(text, font=font)
+    except UnicodeEncodeError:
+        text = text.encode("latin-1", "replace").decode("latin-1")
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while len(text) > 1 and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text.rstrip() + "..."

@@ -7,11 +7,19 @@ projection, a unit GroupNorm) is an identity that could hide a wrong wiring.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
+# One torch thread per test process and per subprocess it starts: the tiny models gain nothing from more, and
+# threads × processes oversubscribe a shared machine (the suite ran 7× slower in CPU time beside other jobs).
+# STEMREF_TEST_THREADS=N gives more, e.g. for the full-size checks of `pytest -m slow`.
+THREADS = int(os.environ.get("STEMREF_TEST_THREADS", "1"))
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
 
 TINY_UNET = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=32,
                  attention_head_dim=8, sample_size=16)

@@ -33,7 +33,8 @@ import stemref
 import stemref.context
 import stemref.inversion
 import stemref.sampling
-from stemref.cli.output import MARKER
+from stemref.cli.errors import Conflict, UserError
+from stemref.cli.output import MARKER, check_output_folder, output_folder
 from stemref.cli import download as download_cli
 from stemref.cli import invert as invert_cli
 from stemref.cli import txt2img as txt2img_cli
@@ -45,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a mallard swimming in a pond"
 FAST = ["--steps", "2", "--frames", "3", "--size", "64", "--device", "cpu", "--dtype", "fp32"]
 METRIC_KEYS = {"context", "psnr", "ssim", "consistency", "seconds", "peak_memory_bytes", "peak_memory_measure",
-               "frames", "size", "steps", "settings"}
+               "frames", "width", "height", "scored", "steps", "settings"}
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_invert_writes_all_files(stem_run):
     assert sorted(p.name for p in stem_run.iterdir()) == [
         MARKER, "inversion.safetensors", "metrics.json", "reconstruction.mp4", "side_by_side.mp4"]
     assert [p.name for p in stem_run.parent.iterdir()] == ["mallard"]  # no hidden partial folder left
-    for name, width in (("reconstruction.mp4", 64), ("side_by_side.mp4", 128)):  # 80×64 read as 64×48
+    for name, width in (("reconstruction.mp4", 64), ("side_by_side.mp4", 136)):  # 80×64 read as 64×48; 8 px gap
         with av.open(str(stem_run / name)) as container:
             decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
         assert len(decoded) == 3 and decoded[0].shape == (48, width, 3)
@@ -148,7 +149,7 @@ def test_invert_file_equals_library_inversion(stem_run, library_stem):
 def test_invert_metrics(stem_run, library_stem):
     metrics = json.loads((stem_run / "metrics.json").read_text())
     assert set(metrics) == METRIC_KEYS
-    assert metrics["context"] == "stem" and metrics["frames"] == 3 and metrics["size"] == [48, 64]
+    assert metrics["context"] == "stem" and metrics["frames"] == 3 and (metrics["width"], metrics["height"]) == (64, 48)
     assert metrics["steps"] == 2 and metrics["settings"]["options"] == {"num_bases": 8}
     assert metrics["settings"]["fps"] == 24.0  # the clip's rate, so the outputs play at its speed
     frames, _, recon = library_stem
@@ -167,12 +168,18 @@ def test_invert_refuses_non_empty_out_unless_overwrite(tiny_root, clip, tmp_path
     args = [str(clip), "--prompt", PROMPT, "--context", "1-frame", "--weights", str(tiny_root), "--out", str(out),
             *FAST, "--steps", "1", "--frames", "2"]
     assert invert_cli.main(args) == 0
-    (out / "stale.txt").write_text("left in an earlier run's folder")
+    (out / "reconstruction.mp4").write_bytes(b"a stemref file, replaced by the user: still stemref's to replace")
+    (out / "notes.txt").write_text("added by the user")
     assert invert_cli.main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert (out / "stale.txt").is_file()
+    # a file stemref did not write is listed and kept, never deleted by --overwrite
+    assert invert_cli.main([*args, "--overwrite"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "1 file(s) that stemref did not write (notes.txt)" in line and "Move them elsewhere" in line
+    assert (out / "notes.txt").read_text() == "added by the user"
+    (out / "notes.txt").unlink()
     assert invert_cli.main([*args, "--overwrite"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == [  # replaced whole: stale.txt is gone
+    assert sorted(p.name for p in out.iterdir()) == [  # replaced whole
         MARKER, "inversion.safetensors", "metrics.json", "reconstruction.mp4", "side_by_side.mp4"]
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # neither the partial nor the old folder is left
 
@@ -469,6 +476,22 @@ def test_txt2img_replaces_an_existing_file_only_with_overwrite(tiny_root, tmp_pa
     assert Image.open(out).size == (64, 64)
 
 
+def test_txt2img_keeps_a_file_that_appears_at_out_during_the_run(tiny_root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "fox.png"
+
+    def meanwhile(*args, **kwargs):
+        out.write_bytes(b"another run's image")
+        return txt2img(*args, **kwargs)
+
+    monkeypatch.setattr(txt2img_cli, "txt2img", meanwhile)
+    args = ["--weights", str(tiny_root), "--prompt", "a fox", "--steps", "1", "--size", "64", "--out", str(out),
+            "--device", "cpu"]
+    assert txt2img_cli.main(args) == 1
+    assert f"the image is in {tmp_path / 'fox-2.png'}" in error_line(capsys.readouterr().err)
+    assert out.read_bytes() == b"another run's image" and Image.open(tmp_path / "fox-2.png").size == (64, 64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fox-2.png", "fox.png"]
+
+
 def test_a_short_clip_is_used_whole_and_the_count_reported(tiny_root, clip, tmp_path, capsys):
     out = tmp_path / "run"
     assert invert_cli.main([*invert_args(clip, out, tiny_root), "--frames", "10"]) == 0
@@ -539,6 +562,7 @@ def test_help_lists_defaults_and_outputs(module, outputs, monkeypatch, capsys):
 def test_progress_shows_rate_and_eta_and_ends_its_line_before_any_message(monkeypatch, capsys):
     import stemref.cli.progress as cli
 
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     clock = iter([0.0, 10.0, 12.0, 100.0, 102.0])  # created, two reports (the first after 10 s); again, one report
     monkeypatch.setattr(cli, "time", type("Clock", (), {"monotonic": staticmethod(lambda: next(clock))}))
     with pytest.raises(RuntimeError):
@@ -555,6 +579,22 @@ def test_progress_shows_rate_and_eta_and_ends_its_line_before_any_message(monkey
     with cli.progress_printer("writing", "file") as report:
         report(1, 1)
     assert capsys.readouterr().err.split("\r")[1].rstrip(" \n") == "writing: 1/1 files, 2.00 s/file, 0:02 in all"
+
+
+def test_progress_in_a_log_file_is_plain_lines_every_few_seconds(monkeypatch, capsys):
+    import stemref.cli.progress as progress
+
+    assert not sys.stderr.isatty()
+    times = [0.0, 1.0, 1.0, 2.0, 2.0, 6.5, 6.5, 7.0, 7.0]  # created; then (report, show) for each of 4 reports
+    clock = iter(times)
+    monkeypatch.setattr(progress, "time", type("Clock", (), {"monotonic": staticmethod(lambda: next(clock))}))
+    with progress.progress_printer("denoising") as report:
+        for done in range(1, 5):
+            report(done, 10)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert [line.split(",")[0] for line in err.splitlines()] == [  # the first, one after 5 s, the last
+        "denoising: 1/10 steps", "denoising: 3/10 steps", "denoising: 4/10 steps"]
 
 
 def test_an_unwritable_out_is_refused_before_any_work(tiny_root, clip, tmp_path, monkeypatch, capsys):
@@ -620,10 +660,195 @@ def test_the_library_never_imports_the_command_line():
                 name = "." * node.level + (node.module or "")
                 assert "cli" not in name.split("."), f"{file.relative_to(package)} imports {name}"
             elif isinstance(node, ast.Import):
-                assert not any(a.name.startswith("stemref.cli") for a in node.names), f"{file.relative_to(package)} imports the CLI"
+                names = [a.name for a in node.names if a.name.startswith("stemref.cli")]
+                assert not names, f"{file.relative_to(package)} imports {names}"
 
 
 def test_download_runs_as_a_module_without_the_library_importing_the_command(tmp_path):
     result = subprocess.run([sys.executable, "-m", "stemref.download", "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "--model" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# The final rename checks again (two runs at one --out, a file appearing in --out during a run)
+# ---------------------------------------------------------------------------------------------------
+
+
+def finished_output(path: Path, text: str) -> None:
+    with output_folder(path) as tmp:
+        (tmp / "result.txt").write_text(text)
+
+
+def test_a_file_appearing_in_out_during_a_run_is_kept_and_so_is_the_result(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Conflict, match=f"the result is in {tmp_path / 'run-2'}"):
+        with output_folder(out) as tmp:
+            (tmp / "result.txt").write_text("the result")
+            out.mkdir()
+            (out / "notes.txt").write_text("the user's")
+    assert snapshot(out) == {"notes.txt": b"the user's"}
+    assert snapshot(tmp_path / "run-2")["result.txt"] == b"the result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run-2"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_two_runs_at_one_out_keep_both_results(tmp_path, overwrite):
+    out = tmp_path / "run"
+    with pytest.raises(Conflict, match="was created while this run worked"):
+        with output_folder(out, overwrite) as tmp:  # the slower run, started first
+            (tmp / "result.txt").write_text("second to finish")
+            finished_output(out, "first to finish")
+    assert snapshot(out)["result.txt"] == b"first to finish"
+    assert snapshot(tmp_path / "run-2")["result.txt"] == b"second to finish"
+
+
+def test_overwrite_replaces_only_the_folder_its_check_allowed(tmp_path):
+    out = tmp_path / "run"
+    finished_output(out, "an old result")
+    with pytest.raises(Conflict, match="changed while this run worked"):
+        with output_folder(out, overwrite=True) as slow:
+            (slow / "result.txt").write_text("slow")
+            with output_folder(out, overwrite=True) as fast:  # replaces the old result first
+                (fast / "result.txt").write_text("fast")
+    assert snapshot(out)["result.txt"] == b"fast"
+    assert snapshot(tmp_path / "run-2")["result.txt"] == b"slow"
+
+
+def test_overwrite_keeps_a_file_added_to_the_old_output_during_the_run(tmp_path):
+    out = tmp_path / "run"
+    finished_output(out, "an old result")
+    with pytest.raises(Conflict, match="changed while this run worked"):
+        with output_folder(out, overwrite=True) as tmp:
+            (tmp / "result.txt").write_text("new")
+            (out / "render.mp4").write_bytes(b"the user's render")
+    assert snapshot(out) == {MARKER: (out / MARKER).read_bytes(), "result.txt": b"an old result",
+                             "render.mp4": b"the user's render"}
+    assert snapshot(tmp_path / "run-2")["result.txt"] == b"new"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing hidden left behind
+
+
+def test_an_output_of_an_older_stemref_counts_files_newer_than_its_marker_as_the_users(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    (out / MARKER).write_text(json.dumps({"written_by": "stemref", "pid": 1, "resume": None}))  # no file list
+    (out / "notes.txt").write_text("the user's")
+    os.utime(out / "metrics.json", (1, 1))
+    os.utime(out / MARKER, (2, 2))
+    with pytest.raises(UserError, match=r"1 file\(s\) that stemref did not write \(notes.txt\)"):
+        check_output_folder(out, overwrite=True)
+    (out / "notes.txt").unlink()
+    check_output_folder(out, overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Failing cleanly and early (issue 14, §4)
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("invert", ["v.mp4", "--prompt", "a", "--out", "o", "--weights", "w", "--steps", "2.5"]),
+    ("txt2img", ["--prompt", "a", "--weights", "w", "--steps", "2.5"]),
+    ("evaluate", ["e.mp4", "--source-video", "s.mp4", "--prompt", "a", "--source-prompt", "b", "--frames", "2.5"]),
+    ("download", ["--variant", "bf16"]),
+    ("edit", ["v.mp4", "--source", "a", "--target", "b", "--steps", "2.5"]),
+])
+def test_an_argument_of_the_wrong_type_is_one_line_and_exit_2(capsys, command, argv):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"stemref.cli.{command}").main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: argument ") and err.endswith(f"; see python -m stemref.{command} --help\n")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seed", str(2**63)], f"--seed {2**63}: use a whole number from 0 to {2**63 - 1}"),
+    (["--fps", "1e-9"], "--fps 1e-09: use a frame rate from 0.01 to 1000"),
+    (["--context", "stem", "--num-bases", "100000000"], "so use at most 128 bases"),  # 2 frames of 64×64
+])
+def test_invert_bounds_what_cannot_work(tiny_root, clip, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.setattr(invert_cli, "load_model", lambda *a, **k: pytest.fail("loaded the model for a bad input"))
+    args = invert_args(clip, tmp_path / "run", tiny_root, "--size", "64", "--square", *extra)
+    assert invert_cli.main(args) == 2
+    assert message in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_txt2img_bounds_the_seed(tiny_root, tmp_path, capsys):
+    assert txt2img_cli.main(["--weights", str(tiny_root), "--prompt", "a fox", "--seed", str(2**64),
+                             "--out", str(tmp_path / "a.png")]) == 2
+    assert f"use a whole number from 0 to {2**63 - 1}" in error_line(capsys.readouterr().err)
+
+
+def test_write_video_refuses_a_rate_it_cannot_store(tmp_path):
+    with pytest.raises(ValueError, match="fps must be a number from 0.01 to 1000"):
+        write_video(tmp_path / "a.mp4", torch.zeros(1, 3, 16, 16), fps=1e-9)
+
+
+def test_a_fifo_as_a_video_is_refused_by_every_command(tiny_root, clip, tmp_path, capsys):
+    from stemref.cli import evaluate as evaluate_cli
+
+    fifo = tmp_path / "video.mp4"
+    os.mkfifo(fifo)
+    assert invert_cli.main(invert_args(fifo, tmp_path / "run", tiny_root)) == 2
+    assert "is not a regular file or a folder" in error_line(capsys.readouterr().err)
+    for argv in ([str(fifo), "--source-video", str(clip)], [str(clip), "--source-video", str(fifo)]):
+        assert evaluate_cli.main([*argv, "--prompt", "a", "--source-prompt", "b", "--device", "cpu"]) == 2
+        assert f"{fifo} is not a regular file or a folder" in error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("prompt, source_prompt, message", [
+    ("", "a swan", "--prompt is empty"),
+    ("a swan", "  ", "--source-prompt is empty"),
+    ("a sw\udcffan", "a duck", "--prompt is not valid UTF-8 text"),
+])
+def test_evaluate_refuses_an_empty_or_undecodable_prompt(clip, capsys, prompt, source_prompt, message):
+    from stemref.cli import evaluate as evaluate_cli
+
+    assert evaluate_cli.main([str(clip), "--source-video", str(clip), "--prompt", prompt, "--source-prompt",
+                              source_prompt, "--device", "cpu"]) == 2
+    assert message in error_line(capsys.readouterr().err)
+
+
+def test_the_suite_pins_torch_threads_here_and_in_subprocesses():
+    threads = int(os.environ.get("STEMREF_TEST_THREADS", "1"))
+    assert torch.get_num_threads() == threads
+    child = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                           capture_output=True, text=True, timeout=120)
+    assert child.stdout.strip() == str(threads)
+
+
+@pytest.mark.parametrize("name", ["a.mp4", "a.mkv"])
+def test_the_same_frames_are_written_as_the_same_bytes(tmp_path, name):
+    frames = torch.rand(6, 3, 32, 64, generator=torch.Generator().manual_seed(0))
+    written = {write_video(tmp_path / str(i) / name, frames, fps=8).read_bytes() for i in range(3)}
+    assert len(written) == 1
+    if name.endswith(".mp4"):  # x264 records its settings in the stream: one thread, whatever the machine
+        data = written.pop()
+        assert b" threads=1 " in data and b" lookahead_threads=1 " in data
+
+
+def test_side_by_side_labels_each_panel_and_leaves_a_gap():
+    from stemref.video import side_by_side
+
+    source = torch.full((2, 3, 64, 96), 0.5, dtype=torch.float64)
+    edit = torch.full((2, 3, 64, 96), 0.25, dtype=torch.float64)
+    plain = side_by_side(source, edit, gap=8)
+    assert plain.shape == (2, 3, 64, 200) and (plain[..., 96:104] == 1).all()
+    assert torch.equal(plain[..., :96], source) and torch.equal(plain[..., 104:], edit)
+    labelled = side_by_side(source, edit, labels=["source", "edit 1: a swan"], gap=8)
+    assert labelled.shape == plain.shape and (labelled[..., 96:104] == 1).all()
+    for panel, video in ((labelled[..., :96], source), (labelled[..., 104:], edit)):
+        changed = (panel != video).any(dim=(0, 1))  # (H, W): where the label is
+        rows, cols = changed.nonzero().unbind(1)
+        assert rows.min() == 0 and cols.min() == 0 and rows.max() < 32  # at the top left, in a small box
+        assert (panel[..., 32:, :] == video[..., 32:, :]).all()  # the rest of the frame untouched
+        assert panel.max() > video.max() and panel.min() < video.min()  # light text on a darkened box
+    # another text, another drawing; a label too long for the panel is cut, not drawn over the next one
+    other = side_by_side(source, edit, labels=["source", "edit 1: a " + "very " * 40 + "long prompt"], gap=8)
+    assert not torch.equal(other[..., 104:], labelled[..., 104:]) and (other[..., 96:104] == 1).all()
+    with pytest.raises(ValueError, match="one per video"):
+        side_by_side(source, edit, labels=["source"])

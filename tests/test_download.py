@@ -16,6 +16,7 @@ import os
 import signal
 import random
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import pytest
 import stemref.cli.download as download_command
 import stemref.download as download_module
 from stemref.cli.download import main
-from stemref.download import DownloadError, Progress, download
+from stemref.download import UNFINISHED, DownloadError, Progress, download, unfinished
 
 REPO = "test-org/tiny-sd"
 UNET16 = "unet/diffusion_pytorch_model.fp16.safetensors"
@@ -189,11 +190,12 @@ def fetch(hub: FakeHub, to: Path, **kwargs) -> Path:
 
 
 def files_under(folder: Path) -> set[str]:
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    """The downloaded files (and parts), not the marker of an unfinished download (tested on its own)."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != UNFINISHED}
 
 
 def cli(hub: FakeHub, to: Path, *extra: str) -> int:
-    return main(["--to", str(to), "--base-url", hub.url, "--repo", REPO, *extra])
+    return main(["--to", str(to), "--hub-url", hub.url, "--repo", REPO, *extra])
 
 
 def test_full_download_is_exactly_sd15_and_byte_identical(hub, tmp_path, capsys):
@@ -295,14 +297,14 @@ def test_access_denied_says_accept_the_license_and_pass_a_token(hub, tmp_path, c
     assert not (tmp_path / UNET16).exists()
 
 
-def test_unreachable_server_names_the_url_and_suggests_base_url(tmp_path, capsys):
+def test_unreachable_server_names_the_url_and_suggests_hub_url(tmp_path, capsys):
     with socket.socket() as s:  # a loopback port that was free a moment ago: connection refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert main(["--to", str(tmp_path), "--base-url", f"http://127.0.0.1:{port}", "--repo", REPO]) == 1
+    assert main(["--to", str(tmp_path), "--hub-url", f"http://127.0.0.1:{port}", "--repo", REPO]) == 1
     err = capsys.readouterr().err
     assert f"cannot reach http://127.0.0.1:{port}/{REPO}/resolve/main/model_index.json" in err
-    assert "--base-url" in err and "connection" in err
+    assert "--hub-url" in err and "connection" in err
     assert files_under(tmp_path) == set()
 
 
@@ -335,7 +337,8 @@ def test_progress_reports_reach_the_total_of_every_file(hub, tmp_path):
         assert event.done == event.total == len(hub.files[path])
 
 
-def test_main_shows_progress_and_the_next_command(hub, tmp_path, capsys):
+def test_main_shows_progress_and_the_next_command(hub, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # redrawn in place on a terminal
     assert cli(hub, tmp_path / "sd15") == 0
     err = capsys.readouterr().err
     assert "\r" in err and "MB/s" in err
@@ -370,7 +373,7 @@ def test_bad_arguments_are_refused_before_any_request(hub, tmp_path, capsys):
         download(tmp_path, base_url="http://example.invalid", token="t")
     with pytest.raises(ValueError, match="repository id"):
         download(tmp_path, base_url=hub.url, repo="not a repo")
-    assert main(["--to", str(tmp_path), "--base-url", "file:///etc"]) == 2
+    assert main(["--to", str(tmp_path), "--hub-url", "file:///etc"]) == 2
     assert "http(s)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["--variant", "bf16"])
@@ -517,7 +520,7 @@ def clip_hub():
 
 @pytest.mark.parametrize("model", ["clip-vit-large-patch14", "clip-vit-base-patch32"])
 def test_clip_model_fetches_only_config_and_safetensors(clip_hub, tmp_path, capsys, model):
-    assert main(["--model", model, "--to", str(tmp_path / "clip"), "--base-url", clip_hub.url, "--repo", REPO]) == 0
+    assert main(["--model", model, "--to", str(tmp_path / "clip"), "--hub-url", clip_hub.url, "--repo", REPO]) == 0
     assert files_under(tmp_path / "clip") == CLIP_WANTED
     for path in CLIP_WANTED:
         assert (tmp_path / "clip" / path).read_bytes() == clip_hub.files[path]
@@ -527,10 +530,10 @@ def test_clip_model_fetches_only_config_and_safetensors(clip_hub, tmp_path, caps
 
 def test_clip_defaults_to_the_openai_repository_and_its_own_folder(clip_hub, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["--model", "clip-vit-large-patch14", "--base-url", clip_hub.url]) == 1  # the fake hub has no such repo
+    assert main(["--model", "clip-vit-large-patch14", "--hub-url", clip_hub.url]) == 1  # the fake hub has no such repo
     assert clip_hub.log[0]["path"] == "/openai/clip-vit-large-patch14/resolve/main/config.json"
     assert "HTTP 404" in capsys.readouterr().err
-    assert main(["--model", "clip-vit-base-patch32", "--base-url", clip_hub.url, "--repo", REPO]) == 0
+    assert main(["--model", "clip-vit-base-patch32", "--hub-url", clip_hub.url, "--repo", REPO]) == 0
     assert files_under(tmp_path / "weights" / "clip-vit-base-patch32") == CLIP_WANTED
 
 
@@ -547,7 +550,20 @@ def test_clip_download_resumes_and_checks_sha256(clip_hub, tmp_path):
 
 def test_variant_is_refused_for_clip(clip_hub, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model", "clip-vit-base-patch32", "--variant", "fp32", "--to", str(tmp_path), "--base-url", clip_hub.url])
+        main(["--model", "clip-vit-base-patch32", "--variant", "fp32", "--to", str(tmp_path),
+              "--hub-url", clip_hub.url])
     assert exit_info.value.code == 2
     assert "--variant applies to sd15 only" in capsys.readouterr().err
     assert clip_hub.log == []
+
+
+def test_an_unfinished_download_is_marked_until_every_file_is_in_place(hub, tmp_path):
+    hub.cut_once[TEXT16] = 1000  # the connection drops in the middle of a file
+    with pytest.raises(DownloadError, match="interrupted"):
+        download(tmp_path / "w", base_url=hub.url, repo=REPO)
+    assert unfinished(tmp_path / "w") and (tmp_path / "w" / UNFINISHED).is_file()
+    download(tmp_path / "w", base_url=hub.url, repo=REPO)
+    assert not unfinished(tmp_path / "w") and not (tmp_path / "w" / UNFINISHED).exists()
+    assert unfinished(tmp_path / "empty") is False  # absent: nothing to finish
+    (tmp_path / "empty" / "unet").mkdir(parents=True)
+    assert unfinished(tmp_path / "empty")  # a folder without any file: a download that never connected

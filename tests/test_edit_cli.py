@@ -10,8 +10,11 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
 import threading
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -49,9 +52,11 @@ def test_outputs_exist_and_decode(first_run):
     assert source.shape == (5, 3, 48, 96)  # 512×288 -> 96×54 -> cropped to a multiple of 8
     for name in ("edit-01-a-bear-on-a-hill.mp4", "edit-02-a-cat-on-a-hill.mp4"):
         assert read_video(out / name).shape == source.shape
-    assert read_video(out / "side_by_side.mp4").shape == (5, 3, 48, 3 * 96)
+    assert read_video(out / "side_by_side.mp4").shape == (5, 3, 48, 3 * 96 + 2 * 8)  # three labelled panels, 8 px gaps
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["frames"] == 5 and [e["target"] for e in metrics["edits"]] == ["a bear on a hill", "a cat on a hill"]
+    assert (metrics["width"], metrics["height"]) == (96, 48) and "size" not in metrics  # labelled, not [H, W]
+    assert metrics["scored"].startswith("the frames before encoding")
     assert all(0 < e["consistency"] <= 1 for e in metrics["edits"])
     # CLIP metrics (tiny random CLIP): the source against its caption, each edit against its target and source
     assert set(metrics["source"]["clip"]) == {"clip_score", "frame_accuracy", "clip_consistency"}
@@ -147,7 +152,9 @@ class Hub(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
 
 
-def test_missing_weights_are_downloaded_first(tiny_root, tmp_path, capsys):
+@contextmanager
+def hub(tiny_root: Path) -> Iterator[str]:
+    """A hub on 127.0.0.1 serving the tiny weights as SD1.5's fp16 files; yields its address."""
     files = {p.relative_to(tiny_root).as_posix().replace(".safetensors", ".fp16.safetensors"): p.read_bytes()
              for p in tiny_root.rglob("*") if p.is_file()}
     files["model_index.json"] = b'{"_class_name": "StableDiffusionPipeline"}'
@@ -157,12 +164,16 @@ def test_missing_weights_are_downloaded_first(tiny_root, tmp_path, capsys):
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        assert edit(tmp_path, tmp_path / "sd15", "out", "--hub-url", url) == 0
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def test_missing_weights_are_downloaded_first(tiny_root, tmp_path, capsys):
+    with hub(tiny_root) as url:
+        assert edit(tmp_path, tmp_path / "sd15", "out", "--hub-url", url) == 0
     assert "downloading SD1.5" in capsys.readouterr().err
     assert (tmp_path / "sd15" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
     assert (tmp_path / "out" / "edit-01-a-bear-on-a-hill.mp4").is_file()
@@ -192,7 +203,7 @@ def test_bad_config_and_video(tiny_root, tmp_path, capsys):
     assert main([str(CLIP), "--config", str(config), "--weights", str(tiny_root), "--out", str(tmp_path / "o")]) == 2
     assert "steps must be an integer" in capsys.readouterr().err
     assert edit(tmp_path, tiny_root, "o", video=tmp_path / "nothing.mp4") == 2
-    assert "no such video" in capsys.readouterr().err
+    assert "no such file or folder" in capsys.readouterr().err
     assert main(["--source", "a", "--target", "b", "--weights", str(tiny_root)]) == 2
     assert "missing a VIDEO" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -222,3 +233,166 @@ def test_non_finite_edit_is_refused_not_written(tiny_root, tmp_path, monkeypatch
     err = capsys.readouterr().err.splitlines()[-1]
     assert "the edited latents contain" in err and "--dtype fp32" in err
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize("flag, inside", [("--config", "config.toml"), ("--clip", "myclip"),
+                                          ("--store-dir", "store")])
+def test_overwrite_refuses_an_out_that_holds_an_input(first_run, tiny_root, capsys, flag, inside):
+    out = first_run / "run"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    if inside != "config.toml":
+        (out / inside).mkdir()
+    extra = [flag, str(out / inside), "--overwrite"] + (["--method", "fatezero"] if flag == "--store-dir" else [])
+    assert edit(first_run, tiny_root, "run", *extra) == 2
+    err = capsys.readouterr().err
+    assert f"contains the input {(out / inside).resolve()}" in err and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in before} == before
+    if inside != "config.toml":
+        (out / inside).rmdir()
+
+
+TRICKY = 'a\x7f b\x00c\x1f\x08\t\n\r\x0c "quoted" \\back\\slash\u2028 ünïcödé 🦆 \'single\''
+
+
+@pytest.mark.parametrize("method", ["tokenflow", "fatezero", "tune-a-video", "ei2"])
+def test_config_toml_reads_back_every_string_setting_with_control_characters(tmp_path, method):
+    from stemref.cli.edit import COMMON, METHODS, all_options, read_config, to_toml
+
+    s = {o.name: o.default for o in all_options()}
+    s["method"] = method
+    options = COMMON + METHODS[method].options
+    texts = [o for o in options if o.type in (str, list, Path) and o.name != "method"]
+    for o in texts:
+        s[o.name] = ([TRICKY, TRICKY + "2"] if o.type is list else
+                     Path("/", TRICKY, o.name) if o.type is Path else TRICKY)
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(s), encoding="utf-8")
+    back = read_config(path)
+    assert {o.name for o in texts} - {"out"} <= set(back)
+    for o in texts:
+        if o.name != "out":
+            assert back[o.name] == s[o.name], o.name
+    # only the options of the method used are written
+    others = {o.name for m in METHODS.values() for o in m.options} - {o.name for o in options}
+    assert not others & set(back)
+
+
+def test_refused_before_the_model_loads(monkeypatch):
+    """The fixture of the checks below: any of them reached the model load, it fails the test."""
+    from stemref.cli import edit as edit_cli
+
+    monkeypatch.setattr(edit_cli, "load_model", lambda *a, **k: pytest.fail("loaded the model for a bad input"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num-bases", "100000000"], "--num-bases 100000000: a set of 5 frame(s) of 96×48 has 360 tokens in STEM's "
+                                   "largest attention layer, so use at most 360 bases"),
+    (["--num-bases", "200", "--scope", "2"], "use at most 144 bases"),
+    (["--seed", str(2**64)], f"--seed {2**64}: use a whole number from 0 to {2**63 - 1}"),
+    (["--seed", "-1"], "--seed -1: use a whole number from 0"),
+    (["--fps", "1e-9"], "--fps 1e-09: use a frame rate from 0.01 to 1000"),
+    (["--steps", "2.5"], "argument --steps: invalid int value: '2.5'; see python -m stemref.edit --help"),
+    (["--method", "fatezero", "--store-dir", "{file}"], "--store-dir {file} is a file"),
+    (["--config", "{tmp}"], "--config {tmp} is a folder"),
+    (["--config", "{binary}"], "--config {binary} is not a text file"),
+    (["--cache", "{file}"], "--cache {file}: {file} is a file, not a folder"),
+    (["--cache", "{file}/below"], "--cache {file}/below: {file} is a file, not a folder"),
+])
+def test_bad_input_is_one_line_and_exit_2_before_any_work(tiny_root, tmp_path, capsys, monkeypatch, extra, message):
+    test_refused_before_the_model_loads(monkeypatch)
+    (tmp_path / "file").write_text("a file")
+    (tmp_path / "binary.toml").write_bytes(bytes(range(256)))
+    names = {"file": tmp_path / "file", "binary": tmp_path / "binary.toml", "tmp": tmp_path}
+    extra = [e.format(**names) for e in extra]
+    with pytest.raises(SystemExit) if "--steps" in extra else nullcontext() as exiting:
+        code = edit(tmp_path, tiny_root, "out", *extra)
+    if exiting is not None:
+        code = exiting.value.code
+    lines = stderr_lines(capsys)  # a progress line of reading the video may come first
+    assert code == 2 and [line for line in lines if "error" in line] == lines[-1:], lines
+    assert lines[-1].startswith("error: ") and message.format(**names) in lines[-1]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_read_only_or_full_cache_is_refused_before_any_work(tiny_root, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from stemref.cli import checks
+
+    test_refused_before_the_model_loads(monkeypatch)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checks.tempfile, "TemporaryFile", read_only)
+        assert edit(tmp_path, tiny_root, "out") == 2
+    assert "(read-only file system); choose another --cache, or pass --no-reuse" in capsys.readouterr().err
+    with monkeypatch.context() as patch:
+        patch.setattr(checks.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10_000})())
+        assert edit(tmp_path, tiny_root, "out") == 2
+    # x_0 … x_T of 5 frames of 96×48 (12×6 latents, 4 channels) in float32: 3 × 5 × 4 × 12 × 6 × 4 bytes
+    assert "the disk has 10 kB free and this run's inversion needs about 17 kB" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_over_long_negative_prompt_names_its_flag(tiny_root, tmp_path, capsys):
+    assert edit(tmp_path, tiny_root, "out", "--negative", "blurry " * 100) == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith("error: --negative: prompt is 100 tokens long; CLIP reads at most 75")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_fifo_as_the_video_is_refused_not_read(tiny_root, tmp_path, capsys):
+    fifo = tmp_path / "video.mp4"
+    os.mkfifo(fifo)
+    assert edit(tmp_path, tiny_root, "out", video=fifo) == 2
+    assert f"VIDEO {fifo} is not a regular file or a folder" in capsys.readouterr().err
+
+
+def test_a_network_error_names_the_hub_url_flag(tmp_path, capsys):
+    assert edit(tmp_path, tmp_path / "sd15", "out", "--hub-url", "http://127.0.0.1:9") == 1
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert "--hub-url" in line and "--base-url" not in line
+
+
+@pytest.mark.parametrize("in_file, flags, expected", [
+    ("width = 512\nheight = 512\n", ["--size", "64"], {"size": 64, "width": None, "height": None}),
+    ("size = 256\nsquare = true\n", ["--width", "128", "--height", "64"],
+     {"width": 128, "height": 64, "square": False, "size": 512}),
+    ("width = 512\nheight = 512\n", ["--square"], {"square": True, "width": None, "size": 512}),
+    ("width = 512\nheight = 256\n", ["--steps", "3"], {"width": 512, "height": 256}),  # no geometry flag: the file's
+])
+def test_a_geometry_flag_wins_over_the_files_other_way(tmp_path, in_file, flags, expected):
+    from stemref.cli.edit import build_parser, resolve_settings
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'source = "a"\ntarget = ["b"]\n{in_file}')
+    s = resolve_settings(build_parser(), [str(CLIP), "--config", str(config), *flags])
+    assert {name: s[name] for name in expected} == expected
+
+
+def test_a_failed_first_download_resumes_on_the_next_run(tiny_root, tmp_path, capsys):
+    from stemref.cli import txt2img as txt2img_cli
+
+    weights = tmp_path / "sd15"
+    assert edit(tmp_path, weights, "out", "--hub-url", "http://127.0.0.1:9") == 1  # no network
+    assert weights.is_dir()  # what the failed download left
+    capsys.readouterr()
+    assert edit(tmp_path, weights, "out", "--offline") == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert f"{weights} holds an unfinished download" in line and "without --offline" in line
+    assert txt2img_cli.main(["--weights", str(weights), "--prompt", "a fox", "--out", str(tmp_path / "a.png")]) == 2
+    assert f"python -m stemref.download --to {weights}" in capsys.readouterr().err
+    with hub(tiny_root) as url:
+        assert edit(tmp_path, weights, "out", "--hub-url", url) == 0
+    assert f"{weights} holds an unfinished download: finishing SD1.5" in capsys.readouterr().err
+    assert sorted(p.name for p in weights.iterdir()) == ["model_index.json", "scheduler", "text_encoder",
+                                                         "tokenizer", "unet", "vae"]
+
+
+def test_fatezero_progress_says_it_counts_inversion_and_edit_steps(tiny_root, tmp_path, capsys):
+    assert edit(tmp_path, tiny_root, "out", "--method", "fatezero", "--store-memory", "0", "--frames", "2",
+                "--no-reuse") == 0
+    lines = [line for line in stderr_lines(capsys) if line.startswith("FateZero:")]
+    assert lines[-1].startswith("FateZero: a bear on a hill (inversion + edit): 4/4 steps")  # --steps 2

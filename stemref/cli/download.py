@@ -1,14 +1,13 @@
-"""`python -m stemref.download`: fetch SD1.5 (or a CLIP) for stemref. The downloader itself is stemref/download.py."""
+"""`python -m stemref.download`: fetch SD1.5 (or a CLIP) for stemref. The downloader itself is stemref/download/."""
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import EXIT_INTERRUPTED, Interrupted, run
+from .errors import EXIT_INTERRUPTED, ArgumentParser, Interrupted, run
 from .progress import progress_printer
 from ..download import DEFAULT_BASE_URL, MODELS, VARIANTS, DownloadError, Progress, download
 
@@ -32,14 +31,14 @@ def stderr_progress(line: progress_printer) -> Callable[[Progress], None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stemref.download",
+    parser = ArgumentParser(prog="python -m stemref.download",
                                      description="Fetch the files of Stable Diffusion 1.5 (or of a CLIP) that stemref "
                                                  "needs (see weights/README.md).")
     parser.add_argument("--model", choices=MODELS, default="sd15",
                         help="sd15 (default), or a CLIP for the editing metrics (python -m stemref.evaluate)")
     parser.add_argument("--to", type=Path, default=None, help="folder to fill (default weights/<model>)")
     parser.add_argument("--variant", choices=VARIANTS, default=None, help="sd15 only: fp16 (default) is half the size")
-    parser.add_argument("--base-url", default=DEFAULT_BASE_URL,
+    parser.add_argument("--hub-url", default=DEFAULT_BASE_URL,
                         help=f"hub or mirror address (default {DEFAULT_BASE_URL})")
     parser.add_argument("--repo", default=None, help="hub repository (default: the model's)")
     parser.add_argument("--revision", default="main", help="branch, tag or commit (default main)")
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         pins = dict(pin.split("=", 1) for pin in args.pin)
         try:
             with progress_printer("download") as line:
-                folder = download(args.to or to, args.variant or "fp16", args.base_url, args.repo or repo,
+                folder = download(args.to or to, args.variant or "fp16", args.hub_url, args.repo or repo,
                                   args.revision, progress=stderr_progress(line), token=token, files=files,
                                   pins=pins)
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the .part files stay for the next run

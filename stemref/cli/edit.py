@@ -3,9 +3,9 @@
     python -m stemref.edit VIDEO --source "a mallard floats on the pond" --target "a white swan floats on the pond"
         OUT/edit-01-<target>.mp4   the edited video, one per --target (--target may repeat: one inversion, many edits)
         OUT/source.mp4             the source frames as edited (after frame selection, resize and crop)
-        OUT/side_by_side.mp4       source | edit 1 | edit 2 …
-        OUT/config.toml            every resolved setting; `--config OUT/config.toml` repeats the run exactly
-        OUT/metrics.json           frame count, temporal consistency of the source and of each edit, timings
+        OUT/side_by_side.mp4       source | edit 1 | edit 2 …, each panel labelled
+        OUT/config.toml            the resolved settings (common and the method's); `--config` repeats the run exactly
+        OUT/metrics.json           frames, width, height, temporal consistency of the source and each edit, timings
 
 Settings come from, in rising priority: the defaults, `--config FILE.toml` (each option under its long name
 with underscores, e.g. `pnp_attn = 0.5`; `target` is a list; relative paths are relative to the file) and
@@ -41,17 +41,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .checks import check_prompt, check_steps, warn_if_large
-from .errors import UserError, run, warn
+from .checks import (check_cache_folder, check_fps, check_free_space, check_num_bases, check_prompt, check_seed,
+                     check_steps, check_video_path, checked, warn_if_large)
+from .errors import ArgumentParser, UserError, run, warn
 from .launch import DEFAULT_TIMEOUT, Launch, check_frames, check_settings_agree, failed_ranks, finish, start
 from .model import DTYPES, check_model_arguments, load_model, model_inputs
-from .output import check_output_folder, output_folder
+from .output import PANEL_GAP, check_output_folder, output_folder
 from .progress import progress_printer, silent_printer
 from .download import stderr_progress
 from .edit_methods import METHODS, Job, Option
-from .measure import clock, consistency, peak_memory, reset_peak_memory, source_fps
+from .measure import SCORED, clock, consistency, peak_memory, reset_peak_memory, source_fps
 from ..context import CONTEXTS
-from ..download import DEFAULT_BASE_URL, DownloadError, download
+from ..download import DEFAULT_BASE_URL, DownloadError, download, unfinished
 from ..edit.cache import default_root
 from ..clip_metrics import clip_metrics
 from ..loading import DEFAULT_CLIP, WeightsError, load_clip
@@ -60,6 +61,8 @@ from ..video import read_video, side_by_side, write_video
 DEFAULT_WEIGHTS = Path("weights/sd15")
 SLUG_LENGTH = 40
 LONG_RUN_FRAMES = 200  # warn above this many frames: hours of work on most machines
+# the two ways to set the frame size: a flag of one way drops the other way's values from --config
+GEOMETRY = (({"size", "square"}, {"width", "height"}), ({"width", "height"}, {"size", "square"}))
 
 
 COMMON = (
@@ -119,7 +122,7 @@ def all_options() -> tuple[Option, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     epilog = "methods:\n" + "\n".join(f"  {name:<12} {m.summary}" for name, m in METHODS.items())
-    parser = argparse.ArgumentParser(prog="python -m stemref.edit", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="python -m stemref.edit", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=epilog + "\n\n" + __doc__.split("\n\n", 1)[1].split("\n\nSettings")[0])
     parser.add_argument("--config", type=Path, default=argparse.SUPPRESS,
@@ -143,11 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_settings(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict[str, Any]:
     """Defaults, overridden by the TOML file, overridden by the flags given; checked."""
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if not (k == "video" and v is None)}
-    settings = {o.name: o.default for o in all_options()}
+    defaults = {o.name: o.default for o in all_options()}
+    settings = dict(defaults)
     config = given.pop("config", None)
     if config is not None:
         settings.update(read_config(config))
+        for way, other in GEOMETRY:  # a flag's way of setting the size replaces the file's other way
+            if way & given.keys() and not other & given.keys():
+                settings.update({name: defaults[name] for name in other})
     settings.update(given)
+    settings["config"] = config  # not a setting (to_toml leaves it out): an input that --out must not hold
     method = METHODS.get(settings["method"])
     for name in ("inversion", "guidance"):
         if settings[name] is None and method is not None:
@@ -173,11 +181,18 @@ def free_folder(base: Path) -> Path:
 
 def read_config(path: Path) -> dict[str, Any]:
     """The settings in a TOML file, type-checked against the option table."""
+    if path.is_dir():
+        raise UserError(f"--config {path} is a folder; give a TOML file such as {path / 'config.toml'}")
+    if path.exists() and not path.is_file():
+        raise UserError(f"--config {path} is not a regular file (a pipe, device or socket); give a TOML file")
     try:
         with open(path, "rb") as f:
             table = tomllib.load(f)
     except FileNotFoundError:
         raise UserError(f"--config {path}: no such file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--config {path} is not a text file (TOML is UTF-8 text); give a TOML file such as an "
+                        "earlier run's config.toml") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"--config {path} is not valid TOML: {e}") from None
     options = {o.name: o for o in all_options()}
@@ -227,10 +242,12 @@ def check_settings(s: dict[str, Any]) -> None:
     for o in all_options():
         if o.choices and s[o.name] is not None and s[o.name] not in o.choices:
             raise UserError(f"--{_flag(o.name)} {s[o.name]}: choose one of {', '.join(map(str, o.choices))}")
-    for text, flag in [(s["source"], "--source"), *((t, "--target") for t in s["target"]),
-                       *([(s["negative"], "--negative")] if s["negative"] else [])]:
-        check_prompt(text, flag)
-        if not text.strip() and flag != "--negative":
+    for o in all_options():  # every text setting: config.toml must be able to hold it (UTF-8)
+        if o.type in (str, Path, list) and s[o.name] is not None:
+            for text in s[o.name] if o.type is list else [s[o.name]]:
+                check_prompt(str(text), "VIDEO" if o.name == "video" else f"--{_flag(o.name)}")
+    for text, flag in [(s["source"], "--source"), *((t, "--target") for t in s["target"])]:
+        if not text.strip():
             raise UserError(f"{flag} is empty; describe the video in a few words")
     for name, low in (("steps", 1), ("stride", 1), ("start", 0), ("num_bases", 1), ("batch", 1), ("min_channels", 1),
                       ("store_memory", 0), ("tune_steps", 1), ("ffam_r", 1)):
@@ -257,14 +274,13 @@ def check_settings(s: dict[str, Any]) -> None:
     for name in ("pnp_attn", "pnp_conv", "cross_window", "self_window"):
         if not 0 <= s[name] <= 1:
             raise UserError(f"--{_flag(name)} is a fraction of the steps, from 0 to 1; got {s[name]}")
-    if s["fps"] is not None and not 0 < s["fps"] <= 1000:
-        raise UserError(f"--fps must be in (0, 1000], got {s['fps']}")
+    check_fps(s["fps"])
+    check_seed(s["seed"])
     if s["scope"] is not None and s["inversion"] != "stem":
         raise UserError("--scope is a STEM option; use it with --inversion stem")
     if METHODS[s["method"]].check is not None:
         METHODS[s["method"]].check(s)
-    if not Path(s["video"]).exists():
-        raise UserError(f"{s['video']}: no such video file or folder")
+    check_video_path(Path(s["video"]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         s = resolve_settings(parser, argv)
         launch, device = start(s["device"], s["timeout"])
         try:
-            sharded_edit(s, launch, device)
+            edit_video(s, launch, device)
         except dist.DistError as e:
             raise ProcessFailure(failed_ranks(launch) if launch.group is not None else str(e)) from None
 
@@ -295,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         finish(launch)
 
 
-def sharded_edit(s: dict[str, Any], launch: Launch, device: str) -> None:
-    """The command's work, on one process or as one rank of several (only rank 0 writes)."""
+def edit_video(s: dict[str, Any], launch: Launch, device: str) -> None:
+    """The command's work, in one process or as one rank of several under torchrun (only rank 0 writes)."""
     # the output folder is rank 0's alone; every other setting must be the same on every rank
     check_settings_agree(launch, {k: v for k, v in s.items() if k not in ("out", "overwrite")})
     if launch.group is not None and s["method"] in SINGLE_PROCESS_METHODS:
@@ -305,36 +321,45 @@ def sharded_edit(s: dict[str, Any], launch: Launch, device: str) -> None:
     method = METHODS[s["method"]]
     model_args = argparse.Namespace(weights=s["weights"], device=device, dtype=s["dtype"],
                                     model_config=s["model_config"])
-    inputs = [s["video"], *model_inputs(model_args), *([s["cache"]] if s["cache"] else [])]
+    inputs = run_inputs(s, model_args)
+    cache_root = (s["cache"] or default_root()) if s["reuse"] else None
     if launch.main:
         if s["width"] is not None:
             warn_if_large(max(s["width"], s["height"]), "--width/--height")
         else:
             warn_if_large(s["size"])
         check_output_folder(s["out"], s["overwrite"], inputs)
+        if cache_root is not None:
+            check_cache_folder(cache_root)
         ensure_weights(s)
     launch.barrier()  # the other ranks use the weights rank 0 may have just downloaded
     check_model_arguments(model_args)
     started = clock(torch.device("cpu"))
-    quiet = not launch.main
     with output_folder(s["out"], s["overwrite"], inputs) if launch.main else nullcontext() as tmp:
-        frames = read_frames(s, quiet)
+        frames = read_frames(s, quiet=not launch.main)
         check_frames(launch, len(frames))
-        if s["frames"] is not None and len(frames) < s["frames"] and launch.main:
-            warn(f"{s['video']} has only {len(frames)} frames from --start {s['start']} with --stride "
-                 f"{s['stride']}; editing those {len(frames)} instead of --frames {s['frames']}")
-        if len(frames) > LONG_RUN_FRAMES * launch.size and launch.main:
-            warn(f"{len(frames)} frames: an edit takes roughly {len(frames)}× the time of one frame; "
-                 "consider --frames or --stride")
         H, W = frames.shape[-2:]
         if launch.main:
+            if s["frames"] is not None and len(frames) < s["frames"]:
+                warn(f"{s['video']} has only {len(frames)} frames from --start {s['start']} with --stride "
+                     f"{s['stride']}; editing those {len(frames)} instead of --frames {s['frames']}")
+            if len(frames) > LONG_RUN_FRAMES * launch.size:
+                warn(f"{len(frames)} frames: an edit takes roughly {len(frames)}× the time of one frame; "
+                     "consider --frames or --stride")
             print(f"video: {len(frames)} frames of {W}×{H} from {s['video']}"
                   + (f", shared by {launch.size} processes" if launch.group is not None else ""),
                   file=sys.stderr, flush=True)
-        job = Job(None, frames, s, None if not s["reuse"] else s["cache"] or default_root(), launch=launch)
+        if s["inversion"] == "stem":
+            check_num_bases(s["num_bases"], len(frames), H, W, s["scope"])
+        if cache_root is not None and launch.main:  # the inversion's latents x_0 … x_T in float32, at most
+            check_free_space(cache_root, (s["steps"] + 1) * len(frames) * 4 * (H // 8) * (W // 8) * 4,
+                             "this run's inversion")
+        job = Job(None, frames, s, cache_root, launch=launch)
         with job.progress("loading weights", unit="part") as report:
             job.sd = sd = load_model(model_args, progress=report)
-        sd.encode_prompt([s["source"], *s["target"], s["negative"]])  # refuse over-long prompts now
+        for text, flag in [(s["source"], "--source"), *((t, "--target") for t in s["target"]),
+                           (s["negative"], "--negative")]:  # refuse over-long prompts now, naming the flag
+            checked(flag, sd.tokenizer.refuse_long, [text])
         reset_peak_memory(sd.device)
         prepared = method.prepare(job)
         edits = []
@@ -349,20 +374,32 @@ def sharded_edit(s: dict[str, Any], launch: Launch, device: str) -> None:
         print(f"wrote {s['out']}", file=sys.stderr)
 
 
+def run_inputs(s: dict[str, Any], model_args: argparse.Namespace) -> list[Path]:
+    """Every path the run reads (or keeps for later runs): --overwrite must never delete one of them."""
+    cache = [s["cache"] or default_root()] if s["reuse"] else []
+    return [s["video"], *model_inputs(model_args), *cache, s["clip"],
+            *(Path(s[name]) for name in ("config", "store_dir") if s.get(name) is not None)]
+
+
 def ensure_weights(s: dict[str, Any]) -> None:
-    """Download SD1.5 into --weights when nothing is there (unless --offline)."""
+    """Download SD1.5 into --weights when nothing is there, or finish an unfinished download (unless --offline)."""
     weights = Path(s["weights"]).expanduser()
-    if weights.exists():
+    resume = unfinished(weights)
+    if weights.exists() and not resume:
         return
     command = f"python -m stemref.download --to {weights}"
     if s["offline"]:
+        if resume:
+            raise UserError(f"{weights} holds an unfinished download and --offline forbids downloading; run "
+                            f"without --offline to finish it, or `{command}`")
         raise UserError(f"no weights at {weights} and --offline forbids downloading; get them with `{command}`, "
                         "or point --weights at a diffusers SD1.5 folder or .safetensors file")
-    if weights.suffix:
+    if weights.suffix and not resume:
         raise UserError(f"no weights file at {weights}; give an existing .safetensors file, or a folder name to "
                         "download SD1.5 into")
-    print(f"no weights at {weights}: downloading SD1.5 (fp16, about 2 GB) from {s['hub_url']} "
-          "(resumable; --offline to refuse)", file=sys.stderr, flush=True)
+    what = f"{weights} holds an unfinished download: finishing" if resume else f"no weights at {weights}: downloading"
+    print(f"{what} SD1.5 (fp16, about 2 GB) from {s['hub_url']} (resumable; --offline to refuse)",
+          file=sys.stderr, flush=True)
     with progress_printer("download") as line:
         download(weights, base_url=s["hub_url"], progress=stderr_progress(line))
 
@@ -385,9 +422,10 @@ def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: fl
         for i, (name, edited) in enumerate(zip(names, edits)):
             write_video(folder / name, edited, fps)
             report(i + 1, len(edits) + 1)
-        write_video(folder / f"side_by_side{suffix}", side_by_side(frames, *edits), fps)
+        labels = ["source", *(f"edit {i + 1}: {target}" for i, target in enumerate(s["target"]))]
+        write_video(folder / f"side_by_side{suffix}", side_by_side(frames, *edits, labels=labels, gap=PANEL_GAP), fps)
         report(len(edits) + 1, len(edits) + 1)
-    (folder / "config.toml").write_text(to_toml(s) + f"processes = {job.launch.size}\n")
+    (folder / "config.toml").write_text(to_toml(s) + f"processes = {job.launch.size}\n", encoding="utf-8")
     with job.progress("metrics", unit="video") as report:
         source_consistency = consistency(sd, frames, s["source"])
         report(1, len(edits) + 1)
@@ -403,7 +441,9 @@ def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: fl
             row["clip"] = score
     peak, measure = peak_memory(sd.device)
     metrics = {
-        "frames": len(frames), "size": list(frames.shape[-2:]), "fps": fps, "method": s["method"],
+        "frames": len(frames), "width": frames.shape[-1], "height": frames.shape[-2], "fps": fps,
+        "method": s["method"],
+        "scored": SCORED,
         "source": {"prompt": s["source"], "file": f"source{suffix}", "consistency": source_consistency,
                    **({"clip": source_scores} if scores is not None else {})},
         "edits": rows,
@@ -437,10 +477,11 @@ def clip_scores(job: Job, edits: list[torch.Tensor]) -> list[dict] | None:
 
 
 def to_toml(s: dict[str, Any]) -> str:
-    """Every resolved setting as TOML; paths absolute, None ("the default behaviour") left out, and where the
-    outputs went (out, overwrite) too: a rerun with --config writes a new folder."""
+    """The resolved settings of the common options and of the method used, as TOML; paths absolute, None ("the
+    default behaviour") left out, and where the outputs went (out, overwrite) too: a rerun with --config
+    writes a new folder. `read_config` reads back every value exactly."""
     lines = ["# written by python -m stemref.edit; repeat the run with --config config.toml", ""]
-    for o in all_options():
+    for o in COMMON + METHODS[s["method"]].options:
         value = s[o.name]
         if value is None or o.name in ("out", "overwrite"):
             continue
@@ -457,7 +498,17 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value), ensure_ascii=False)  # JSON's string escapes are valid TOML basic strings
+    return _toml_string(str(value))
+
+
+# TOML basic strings: `"` and `\` are escaped, and every control character but tab (U+0000–U+001F, U+007F);
+# JSON's escapes are not enough (JSON leaves U+007F bare, which TOML forbids)
+TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    return '"' + "".join(TOML_ESCAPES.get(c) or (f"\\u{ord(c):04X}" if ord(c) < 0x20 or ord(c) == 0x7F else c)
+                         for c in text) + '"'
 
 
 def _flag(name: str) -> str:

@@ -225,7 +225,8 @@ def fatezero_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
     store_dir = s["store_dir"]
     if store_dir is not None and job.launch.group is not None:  # each rank spills its own frames' store
         store_dir = Path(store_dir) / f"rank{job.launch.rank}"
-    with job.progress(f"FateZero: {_short(target)}") as report:
+    # FateZero inverts again for each target (recording attention), so its count is 2 × --steps
+    with job.progress(f"FateZero: {_short(target)} (inversion + edit)") as report:
         latents = fatezero.edit_latents(job.sd, inversion, s["source"], target, guidance=s["guidance"],
                                         negative_prompt=s["negative"], memory_budget=s["store_memory"] * 2**20,
                                         store_dir=store_dir, progress=report, **fatezero_settings(s))
@@ -263,6 +264,8 @@ def check_fatezero(s: dict[str, Any]) -> None:
         fatezero.FateZeroSettings(**fatezero_settings(s))
     except ValueError as e:
         raise UserError(f"FateZero settings: {e}") from None
+    if s["store_dir"] is not None and Path(s["store_dir"]).exists() and not Path(s["store_dir"]).is_dir():
+        raise UserError(f"--store-dir {s['store_dir']} is a file; name a new or empty folder")
     if s["store_dir"] is not None and Path(s["store_dir"]).exists() and any(Path(s["store_dir"]).iterdir()):
         raise UserError(f"--store-dir {s['store_dir']} is not empty; name a new or empty folder")
 

@@ -3,12 +3,14 @@ line on stderr and an exit code (2 for bad input, 1 for a failing disk or networ
 SIGTERM, which is handled like Ctrl-C); `warn` prints a warning line."""
 from __future__ import annotations
 
+import argparse
 import errno
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 import torch
 
@@ -16,8 +18,20 @@ EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what shells report for a process ended by SIGTERM
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose refusals (`--steps 2.5`, a missing option) are one line and exit code 2, like every other
+    refusal, not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {message}; see {self.prog} --help\n")
+
+
 class UserError(Exception):
     """A problem with the command's input, reported as one line and exit code 2."""
+
+
+class Conflict(Exception):
+    """Something outside the run took its output's place meanwhile; the message says where the result is. Exit 1."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -45,7 +59,7 @@ def run(main: Callable[[], None], failures: tuple[type[BaseException], ...] = ()
             return _fail(describe_os_error(e), EXIT_FAILURE)
         except (MemoryError, torch.OutOfMemoryError):
             return _fail("out of memory; use a smaller --size, fewer --frames, or fp16 on a GPU", EXIT_FAILURE)
-        except failures as e:
+        except (Conflict, *failures) as e:
             return _fail(str(e), EXIT_FAILURE)
         except KeyboardInterrupt as e:
             note = getattr(e, "note", "") or "partial output was removed"

@@ -18,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import UserError, run
+from .checks import check_prompt, check_video_path
+from .errors import ArgumentParser, UserError, run
 from .model import add_device_arguments, check_device, chosen_dtype
 from ..clip_metrics import clip_metrics
 from ..loading import DEFAULT_CLIP, WeightsError, load_clip
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stemref.evaluate", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m stemref.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("edited", type=Path, help="the edited video (file or folder of images)")
     parser.add_argument("--source-video", type=Path, required=True, help="the video it was edited from")
     parser.add_argument("--prompt", required=True, help="the edit's target prompt")
@@ -69,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """Refuse bad settings before loading CLIP or reading a video."""
+    for text, flag in ((args.prompt, "--prompt"), (args.source_prompt, "--source-prompt")):
+        check_prompt(text, flag)
+        if not text.strip():
+            raise UserError(f"{flag} is empty; give the text the video is scored against")
     if args.prompt == args.source_prompt:
         raise UserError("--prompt and --source-prompt are the same text, so frame accuracy means nothing; give the "
                         "edit's target prompt and a caption of the source video")
@@ -78,9 +83,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} must be at least 1, got {value}")
     if args.start < 0:
         raise UserError(f"--start must be 0 or more, got {args.start}")
-    for video in (args.edited, args.source_video):
-        if not video.exists():
-            raise UserError(f"{video}: no such file or folder; check the path (relative paths start at {Path.cwd()})")
+    check_video_path(args.edited, "EDITED")
+    check_video_path(args.source_video, "--source-video")
 
 
 def table(scores: dict, clip: Path, frames: int) -> str:

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from .checks import check_prompt, check_steps, warn_if_large
-from .errors import UserError, run, warn
+from .checks import check_fps, check_num_bases, check_prompt, check_seed, check_steps, check_video_path, warn_if_large
+from .errors import ArgumentParser, UserError, run, warn
 from .model import add_model_arguments, check_model_arguments, load_model, model_inputs
-from .output import output_folder
+from .output import PANEL_GAP, output_folder
 from .progress import progress_printer
-from .measure import FEATURE_TIMESTEP, clock, consistency, peak_memory, reset_peak_memory, source_fps
+from .measure import FEATURE_TIMESTEP, SCORED, clock, consistency, peak_memory, reset_peak_memory, source_fps
 from ..context import CONTEXTS
 from ..inversion import invert, reconstruct
 from ..metrics import LAST_DECODER_SELF_ATTENTION, psnr, ssim
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             with progress_printer("reading video", "frame") as report:
                 frames = read_video(args.video, args.start, args.stride, args.frames, args.size, args.square,
                                     progress=report)
+            if args.num_bases is not None:
+                check_num_bases(args.num_bases, len(frames), *frames.shape[-2:], args.scope)
             if len(frames) < args.frames:
                 warn(f"{args.video} has only {len(frames)} frames from --start {args.start} at --stride "
                      f"{args.stride}; using {len(frames)}, not --frames {args.frames}")
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stemref.invert", description=__doc__.split("\n\nEverything")[0],
+    parser = ArgumentParser(prog="python -m stemref.invert", description=__doc__.split("\n\nEverything")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("video", type=Path, help="video file (mp4, mov, webm, mkv, gif) or folder of images")
     parser.add_argument("--prompt", required=True, help="a caption of the source video (the inversion prompt)")
@@ -121,8 +123,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """Refuse bad settings before reading the video or loading weights; warn about very heavy ones."""
-    if not args.video.exists():
-        raise UserError(f"{args.video}: no such file or folder; check the path (relative paths start at {Path.cwd()})")
+    check_video_path(args.video)
+    check_seed(args.seed)
+    check_fps(args.fps)
     check_prompt(args.prompt)
     check_steps(args.steps)
     check_model_arguments(args)
@@ -134,8 +137,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.start < 0:
         raise UserError(f"--start must be 0 or more, got {args.start}")
-    if args.fps is not None and not 0 < args.fps <= 1000:
-        raise UserError(f"--fps must be in (0, 1000], got {args.fps}")
     if args.batch is not None:
         if args.batch < 1:
             raise UserError(f"--batch must be at least 1, got {args.batch}")
@@ -177,7 +178,8 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
         recon_consistency = consistency(sd, recon, args.prompt, report)
     inversion.save(folder / "inversion.safetensors")
     write_video(folder / "reconstruction.mp4", recon, fps)
-    write_video(folder / "side_by_side.mp4", side_by_side(frames, recon), fps)
+    write_video(folder / "side_by_side.mp4", side_by_side(frames, recon, labels=["input", f"{context} reconstruction"],
+                                                          gap=PANEL_GAP), fps)
     metrics = {
         "context": context,
         "psnr": psnr(recon, frames),
@@ -188,7 +190,7 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
         "peak_memory_bytes": peak,
         "peak_memory_measure": measure,
         "frames": frames.shape[0],
-        "size": list(frames.shape[-2:]),  # [H, W]
+        "width": frames.shape[-1], "height": frames.shape[-2], "scored": SCORED,
         "steps": args.steps,
         "settings": {**asdict(inversion.settings), "batch": batch, "video": str(args.video), "start": args.start,
                      "stride": args.stride, "square": args.square, "device": str(sd.device),
@@ -202,7 +204,7 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
 def compare_table(rows: list[dict], video: Path) -> str:
     """Markdown: one row per context, Table A3's columns plus consistency, time and memory."""
     first = rows[0]
-    H, W = first["size"]
+    H, W = first["height"], first["width"]
     consistency = first["consistency"]["input"]
     lines = [
         "# Reconstruction after inversion, by self-attention context (STEM supplement, Table A3)",

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from .errors import UserError
 from ..distributed import Shard, check_same
 
-DEFAULT_TIMEOUT = 1800  # seconds a collective may wait: rank 0 writes videos and metrics while the others wait
+DEFAULT_TIMEOUT = 1800.0  # seconds a collective may wait: rank 0 writes videos and metrics while the others wait
 PROBE_SECONDS = 20  # how long the monitored barrier waits for each rank after a failure
 
 

@@ -14,6 +14,8 @@ from ..pipeline import StableDiffusion
 
 DEFAULT_FPS = 8.0  # for image folders, which carry no frame rate
 FEATURE_TIMESTEP = 1  # unet_features' default: clean latents at the first DDIM timestep
+SCORED = ("the frames before encoding: written mp4 files are lossy H.264, so scores computed from them differ "
+          "slightly (mkv files are lossless)")  # metrics.json's "scored"
 
 
 def source_fps(path: Path, stride: int) -> float:

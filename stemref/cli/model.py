@@ -10,6 +10,7 @@ import torch
 
 from .errors import UserError
 from ..config import NotSD1Error
+from ..download import unfinished
 from ..loading import WeightsError, load
 from ..pipeline import StableDiffusion
 from ..tokenizer import TokenizerFilesError
@@ -40,6 +41,9 @@ def chosen_dtype(args: argparse.Namespace) -> torch.dtype:
 def check_model_arguments(args: argparse.Namespace) -> None:
     """Refuse an unusable --device or a missing --weights before any slow work."""
     check_device(args)
+    if unfinished(Path(args.weights).expanduser()):
+        raise UserError(f"--weights {args.weights} holds an unfinished download; finish it with "
+                        f"`python -m stemref.download --to {args.weights}`")
     if not Path(args.weights).expanduser().exists():
         load(args.weights)  # raises the loader's message (how to get weights); cheap when the path is missing
     if getattr(args, "model_config", None) is not None and not args.model_config.is_dir():

@@ -4,6 +4,7 @@ holds the MARKER file), never one that holds or is an input, and stale partial f
 removed by the next run. `check_output_file` is the same check for commands that write one file."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -13,9 +14,11 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import EXIT_INTERRUPTED, Interrupted, UserError
+from .errors import EXIT_INTERRUPTED, Conflict, Interrupted, UserError
 
 MARKER = ".stemref-output"  # written into every output folder; --overwrite replaces only folders holding it
+PANEL_GAP = 8  # white pixels between the panels of side_by_side videos (even: H.264 needs an even width)
+MAX_LISTED = 5  # files named in a refusal; the rest are counted
 
 
 def check_output_folder(path: Path, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
@@ -28,10 +31,38 @@ def check_output_folder(path: Path, overwrite: bool, inputs: Iterable[Path] = ()
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise UserError(f"--out {path} exists and is not empty; choose a new folder or pass --overwrite")
-        if not (path / MARKER).is_file():
-            raise UserError(f"--out {path} was not written by stemref (it has no {MARKER} file), so --overwrite "
-                            "will not delete it; choose a new folder, or empty this one yourself")
+        _refuse_foreign(path, path)
     _check_writable_parent(path)
+
+
+def _refuse_foreign(folder: Path, path: Path) -> None:
+    """--overwrite deletes only what stemref wrote into `folder` (an old `path`): anything else is listed."""
+    if not (folder / MARKER).is_file():
+        raise UserError(f"--out {path} was not written by stemref (it has no {MARKER} file), so --overwrite "
+                        "will not delete it; choose a new folder, or empty this one yourself")
+    if added := _added(folder):
+        shown = ", ".join(added[:MAX_LISTED]) + (f" and {len(added) - MAX_LISTED} more" if len(added) > MAX_LISTED
+                                                 else "")
+        raise UserError(f"--out {path} holds {len(added)} file(s) that stemref did not write ({shown}); --overwrite "
+                        "would delete them. Move them elsewhere first, or choose a new folder")
+
+
+def _added(folder: Path) -> list[str]:
+    """The entries of an old output folder that its stemref run did not write (notes, renders, inputs).
+
+    Its marker lists what it wrote; a marker from before that list (no "files") counts everything changed
+    after the marker itself, which was written last."""
+    info = _marker(folder)
+    present = _entries(folder)
+    if isinstance(info.get("files"), list):
+        return sorted(set(present) - set(info["files"]))
+    written = (folder / MARKER).stat().st_mtime
+    return [name for name in present if (folder / name).lstat().st_mtime > written]
+
+
+def _entries(folder: Path) -> list[str]:
+    """Every file and folder under `folder` but the marker, as relative POSIX paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.name != MARKER or p.parent != folder)
 
 
 def check_output_file(path: Path, overwrite: bool, inputs: Iterable[Path] = (), flag: str = "--out") -> None:
@@ -73,13 +104,20 @@ def output_folder(path: Path, overwrite: bool = False, inputs: Iterable[Path] = 
     holding the MARKER file. On any error, Ctrl-C and SIGTERM included, tmp is deleted, with any parent
     folders this call created, so a failed run leaves nothing behind; partial folders left by killed runs
     (SIGKILL, power loss) are deleted by the next run in the same parent folder. An existing non-empty
-    `out` is refused unless `overwrite` and it holds the MARKER; then it is replaced whole. An `out` that
-    is or contains one of `inputs` is always refused.
+    `out` is refused unless `overwrite` and it holds the MARKER, and every file in it is one its run wrote
+    (the MARKER lists them): files a user added are listed and refused, never deleted. An `out` that is or
+    contains one of `inputs` (every path the run reads) is always refused.
+
+    The check is made again when the result is moved into place: the rename replaces only a missing or
+    empty `out`, or (with `overwrite`) the very folder the first check allowed, still holding only its own
+    files. When something else took `out` meanwhile (a second run, a user's file), the result is kept
+    under a new name printed in the `Conflict` error, and nothing is deleted.
 
     `resume` (the settings of the run, JSON-able): when interrupted, tmp is kept as `.NAME.resume`, and a
     later run with equal `resume` settings starts from its contents (commands skip what is complete).
     """
     check_output_folder(path, overwrite, inputs)
+    replaceable = _identity(path) if overwrite and path.is_dir() and any(path.iterdir()) else None
     created = [p for p in path.parents if not p.exists()]  # innermost first
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(path.parent)
@@ -103,13 +141,77 @@ def output_folder(path: Path, overwrite: bool = False, inputs: Iterable[Path] = 
     except BaseException as e:
         _discard(tmp, created)
         raise _renamed(e, tmp, path)
-    old = path.with_name(f".{path.name}.{secrets.token_hex(4)}.old")
-    if path.exists():
-        os.replace(path, old)  # moved aside, not deleted, until the new folder is in place
-    _write_marker(tmp, None)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    _write_marker(tmp, None, files=_entries(tmp))
+    _put_in_place(tmp, path, replaceable)
     shutil.rmtree(kept, ignore_errors=True)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which folder is at `path` (device and inode: a rename keeps them, a new folder has others)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _put_in_place(tmp: Path, path: Path, replaceable: tuple[int, int] | None) -> None:
+    """Rename `tmp` to `path`, replacing only the folder the first check allowed (see `output_folder`)."""
+    old = path.with_name(f".{path.name}.{secrets.token_hex(4)}.old")
+    moved = False
+    if replaceable is not None:
+        try:
+            os.rename(path, old)  # moved aside, not deleted, until the new folder is in place
+            moved = True
+        except FileNotFoundError:
+            pass  # removed meanwhile: nothing left to replace
+        if moved and (_identity(old) != replaceable or not (old / MARKER).is_file() or _added(old)):
+            where = _restore(old, path)
+            raise Conflict(f"--out {path} changed while this run worked (another run, or files added to it), so "
+                           f"it was left as it is{where}; the result is in {_keep(tmp, path)}")
+    try:
+        os.rename(tmp, path)  # atomic; replaces only a missing or empty folder
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        where = _restore(old, path) if moved else ""
+        raise Conflict(f"--out {path} was created while this run worked (another run, or a user), so it was left "
+                       f"as it is{where}; the result is in {_keep(tmp, path)}") from None
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore(old: Path, path: Path) -> str:
+    """Put a moved-aside folder back; if `path` was taken meanwhile, keep it under a visible name and say where."""
+    try:
+        os.rename(old, path)
+    except OSError:
+        return f" (the folder that was there is in {_keep(old, path)})"
+    return ""
+
+
+def _keep(folder: Path, path: Path) -> Path:
+    """Rename `folder` to the first free `NAME-2`, `NAME-3`, … beside `path` and return it."""
+    for n in range(2, 10_000):
+        candidate = path.with_name(f"{path.name}-{n}")
+        if candidate.exists():
+            continue
+        try:
+            os.rename(folder, candidate)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                continue  # taken in the meantime
+            raise
+        return candidate
+    return folder
+
+
+def free_name(path: Path) -> Path:
+    """The first of `NAME-2.EXT`, `NAME-3.EXT`, … beside `path` that does not exist."""
+    n = 2
+    while (candidate := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists():
+        n += 1
+    return candidate
 
 
 def _discard(tmp: Path, created: list[Path]) -> None:
@@ -130,9 +232,11 @@ def _renamed(e: BaseException, tmp: Path, path: Path) -> BaseException:
     return e
 
 
-def _write_marker(folder: Path, resume: dict | None) -> None:
-    """Who made the folder: a running process's partial folder is never taken for a stale one."""
-    info = {"written_by": "stemref", "host": socket.gethostname(), "pid": os.getpid(), "resume": resume}
+def _write_marker(folder: Path, resume: dict | None, files: list[str] | None = None) -> None:
+    """Who made the folder (a running process's partial folder is never taken for a stale one), and when it is
+    finished, what it wrote (`files`: --overwrite deletes nothing else)."""
+    info = {"written_by": "stemref", "host": socket.gethostname(), "pid": os.getpid(), "resume": resume,
+            **({"files": files} if files is not None else {})}
     (folder / MARKER).write_text(json.dumps(info) + "\n")
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from .checks import check_prompt, check_steps, checked, warn_if_large
-from .errors import UserError, run
+from .checks import check_prompt, check_seed, check_steps, checked, warn_if_large
+from .errors import ArgumentParser, Conflict, UserError, run
 from .model import add_model_arguments, check_model_arguments, load_model, model_inputs
-from .output import check_output_file
+from .output import check_output_file, free_name
 from .progress import progress_printer
 from ..files import atomic_path
 from ..sampling import check_guidance, check_size, txt2img
@@ -25,7 +25,7 @@ SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stemref.txt2img", description=__doc__.split("\n\nThe")[0],
+    parser = ArgumentParser(prog="python -m stemref.txt2img", description=__doc__.split("\n\nThe")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", required=True, help="what the image shows")
     parser.add_argument("--negative-prompt", default="", help="what it should not show (default: none)")
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         checked("--guidance", check_guidance, args.guidance)
         warn_if_large(max(args.size))
         check_steps(args.steps)
+        check_seed(args.seed)
         check_prompt(args.prompt)
         check_prompt(args.negative_prompt, "--negative-prompt")
         check_output_file(args.out, args.overwrite, model_inputs(args))
@@ -62,8 +63,16 @@ def main(argv: list[str] | None = None) -> int:
                             progress=report)
         pixels = (image[0].permute(1, 2, 0) * 255).round().byte().cpu().numpy()  # (H, W, 3)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(args.out) as tmp:
-            Image.fromarray(pixels).save(tmp, format=Image.registered_extensions()[args.out.suffix.lower()])
+        image_format = Image.registered_extensions()[args.out.suffix.lower()]
+        try:
+            with atomic_path(args.out, replace=args.overwrite) as tmp:
+                Image.fromarray(pixels).save(tmp, format=image_format)
+        except FileExistsError:  # --out appeared during the run: keep it, and keep the image too
+            kept = free_name(args.out)
+            with atomic_path(kept, replace=False) as tmp:
+                Image.fromarray(pixels).save(tmp, format=image_format)
+            raise Conflict(f"--out {args.out} was created while this run worked, so it was left as it is; the "
+                           f"image is in {kept}") from None
         print(f"wrote {args.out}", file=sys.stderr)
 
     return run(body)

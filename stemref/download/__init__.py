@@ -54,6 +54,7 @@ MODELS = {
     "clip-vit-large-patch14": ("openai/clip-vit-large-patch14", CLIP_FILES, Path("weights/clip-vit-large-patch14")),
     "clip-vit-base-patch32": ("openai/clip-vit-base-patch32", CLIP_FILES, Path("weights/clip-vit-base-patch32")),
 }
+UNFINISHED = ".stemref-download-unfinished"  # in the folder while a download into it is not complete
 CHUNK = 1 << 20  # bytes per read: large enough for speed, small enough for a lively progress line
 MAX_REDIRECTS = 10
 TIMEOUT_S = 60.0  # per connection attempt and per read, not for a whole file
@@ -127,13 +128,24 @@ def download_files(to: str | Path, paths: list[str], base_url: str = DEFAULT_BAS
         raise ValueError(f"pins (--pin): {', '.join(bad)} must map to a sha256 of 64 hex digits")
     folder = Path(to)
     _check_folder(folder)
+    (folder / UNFINISHED).touch()  # until every file is in place: a later run resumes, the loaders refuse
     client = _Client(origin=_origin(base_url), token=token, timeout=timeout)
     hints = _Hints(base_url=base_url, repo=repo)
     for path in paths:
         url = (f"{base_url}/{urllib.parse.quote(repo)}/resolve/{urllib.parse.quote(revision, safe='')}/"
                f"{urllib.parse.quote(path)}")
         _fetch(client, hints, url, folder / path, path, pins.get(path), progress)
+    (folder / UNFINISHED).unlink()
     return folder
+
+
+def unfinished(folder: str | Path) -> bool:
+    """True for a folder that holds an unfinished download: one stopped before every file was in place (it
+    holds the UNFINISHED marker), or one that holds no file at all (a first download that never connected)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    return (folder / UNFINISHED).exists() or not any(p.is_file() for p in folder.rglob("*"))
 
 
 def _check_folder(folder: Path) -> None:
@@ -208,14 +220,14 @@ def _fetch(client: _Client, hints: _Hints, url: str, dest: Path, name: str, pin:
                 raise _http_error(response.status, response.reason, url, hints)
             if (response.headers.get_content_type() or "") == "text/html":
                 raise DownloadError(f"{url} answered with an HTML page, not the file (a login, error or proxy "
-                                    f"page?); check --base-url, --repo and --revision.")
+                                    f"page?); check --hub-url, --repo and --revision.")
             linked = _remote_from(hops, response.headers if response.status == 200 else None)
             expected = _Remote(size=_first(remote.size, linked.size, total),
                                sha256=_first(remote.sha256, linked.sha256))
             if expected.sha256 is None and name.endswith(".safetensors"):
                 raise DownloadError(f"{url}: the server gave no sha256 for these weights (the hub sends one in its "
                                     f"LFS headers; this server or mirror does not), and stemref does not accept "
-                                    f"unverified weights. Use --base-url {DEFAULT_BASE_URL}, or give the file's "
+                                    f"unverified weights. Use --hub-url {DEFAULT_BASE_URL}, or give the file's "
                                     f"sha256 with --pin {name}=SHA256 (download(..., pins={{path: sha256}})).")
             _stream(response, part, mode, offset, expected.size, name, url, report)
         _verify(part, expected, url, name)
@@ -282,15 +294,15 @@ def _verify(part: Path, expected: _Remote, url: str, name: str) -> None:
         part.unlink()
         raise DownloadError(f"size mismatch for {url}: expected {expected.size} bytes, got {got}. "
                             f"The partial file was deleted; run again, and if it repeats, the server is "
-                            f"serving a different file (check --base-url).")
+                            f"serving a different file (check --hub-url).")
     if expected.sha256 is not None and (digest := _sha256_of(part)) != expected.sha256:
         part.unlink()
         raise DownloadError(f"sha256 mismatch for {url}: expected {expected.sha256}, got {digest}. "
                             f"The partial file was deleted; run again, and if it repeats, the server is "
-                            f"serving a different file (check --base-url).")
+                            f"serving a different file (check --hub-url).")
     if problem := content_problem(part, name):
         part.unlink()
-        raise DownloadError(f"{url} sent {problem}; it was deleted. Check --base-url, --repo and --revision.")
+        raise DownloadError(f"{url} sent {problem}; it was deleted. Check --hub-url, --repo and --revision.")
 
 
 def _is_complete(file: Path, remote: _Remote, name: str) -> bool:
@@ -344,7 +356,7 @@ class _Client:
             except (OSError, http.client.HTTPException) as e:  # URLError, refused, reset, timeout, DNS
                 reason = getattr(e, "reason", e)
                 raise DownloadError(f"cannot reach {url} ({reason}). Check your internet connection, or pass "
-                                    f"--base-url to use a mirror of {hints.base_url}.") from e
+                                    f"--hub-url to use a mirror of {hints.base_url}.") from e
             location = response.headers.get("Location")
             if response.status not in REDIRECTS or not location:
                 return response, hops
@@ -357,7 +369,7 @@ class _Client:
             hops.append(response.headers)
             response.close()
             url = target
-        raise DownloadError(f"{url}: more than {MAX_REDIRECTS} redirects; check --base-url.")
+        raise DownloadError(f"{url}: more than {MAX_REDIRECTS} redirects; check --hub-url.")
 
 
 class _EveryStatus(urllib.request.HTTPErrorProcessor):
@@ -390,7 +402,7 @@ def _http_error(status: int, reason: str, url: str, hints: _Hints) -> DownloadEr
         return DownloadError(
             f"HTTP 404 (not found) for {url}. Check --repo and --revision; a repository without fp16 files "
             f"needs --variant fp32.")
-    return DownloadError(f"HTTP {status} ({reason}) for {url}. Try again later, or pass --base-url to use a mirror.")
+    return DownloadError(f"HTTP {status} ({reason}) for {url}. Try again later, or pass --hub-url to use a mirror.")
 
 
 def _content_range(headers: Message) -> tuple[int | None, int | None]:
