@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from stemref.cli.edit import main
+from stemref.cli.invert import main as invert_main
 from stemref.edit.cache import Cache
 from stemref.inversion import Inversion
 from stemref.video import read_video
@@ -87,3 +88,20 @@ def test_impossible_runs_exit_2_before_any_work(tiny_root, tmp_path, mode, extra
     assert result.returncode != 0
     assert message in result.stderr and "exitcode  : 2" in result.stderr, result.stderr[-3000:]
     assert leftovers(tmp_path) == [] and not (tmp_path / "cache").exists()
+
+
+def test_torchrun_invert_writes_the_inversion_of_one_process(tiny_root, tmp_path):
+    common = [str(CLIP), "--prompt", "a rabbit on a hill", "--frames", "5", "--size", "96", "--steps", "2",
+              "--num-bases", "8", "--dtype", "fp64", "--device", "cpu", "--weights", str(tiny_root)]
+    assert invert_main([*common, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*TORCHRUN, "2", "-m", "stemref.invert", *common, "--out", str(tmp_path / "two")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (Inversion.load(tmp_path / name / "inversion.safetensors") for name in ("one", "two"))
+    scale = one.latents.abs().max().item()
+    assert one.latents.shape == two.latents.shape and (one.latents - two.latents).abs().max() <= 1e-10 * scale
+    metrics_one, metrics_two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
+    assert (metrics_one.pop("processes"), metrics_two.pop("processes")) == (1, 2)
+    assert metrics_one["psnr"] == pytest.approx(metrics_two["psnr"], rel=1e-9)
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(p.name for p in (tmp_path / "two").iterdir())
