@@ -105,3 +105,12 @@ def test_torchrun_invert_writes_the_inversion_of_one_process(tiny_root, tmp_path
     assert (metrics_one.pop("processes"), metrics_two.pop("processes")) == (1, 2)
     assert metrics_one["psnr"] == pytest.approx(metrics_two["psnr"], rel=1e-9)
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(p.name for p in (tmp_path / "two").iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_nccl_without_cuda_exits_2_before_any_work(tiny_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the refusal comes before joining any group
+    code = main([str(CLIP), *SMALL[:-6], "--source", "a", "--target", "b", "--device", "cuda", "--weights",
+                 str(tiny_root), "--out", str(tmp_path / "run")])
+    assert code == 2 and "needs NCCL and a CUDA GPU" in capsys.readouterr().err
+    assert leftovers(tmp_path) == []
