@@ -138,3 +138,19 @@ def read_stemref_file(path: str | os.PathLike, fmt: str, what: str, how_to_make:
         if not isinstance(meta, dict) or meta.get("format") != fmt:
             raise ValueError(not_ours)
         return meta, {k: f.get_tensor(k) for k in f.keys()}
+
+
+def read_identity(path: str | os.PathLike) -> dict | None:
+    """The cache identity (metadata "stemref" → "cache": key and inputs) of a stemref file, or None without one.
+    Reads only the header; ValueError when the file is not safetensors or its metadata is not JSON."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("stemref")
+    except SafetensorError as e:
+        raise ValueError(f"not safetensors ({e})") from e
+    try:
+        meta = json.loads(raw) if raw is not None else None
+    except ValueError as e:
+        raise ValueError(f"its metadata is not JSON ({e})") from e
+    identity = meta.get("cache") if isinstance(meta, dict) else None
+    return identity if isinstance(identity, dict) else None

@@ -74,6 +74,13 @@ class Inversion:
             return self
         return Inversion(self.latents[:, shard.start:shard.stop], self.timesteps, self.settings, shard)
 
+    def __post_init__(self):
+        if not isinstance(self.latents, torch.Tensor) or not self.latents.is_floating_point():
+            raise TypeError(f"Inversion latents must be a floating torch.Tensor, got {type(self.latents).__name__}")
+        if self.latents.ndim != 5 or self.latents.shape[2] != 4 or self.latents.shape[0] != len(self.timesteps) + 1:
+            raise ValueError(f"Inversion latents must be (S + 1, F, 4, h, w) for its S = {len(self.timesteps)} "
+                             f"timesteps (SD1.x latents have 4 channels), got {tuple(self.latents.shape)}")
+
     @property
     def x_T(self) -> torch.Tensor:
         return self.latents[-1]
@@ -84,11 +91,22 @@ class Inversion:
             raise KeyError(f"timestep {t} is not on this {len(self.timesteps)}-step inversion path")
         return self.latents[1 + self.timesteps.index(t)]
 
-    def save(self, path: str | Path) -> Path:
-        """One .safetensors file: the latents, and the settings as JSON in its metadata."""
+    def check_of(self, frames: torch.Tensor) -> "Inversion":
+        """This inversion, after checking that its latents (S + 1, F, 4, H/8, W/8) fit `frames` (F, 3, H, W)."""
+        F, _, H, W = frames.shape
+        expected = (len(self.timesteps) + 1, F, 4, H // 8, W // 8)
+        if tuple(self.latents.shape) != expected:
+            raise ValueError(f"an inversion of latents {tuple(self.latents.shape)} is not one of {F} frames of "
+                             f"{W}×{H}, which need latents {expected}")
+        return self
+
+    def save(self, path: str | Path, cache: dict | None = None) -> Path:
+        """One .safetensors file: the latents, and the settings as JSON in its metadata (with `cache`, a cache
+        entry's identity: stemref.edit.cache)."""
         if self.shard is not None:
             raise ValueError("this Inversion holds one process's frames; save inversion.whole() (from one rank)")
-        meta = {"format": FORMAT, "timesteps": self.timesteps, "settings": asdict(self.settings)}
+        meta = {"format": FORMAT, "timesteps": self.timesteps, "settings": asdict(self.settings),
+                **({"cache": cache} if cache is not None else {})}
         return save_stemref_file(path, {"latents": self.latents}, meta, "inversion")
 
     @classmethod
@@ -117,6 +135,9 @@ def _checked(latents: torch.Tensor, meta: dict, path: Path) -> Inversion:
             or not latents.is_floating_point():
         raise bad(f"latents of shape {tuple(latents.shape)} ({latents.dtype}) do not hold the "
                   f"{len(timesteps) + 1} floating (F, 4, h, w) latents its {len(timesteps)} timesteps need")
+    if not torch.isfinite(latents).all():
+        raise bad(f"its latents hold {(~torch.isfinite(latents)).sum().item()} NaN or infinite values of "
+                  f"{latents.numel()}")
     names = {f.name for f in fields(InversionSettings)}
     if not isinstance(raw, dict) or not {"prompt"} <= set(raw) <= names:
         raise bad(f"settings must be an object with the keys {sorted(names)}, got {raw!r:.120}")
@@ -129,6 +150,14 @@ def _checked(latents: torch.Tensor, meta: dict, path: Path) -> Inversion:
         raise bad(f"settings {', '.join(wrong)} have the wrong type")
     # the timesteps are the path the latents were computed on; settings.steps only repeats their count
     return Inversion(latents, timesteps, replace(settings, steps=len(timesteps)))
+
+
+def check_inversion(inversion: object) -> Inversion:
+    """What every editor checks first: an Inversion whose latents are all finite (NaN latents edit to NaN frames)."""
+    if not isinstance(inversion, Inversion):
+        raise TypeError(f"expected an Inversion (from stemref.invert or Inversion.load), got {type(inversion).__name__}")
+    check_finite(inversion.latents, "the inversion's latents", "invert the video again (in fp32 if it was fp16)")
+    return inversion
 
 
 def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 50, context: str | None = "stem",

@@ -52,6 +52,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     are read and after each of the three models is built.
     """
     report = progress or (lambda done, total: None)
+    dtype, device = check_dtype(dtype), check_device(device)
     path = Path(path).expanduser()
     if not path.exists():
         raise WeightsError(f"weights not found at {path}. {GET_WEIGHTS}")
@@ -74,6 +75,29 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     report(4, 4)
     return StableDiffusion(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
                            scheduler=DDIMScheduler(ddim_cfg))
+
+
+def check_dtype(dtype: object) -> torch.dtype:
+    """A floating torch dtype, or TypeError naming the ones to use."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype (torch.float32, torch.float16, torch.bfloat16 or "
+                        f"torch.float64), got {dtype!r}")
+    return dtype
+
+
+def check_device(device: object) -> torch.device:
+    """A torch device that exists here, or ValueError/TypeError naming the problem."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a string such as 'cpu' or 'cuda' or a torch.device, got {device!r}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {str(device)!r} is not a torch device; use 'cpu', 'cuda', 'cuda:1' or 'mps'") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use 'cpu'")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available on this machine; use 'cpu'")
+    return device
 
 
 def load_clip(path: str | Path = DEFAULT_CLIP, dtype: torch.dtype = torch.float32,
@@ -267,7 +291,16 @@ def _build(cls, cfg, sd: dict[str, torch.Tensor], what: str, dtype: torch.dtype,
                            f"{' …' if len(wrong) > 5 else ''}. {fix or f'Check {what}/config.json. {CONFIG_HINT}'}")
     # Convert tensor by tensor, dropping each file tensor as soon as it is copied: the peak stays near
     # one copy of the weights rather than two.
-    converted = {k: sd.pop(k).to(device=device, dtype=dtype) for k in list(sd)}
+    converted = {}
+    for k in list(sd):
+        x = sd.pop(k)
+        converted[k] = x.to(device=device, dtype=dtype)
+        # NaN weights make every later result NaN: found here, one finite check per tensor, not after a run
+        if converted[k].is_floating_point() and not torch.isfinite(converted[k]).all():
+            cause = "in the file (damaged weights)" if not torch.isfinite(x).all() else \
+                f"once converted to {dtype}: it overflows that precision, load in float32"
+            raise WeightsError(f"{what} weight {k} holds NaN or infinite values {cause}. "
+                               f"{fix or GET_WEIGHTS}")
     model.load_state_dict(converted, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

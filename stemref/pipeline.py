@@ -37,7 +37,11 @@ class StableDiffusion:
     @torch.no_grad()
     def encode_prompt(self, prompts: str | list[str]) -> torch.Tensor:
         """Prompts -> CLIP last hidden states (B, 77, 768). Over-long prompts are refused, not silently cut."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, (list, tuple)) \
+            else [prompts]
+        for prompt in prompts:
+            if not isinstance(prompt, str):
+                raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}: {prompt!r:.60}")
         self.tokenizer.refuse_long(prompts)
         ids = self.tokenizer(prompts).to(self.device)  # (B, 77)
         return self.text_encoder(ids)
@@ -67,6 +71,7 @@ class StableDiffusion:
 
         `progress(frames done, F)` is called after each batch.
         """
+        check_latents(latents, self.vae.config.latent_channels)
         frames = []
         for chunk in latents.split(batch):
             x = self.vae.decode(chunk.to(self.device, self.dtype) / self.vae.config.scaling_factor)
@@ -74,6 +79,16 @@ class StableDiffusion:
             if progress:
                 progress(sum(map(len, frames)), len(latents))
         return torch.cat(frames)
+
+
+def check_latents(latents: object, channels: int = 4) -> None:
+    """TypeError/ValueError unless `latents` is a floating (F, channels, h, w) tensor: SD1.x latents have 4 channels."""
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+        raise TypeError(f"latents must be a floating torch.Tensor (F, {channels}, h, w), got "
+                        f"{latents.dtype if isinstance(latents, torch.Tensor) else type(latents).__name__}")
+    if latents.ndim != 4 or latents.shape[1] != channels or min(latents.shape) == 0:
+        raise ValueError(f"latents must have shape (F, {channels}, h, w) (SD1.x latents have {channels} channels), "
+                         f"got {tuple(latents.shape)}")
 
 
 def check_encodable(frames: torch.Tensor) -> None:

@@ -9,9 +9,11 @@ Reading (`read_video`)
   containers work. The first video stream is used; audio is ignored. Decoding stops right after the last
   frame that was asked for, so `count=8` on a long clip decodes only the frames up to that point.
 - A folder is read as one image per frame (.png .jpg .jpeg .webp, case-insensitive), in natural order
-  (`2.png` before `10.png`); other files in the folder are ignored. Alpha channels are dropped.
+  (`2.png` before `10.png`); other files in the folder are ignored. Alpha channels are dropped. 16-bit
+  PNGs (greyscale or RGB) are scaled to 8 bits, not clipped.
 - Frame selection: frames start, start + stride, start + 2·stride, ..., at most `count` of them.
-- Geometry: SD 1.5 works on an 8× smaller latent grid, so the output H and W are always multiples of 8.
+- Geometry: SD 1.5 works on an 8× smaller latent grid, so the output H and W are multiples of 8, except
+  with `as_stored=True`, which keeps every pixel as stored (for metrics).
   * `size=None`: keep the resolution; crop the remainder of H and W modulo 8 from the centre
     (854×480 -> 848×480, 100×75 -> 96×72).
   * `size=S`: resize so the longer side is S (aspect kept, the short side rounded to the nearest pixel),
@@ -86,11 +88,13 @@ def read_video(
     square: bool = False,
     resize: tuple[int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    as_stored: bool = False,
 ) -> torch.Tensor:
     """Read frames start, start + stride, ... (at most `count`) of a video file or image folder.
 
     Returns (F, 3, H, W) float32 in [0, 1] with H and W multiples of 8; see the module docstring for
-    how `size`, `square` and `resize` set the geometry. F is less than `count` when the video ends first:
+    how `size`, `square` and `resize` set the geometry. `as_stored=True` returns every pixel as stored
+    instead, at any H and W (no crop; not with size, square or resize): what metrics must score. F is less than `count` when the video ends first:
     compare. `progress(frames read, frames wanted)` is called after each frame (for files only when `count`
     is given).
     """
@@ -98,6 +102,8 @@ def read_video(
     _check_selection(path, start, stride, count)
     _check_size(size)
     _check_resize(resize, size, square)
+    if as_stored and (size is not None or square or resize is not None):
+        raise ValueError(f"{path}: as_stored=True reads the frames as stored; it takes no size, square or resize")
     if not path.exists():
         raise FileNotFoundError(
             f"{path}: no such file or folder; check the path (relative paths start at {Path.cwd()})"
@@ -107,7 +113,7 @@ def read_video(
         frames = _read_folder(path, start, stride, count, report)
     else:
         frames = _read_file(path, start, stride, count, report)
-    shaped = [_fit(frame, size, square, path, resize) for frame in frames]
+    shaped = frames if as_stored else [_fit(frame, size, square, path, resize) for frame in frames]
     if len({f.shape for f in shaped}) > 1:
         sizes = sorted({f"{f.shape[1]}x{f.shape[0]}" for f in frames})
         raise ValueError(
@@ -225,7 +231,7 @@ def _read_folder(path: Path, start: int, stride: int, count: int | None, report)
     for file in selected:
         try:
             with Image.open(file) as image:
-                frames.append(np.asarray(image.convert("RGB")))  # (H, W, 3)
+                frames.append(_rgb8(image, file))  # (H, W, 3)
         except Image.DecompressionBombError as error:
             raise ValueError(f"{file}: the image is too large to decode safely ({error}); "
                              "shrink it to the size you want to work at (e.g. 512 px)") from error
@@ -235,6 +241,24 @@ def _read_folder(path: Path, start: int, stride: int, count: int | None, report)
             raise ValueError(f"{file}: not a readable image ({error}); remove or replace it") from error
         report(len(frames), len(selected))
     return frames
+
+
+def _rgb8(image: Image.Image, file: Path) -> np.ndarray:
+    """One opened image as (H, W, 3) uint8 RGB, whatever its bit depth.
+
+    Pillow opens a 16-bit greyscale PNG in an integer mode ("I;16", or "I" in older versions), which its
+    convert("RGB") clips at 255, so nearly every pixel would read white: those values are scaled by
+    255/65535 here and rounded. A 16-bit RGB PNG Pillow already reads as 8-bit RGB (the high byte of each
+    value); that and 8-bit images convert as usual.
+    """
+    if image.mode.startswith("I"):
+        values = np.asarray(image).astype(np.int64)  # (H, W)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{file}: {image.mode} image with values outside 0–65535; save it as an 8- or "
+                             "16-bit PNG")
+        grey = np.round(values * (255 / 65535)).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)  # (H, W, 3)
+    return np.asarray(image.convert("RGB"))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -400,6 +400,20 @@ def test_stale_partial_folders_of_killed_runs_are_removed(tiny_root, clip, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == [".mine.22222222.partial", ".old.11111111.partial", "run"]
 
 
+def test_an_output_moved_aside_by_a_killed_run_is_put_back(tiny_root, clip, tmp_path):
+    # a run killed between moving the old --out aside (--overwrite) and renaming its result into place
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    old = tmp_path / ".run.33333333.old"
+    old.mkdir()
+    (old / MARKER).write_text(json.dumps({"written_by": "stemref", "host": socket.gethostname(),
+                                          "pid": int(dead.stdout), "resume": None, "files": ["metrics.json"]}))
+    (old / "metrics.json").write_text("{}")
+    # the next run into the same --out finds the old result back in place and refuses to replace it silently
+    assert invert_cli.main(invert_args(clip, tmp_path / "run", tiny_root)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert (tmp_path / "run" / "metrics.json").read_text() == "{}"
+
+
 def test_compare_resumes_the_contexts_that_finished(tiny_root, clip, tmp_path, monkeypatch, capsys):
     real, ran = invert_cli._invert_and_reconstruct, []
 

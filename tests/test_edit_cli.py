@@ -98,6 +98,25 @@ def test_damaged_cache_entry_is_recomputed(first_run, tiny_root, capsys):
     assert any(line.startswith("inversion: cached as") for line in stderr_lines(capsys))
 
 
+def test_cache_entry_of_nan_latents_is_recomputed_with_one_line(first_run, tiny_root, capsys):
+    """An entry whose checksum and identity pass but whose latents are NaN: one line naming the problem, then the
+    inversion is computed again (not a traceback, nor the "try --dtype fp32" hint of an fp32 run)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    entry = next((first_run / "cache" / "inversions").glob("*.safetensors"))
+    with safe_open(str(entry), "pt") as f:
+        metadata, latents = f.metadata(), f.get_tensor("latents")
+    save_file({"latents": torch.full_like(latents, float("nan"))}, entry, metadata=metadata)
+    entry.with_suffix(".sha256").write_text(hashlib.sha256(entry.read_bytes()).hexdigest() + "\n")
+    capsys.readouterr()
+    assert edit(first_run, tiny_root, "nan-entry") == 0
+    lines = stderr_lines(capsys)
+    dropped = [line for line in lines if "dropped" in line]
+    assert len(dropped) == 1 and "NaN" in dropped[0] and "--dtype" not in dropped[0]
+    assert any(line.startswith("inversion: cached as") for line in lines)
+
+
 def test_config_toml_repeats_the_edit(first_run, tiny_root, tmp_path):
     # float64: in float32 a random-weight UNet is chaotic enough that memory alignment alone moves the result;
     # mkv: lossless, where H.264's rate control may code equal frames differently from one run to the next

@@ -87,3 +87,24 @@ def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "stemref.evaluate", "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "--source-prompt" in result.stdout
+
+
+def test_an_854x480_video_is_scored_as_stored(tiny_clip_dir, tiny_clip_reference, tmp_path, capsys):
+    """No crop to a multiple of 8 (854 -> 848): the scores are transformers' CLIP on all 854×480 pixels."""
+    g = torch.Generator().manual_seed(3)
+    edited_frames, source_frames = torch.rand(2, 3, 480, 854, generator=g), torch.rand(2, 3, 480, 854, generator=g)
+    edited = write_video(tmp_path / "edited.mkv", edited_frames)  # lossless: reads back as the 8-bit frames
+    source = write_video(tmp_path / "source.mkv", source_frames)
+    assert evaluate(edited, "--source-video", source, "--prompt", PROMPT, "--source-prompt", SOURCE_PROMPT,
+                    "--clip", tiny_clip_dir, "--json") == 0
+    scores = json.loads(capsys.readouterr().out)
+    ids = CLIPTokenizer.openai()([PROMPT, SOURCE_PROMPT])
+    with torch.no_grad():
+        def embed(frames):  # reference_pixels rounds the frames to 8 bits, as the mkv stores them
+            return tiny_clip_reference.get_image_features(pixel_values=reference_pixels(frames, 30).double()).pooler_output.numpy()
+        target, source_text = tiny_clip_reference.get_text_features(input_ids=ids).pooler_output.numpy()
+        edited_embeds, source_embeds = embed(edited_frames), embed(source_frames)
+    assert scores["clip_score"] == pytest.approx(reference_clip_score(edited_embeds, target), abs=1e-4)
+    assert scores["clip_consistency"] == pytest.approx(reference_consistency(edited_embeds), abs=1e-6)
+    assert scores["source_clip_consistency"] == pytest.approx(reference_consistency(source_embeds), abs=1e-6)
+    assert read_video(edited, as_stored=True).shape == (2, 3, 480, 854)

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 import stemref
 from stemref.attention import AttnCall, RunInfo
 from stemref.context import SpatialTemporal, context_processor, gather_frames, visible_frames
-from stemref.edit import fatezero, fatezero_fusion
+from stemref.edit import fatezero, fatezero_fusion, p2p
 from stemref.edit.attention_store import AttentionStore, StepReader, write_safetensors
-from stemref.edit.fatezero import FateZeroSettings, Plan, edit
+from stemref.edit.fatezero import FateZeroSettings, Plan, edit, edit_latents
 from stemref.em import EPS
 from test_context import naive_attention
 
@@ -394,10 +394,62 @@ def test_bad_settings_are_refused(tiny_sd, inversions):
         edit(tiny_sd, inv, "a jeep", TARGET)
     with pytest.raises(ValueError, match="controller"):
         edit(tiny_sd, inv, SOURCE, TARGET, controller="swap")
-    with pytest.raises(ValueError, match="need blend_words"):
+    with pytest.raises(ValueError, match="blend_latents needs blend_words"):
         edit(tiny_sd, inv, SOURCE, TARGET, blend_latents=True)
     with pytest.raises(ValueError, match="window"):
         edit(tiny_sd, inv, SOURCE, TARGET, self_window=1.5)
+
+
+@pytest.mark.parametrize("settings, words", [
+    (dict(reweight={"tiger": 10.0}), "reweight word 'tiger'"),
+    (dict(word_windows={"tiger": 0.5}), "word_windows word 'tiger'"),
+    (dict(blend_words=(["tiger"], ["dog"]), blend_self_attention=True), "blend source word 'tiger'"),
+    (dict(blend_words=(["cat"], ["dog", "tiger"]), blend_latents=True), "blend target word 'tiger'"),
+    (dict(blend_words=(["dog"], ["dog"]), blend_self_attention=True), "blend source word 'dog'"),  # a target word
+])
+def test_words_not_in_the_prompt_are_refused_naming_word_and_prompt(tiny_sd, inversions, settings, words):
+    with pytest.raises(ValueError, match=f"{words} is not a word of the prompt"):
+        edit(tiny_sd, inversions["fatezero"], SOURCE, TARGET, **settings, **TINY)
+    with pytest.raises(ValueError, match="punctuation attached there: turn strip_punctuation on"):
+        Plan.make(tiny_sd, FateZeroSettings(reweight={"grass": 2.0}), STEPS, "a cat on the grass,", "a dog on the grass,")
+
+
+def test_a_repeated_blend_word_counts_each_token_once(tiny_sd):
+    """["silver", "jeep", "jeep"] as the official code weighs it: a 0/1 weight per token position, set once."""
+    source, target = "a silver jeep driving down a curvy road", "a Porsche car driving down a curvy road"
+    twice = Plan.make(tiny_sd, FateZeroSettings(blend_words=(["silver", "jeep", "jeep"], ["Porsche", "car", "car"]),
+                                                blend_self_attention=True), STEPS, source, target)
+    maps = [torch.rand(2, 2, 4, 77, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in (1, 2)]
+    alpha = torch.zeros(77, dtype=torch.float64)  # the official alpha_layers: 1 at each word's tokens
+    for word in ("silver", "jeep", "jeep"):
+        alpha[p2p.word_positions(tiny_sd.tokenizer, source, word)] = 1
+    official = torch.nn.functional.max_pool2d(
+        (torch.cat(maps, dim=1) * alpha).sum(-1).mean(1).view(2, 1, 2, 2), 3, stride=1, padding=1)
+    assert torch.allclose(p2p.blend_map(maps, twice.source_positions, (2, 2)), official, rtol=1e-12, atol=0)
+    assert len(twice.target_positions) == len(set(twice.target_positions))
+
+
+def test_the_official_reconstruction_config_means_no_blending(tiny_sd, inversions):
+    """blend_words None with blend_self_attention True (the official reconstruction entries) runs, unmasked."""
+    inv = inversions["fatezero"]
+    official = edit_latents(tiny_sd, inv, SOURCE, TARGET, blend_words=None, blend_self_attention=True, **TINY)
+    assert torch.equal(official, edit_latents(tiny_sd, inv, SOURCE, TARGET, **TINY))
+
+
+def test_non_finite_inputs_and_results_are_refused(tiny_sd, inversions):
+    import copy
+
+    inv = inversions["fatezero"]
+    with pytest.raises(ValueError, match=r"reweight\['dog'\] must be a finite number"):
+        edit(tiny_sd, inv, SOURCE, TARGET, reweight={"dog": float("nan")}, **TINY)
+    nan = stemref.Inversion(inv.latents.clone(), inv.timesteps, inv.settings)
+    nan.latents[2, 1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="the inversion's latents contain 1 NaN"):
+        edit(tiny_sd, nan, SOURCE, TARGET, **TINY)
+    broken = copy.deepcopy(tiny_sd)
+    broken.unet.conv_out.bias.data.fill_(float("inf"))
+    with pytest.raises(ValueError, match="the edited latents contain"):
+        edit_latents(broken, inv, SOURCE, TARGET, **TINY)
 
 
 # ---- the command line --------------------------------------------------------------------------------------
@@ -417,6 +469,7 @@ def test_example_configs_are_complete_fatezero_settings(tmp_path):
         s = edit_cli.resolve_settings(edit_cli.build_parser(), [str(clip), "--config", str(config)])
         assert s["method"] == "fatezero" and s["inversion"] == ("stem" if "bunny" in config.stem else "fatezero")
         settings[config.stem] = FateZeroSettings(**edit_methods.fatezero_settings(s))
+        edit_methods.check_fatezero(s)  # every reweight and blend word is a word of its prompt
         assert settings[config.stem].max_tokens == 1024 and settings[config.stem].fix_shift is False  # official
     assert settings["fatezero-local-jeep-porsche"].blend_words == (["silver", "jeep"], ["Porsche", "car"])
     assert settings["fatezero-style-jeep-watercolor"].reweight == {"watercolor": 10.0}
@@ -440,7 +493,10 @@ def test_command_edits_with_fatezero(tiny_root, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--reweight", "watercolor"], "WORD=NUMBER"),
     (["--self-window", "1.5"], "fraction of the steps"),
-    (["--blend-latents"], "need blend_words"),
+    (["--blend-latents"], "needs blend_words"),
+    (["--reweight", "tiger=10"], "'tiger' is not a word of the target prompt 'a dog on the grass'"),
+    (["--blend-source", "tiger", "--blend-self-attention"], "blend source word 'tiger' is not a word of the prompt "
+                                                             "'a cat on the grass'"),
 ])
 def test_command_refuses_bad_fatezero_settings(tiny_root, tmp_path, capsys, args, message):
     from stemref.cli import edit as edit_cli

@@ -469,3 +469,21 @@ def test_vae_and_steps_report_progress(tiny_sd):
                          vae_progress=log("encode"))
     stemref.reconstruct(tiny_sd, inv, progress=log("steps"), vae_progress=log("decode"))
     assert calls == {"encode": [(2, 3), (3, 3), (3, 3)], "steps": [(1, 2), (2, 2)] * 2, "decode": [(3, 3)]}
+
+
+def test_load_refuses_nan_latents(tmp_path):
+    latents = torch.zeros(3, 1, 4, 8, 8)
+    latents[1, 0, 2, 3, 3] = float("nan")
+    meta = '{"format": "stemref.inversion/1", "timesteps": [1, 501], "settings": {"prompt": "x"}}'
+    with pytest.raises(ValueError, match="damaged.*1 NaN or infinite values"):
+        stemref.Inversion.load(damaged(tmp_path, latents, meta))
+
+
+def test_api_type_errors_are_clear(tiny_sd):
+    """A prompt that is not a string, latents that are not SD1.x's 4 channels: one clear TypeError/ValueError."""
+    with pytest.raises(TypeError, match="a prompt must be a string, got int"):
+        stemref.invert(tiny_sd, video(2), prompt=123, steps=2)
+    with pytest.raises(ValueError, match=r"\(S \+ 1, F, 4, h, w\).*4 channels.*\(3, 2, 8, 8, 8\)"):
+        stemref.Inversion(torch.zeros(3, 2, 8, 8, 8), [1, 501], InversionSettings(PROMPT, steps=2))
+    with pytest.raises(ValueError, match=r"\(F, 4, h, w\).*got \(2, 8, 8, 8\)"):
+        tiny_sd.decode_latents(torch.zeros(2, 8, 8, 8, dtype=torch.float64))

@@ -327,3 +327,31 @@ def test_load_reports_progress(tiny_root):
     calls = []
     stemref.load(tiny_root, progress=lambda done, total: calls.append((done, total)))
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(dtype="fp16"), TypeError, "dtype must be a floating torch.dtype.*got 'fp16'"),
+    (dict(dtype=torch.int8), TypeError, "dtype must be a floating torch.dtype"),
+    (dict(device="tpu"), ValueError, "device 'tpu' is not a torch device; use 'cpu'"),
+    (dict(device=0.5), TypeError, "device must be a string"),
+])
+def test_bad_dtype_and_device_are_refused_first(tiny_root, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        stemref.load(tiny_root, **kwargs)
+
+
+@pytest.mark.parametrize("value, dtype, cause", [
+    (float("nan"), torch.float32, "in the file"),
+    (1e6, torch.float16, "once converted to torch.float16"),
+])
+def test_non_finite_weights_are_found_at_load(tiny_root, tmp_path, value, dtype, cause):
+    """NaN weights (or weights that overflow the chosen precision) are refused when loading, naming the tensor,
+    not found as NaN frames after an inversion."""
+    root = shutil.copytree(tiny_root, tmp_path / "sd")
+    f = root / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(f)
+    name = sorted(k for k in tensors if k.endswith("conv_in.weight"))[0]
+    tensors[name][0, 0, 0, 0] = value
+    save_file(tensors, f)
+    with pytest.raises(stemref.WeightsError, match=f"vae weight {re.escape(name)} holds NaN or infinite values {cause}"):
+        stemref.load(root, dtype=dtype)

@@ -407,3 +407,18 @@ def test_bad_arguments(tiny_sd, inversion):
         tokenflow.edit_latents(tiny_sd, inversion, TARGET, blend="centres")
     with pytest.raises(ValueError, match="freeu"):
         tokenflow.edit_latents(tiny_sd, inversion, TARGET, freeu=(1, 2))
+
+
+def test_non_finite_inversion_and_results_are_refused(tiny_sd, inversion):
+    """A NaN inversion is refused before any work, and a model whose ε is infinite gives a ValueError naming the
+    edited latents, never NaN frames."""
+    import copy
+
+    nan = stemref.Inversion(inversion.latents.clone(), inversion.timesteps, inversion.settings)
+    nan.latents[-1, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="the inversion's latents contain 1 NaN"):
+        tokenflow.edit(tiny_sd, nan, TARGET, batch=5)
+    broken = copy.deepcopy(tiny_sd)
+    broken.unet.conv_out.bias.data.fill_(float("inf"))
+    with pytest.raises(ValueError, match="the edited latents contain .* NaN or infinite"):
+        tokenflow.edit_latents(broken, inversion, TARGET, batch=5)

@@ -169,6 +169,50 @@ def test_load_refuses_damaged_metadata(tuned, tmp_path):
         Tuned.load(path)
 
 
+def _rewrite(path, tensors=None, **meta_changes):
+    """The tuned-weights file at `path` rewritten with other tensors or metadata fields."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta, old = json.loads(f.metadata()["stemref"]), {k: f.get_tensor(k) for k in f.keys()}
+    for field, value in meta_changes.items():
+        *parents, last = field.split(".")
+        target = meta
+        for name in parents:
+            target = target[name]
+        target[last] = value
+    new = old if tensors is None else tensors(old)
+    save_file({k: v.contiguous() for k, v in new.items()}, path, metadata={"stemref": json.dumps(meta)})
+    return path
+
+
+@pytest.mark.parametrize("damage, message, needs_model", [
+    (dict(tensors=lambda t: {k: v for k, v in t.items() if "attn_temp" not in k or "to_q" not in k}),
+     "tuned tensors are missing", True),
+    (dict(tensors=lambda t: {k: (v[:, :-1] if k.endswith("attn1.to_q.weight") else v) for k, v in t.items()}),
+     "the model needs", True),
+    (dict(tensors=lambda t: {k: (v * float("nan") if "attn2" in k else v) for k, v in t.items()}), "NaN", False),
+    ({"settings.steps": "3"}, "settings.steps of the wrong type", False),
+    ({"settings.checkpointing": 1}, "settings.checkpointing of the wrong type", False),
+    ({"base": 7}, "base of the wrong type", False),
+])
+def test_load_checks_everything_and_names_the_file(tiny_sd, tuned, tmp_path, damage, message, needs_model):
+    """A missing tensor (which would silently run another model), a wrong shape, NaN values or a setting of
+    the wrong type: ValueError naming the file, at load (with the model: at load, or at latest in .unet())."""
+    path = _rewrite(tuned.save(tmp_path / "damaged.safetensors"), **damage)
+    if needs_model:
+        back = Tuned.load(path)  # without the model the set of tensors cannot be known ...
+        with pytest.raises(ValueError, match=message) as unet_error:
+            back.unet(tiny_sd)  # ... but it never builds a different model
+        assert str(path) in str(unet_error.value)
+    with pytest.raises(ValueError, match=message) as error:
+        Tuned.load(path, tiny_sd)
+    assert str(path) in str(error.value)
+
+
 # ---------------------------------------------------------------- editing
 
 def test_tuned_model_uses_the_methods_self_attention(tiny_sd, tuned):
@@ -223,3 +267,19 @@ def test_edit_samples_with_guidance_against_the_empty_prompt(tiny_sd, tuned):
     torch.testing.assert_close(out, x, rtol=0, atol=1e-10)
     frames = tuned_edit.edit(model, FRAMES, "a duck", tuned.method, steps=2)
     assert frames.shape == FRAMES.shape and 0 <= frames.min() and frames.max() <= 1
+
+
+def test_tuned_editing_refuses_non_finite_inversions_and_results(tiny_sd, tuned):
+    import copy
+
+    model = tuned.model(tiny_sd)
+    inv = tuned_edit.invert_tuned(model, FRAMES, steps=2)
+    nan = stemref.Inversion(inv.latents.clone(), inv.timesteps, inv.settings)
+    nan.latents[-1] = float("nan")
+    with pytest.raises(ValueError, match="the inversion's latents contain"):
+        tuned_edit.edit_latents(model, nan, "a duck", guidance=5.0)
+    broken = copy.copy(model)
+    broken.unet = copy.deepcopy(model.unet)
+    broken.unet.conv_out.bias.data.fill_(float("inf"))
+    with pytest.raises(ValueError, match="the edited latents contain"):
+        tuned_edit.edit_latents(broken, inv, "a duck", guidance=5.0)

@@ -150,6 +150,9 @@ def test_odd_input_size_is_cropped(tmp_path):
     back = read_video(write_video(tmp_path / "odd.mkv", frames))
     assert back.shape == (3, 3, 72, 96)
     assert torch.equal(back, frames[:, :, 1:73, 2:98])  # 3 rows: 1 above, 2 below; 4 columns: 2 each side
+    assert torch.equal(read_video(tmp_path / "odd.mkv", as_stored=True), frames)  # every pixel, for metrics
+    with pytest.raises(ValueError, match="as_stored=True reads the frames as stored"):
+        read_video(tmp_path / "odd.mkv", as_stored=True, size=64)
 
 
 def test_size_resizes_longer_side_and_rounds_down(tmp_path):
@@ -537,3 +540,39 @@ def test_read_video_reports_progress(tmp_path, source):
     read_video(path, stride=2, count=5, progress=lambda done, total: calls.append((done, total)))
     total = 2 if source == "folder" else 5  # a folder's length is known; a file's only when it ends
     assert calls == [(1, total), (2, total)]
+
+
+def _png(path: Path, values: np.ndarray, depth: int) -> None:
+    """A PNG written byte by byte (Pillow cannot write 16-bit RGB): values (H, W) grey or (H, W, 3) RGB."""
+    import struct
+    import zlib
+
+    h, w = values.shape[:2]
+    dtype = ">u2" if depth == 16 else "u1"
+    raw = b"".join(b"\x00" + values[y].astype(dtype).tobytes() for y in range(h))  # filter 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, depth, 0 if values.ndim == 2 else 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [1, 3], ids=["grey", "rgb"])
+@pytest.mark.parametrize("depth", [8, 16])
+def test_8_and_16_bit_png_frames_are_scaled(tmp_path, depth, channels):
+    """16-bit PNGs read as their values / 65535 (to the nearest 8-bit level), not clipped to white; 8-bit exactly."""
+    g = np.random.default_rng(depth + channels)
+    top = 2**depth - 1
+    values = g.integers(0, top + 1, size=(2, 16, 24) + ((3,) if channels == 3 else ()))
+    values[:, 0, 0] = top // 4  # a dark pixel in every frame: the clipping bug read it as white
+    for i, frame in enumerate(values):
+        _png(tmp_path / f"{i}.png", frame, depth)
+    got = read_video(tmp_path)  # (F, 3, H, W)
+    expected = torch.from_numpy(values / top).float()  # (F, H, W[, 3])
+    expected = expected[:, None].expand(-1, 3, -1, -1) if channels == 1 else expected.permute(0, 3, 1, 2)
+    assert got.shape == (2, 3, 16, 24)
+    # 8-bit: exact; 16-bit: within one 8-bit level
+    assert (got - expected).abs().max() <= (1e-6 if depth == 8 else 1 / 255 + 1e-6)
+    assert got[:, :, 0, 0].max() < 0.26

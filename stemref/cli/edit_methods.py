@@ -25,6 +25,8 @@ from ..context import CONTEXTS
 from ..edit import fatezero, tokenflow, tuning
 from ..edit import tuned as tuned_editing
 from ..edit.cache import Cache, key_of, tensor_digest, weights_fingerprint
+from ..edit.fatezero_plan import check_words
+from ..edit.p2p import has_word
 from ..inversion import FORMAT as INVERSION_FORMAT
 from ..frames import check_finite
 from ..inversion import NON_FINITE_HINT, Inversion, invert
@@ -68,8 +70,8 @@ class Job:
                compute: Callable[[], Any]) -> Any:
         """The cache entry (under `folder`) for `description` if there is a sound one, else `compute()`, timed and
         stored with its `.save(path)`; `label` names it in messages and in the timings."""
-        cache, key = Cache(self.cache_root, folder), key_of(description)
-        found = cache.get(key, load)
+        cache, key = Cache(self.cache_root, folder, notice=self.say), key_of(description)
+        found = cache.get(key, description, load)
         if found is not None:
             self.say(f"{label}: reusing {cache.path(key)}")
             self.timings[label] = 0.0
@@ -77,7 +79,7 @@ class Job:
         started = clock(self.sd.device)
         result = compute()
         self.timings[label] = clock(self.sd.device) - started
-        if cache.put(key, result.save) is not None:
+        if cache.put(key, description, result) is not None:
             self.say(f"{label}: cached as {cache.path(key)}")
         return result
 
@@ -185,27 +187,29 @@ def cached_inversion(job: Job, sd: StableDiffusion | None = None, prompt: str | 
                 job.progress(f"{s['inversion']} inversion") as report:
             return invert(sd, job.frames, prompt, s["steps"], context, seed=s["seed"], progress=report,
                           vae_progress=encoding, group=group, **options)
+    load = lambda path: Inversion.load(path).check_of(job.frames)
     if group is None:
-        return job.cached("inversion", "inversions", description, Inversion.load, compute)
-    return _sharded_cached_inversion(job, description, compute)
+        return job.cached("inversion", "inversions", description, load, compute)
+    return _sharded_cached_inversion(job, description, load, compute)
 
 
-def _sharded_cached_inversion(job: Job, description: dict, compute: Callable[[], Inversion]) -> Inversion:
+def _sharded_cached_inversion(job: Job, description: dict, load: Callable[[Path], Inversion],
+                              compute: Callable[[], Inversion]) -> Inversion:
     """Job.cached for several processes: rank 0 looks the inversion up and tells the others; on a hit every rank
     reads the file (the cache folder must be the same on every machine) and keeps its shard; on a miss the ranks
     invert together, rank 0 gathers the shards and stores the whole inversion. Returns this rank's shard."""
-    launch, cache, key = job.launch, Cache(job.cache_root, "inversions"), key_of(description)
-    found = cache.get(key, Inversion.load) if launch.main else None
+    launch, cache, key = job.launch, Cache(job.cache_root, "inversions", notice=job.say), key_of(description)
+    found = cache.get(key, description, load) if launch.main else None
     hit = distributed.broadcast_object(None if found is None else str(cache.path(key)), launch.group)
     if hit is not None:
         job.say(f"inversion: reusing {hit}")
         job.timings["inversion"] = 0.0
-        return (found if launch.main else Inversion.load(hit)).local(launch.group)
+        return (found if launch.main else load(Path(hit))).local(launch.group)
     started = clock(job.sd.device)
     inversion = compute()
     job.timings["inversion"] = clock(job.sd.device) - started
     whole = distributed.gather_to_first(inversion.latents.cpu(), launch.on_cpu(inversion.shard), dim=1)  # on rank 0
-    if launch.main and cache.put(key, Inversion(whole, inversion.timesteps, inversion.settings).save) is not None:
+    if launch.main and cache.put(key, description, Inversion(whole, inversion.timesteps, inversion.settings)):
         job.say(f"inversion: cached as {cache.path(key)}")
     return inversion
 
@@ -229,16 +233,24 @@ def fatezero_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
     with job.progress(f"FateZero: {_short(target)} (inversion + edit)") as report:
         latents = fatezero.edit_latents(job.sd, inversion, s["source"], target, guidance=s["guidance"],
                                         negative_prompt=s["negative"], memory_budget=s["store_memory"] * 2**20,
-                                        store_dir=store_dir, progress=report, **fatezero_settings(s))
+                                        store_dir=store_dir, progress=report, **fatezero_settings(s, target))
     return decode(job, latents, inversion)
 
 
-def fatezero_settings(s: dict[str, Any]) -> dict[str, Any]:
-    """The FateZeroSettings fields from the command's flat settings (WORD=NUMBER lists become dicts)."""
-    return dict(cross_window=s["cross_window"], word_windows=_word_numbers(s["word_window"], "word-window"),
+def fatezero_settings(s: dict[str, Any], target: str | None = None) -> dict[str, Any]:
+    """The FateZeroSettings fields from the command's flat settings (WORD=NUMBER lists become dicts). With
+    `target`, the target words (reweight, word windows, blend target) are those of that target prompt: one
+    command edits towards several targets, and each word applies to the targets that have it."""
+    def mine(words: dict | list) -> dict | list:
+        if target is None:
+            return words
+        kept = [w for w in words if has_word(target, w, s["strip_punctuation"])]
+        return {w: words[w] for w in kept} if isinstance(words, dict) else kept
+
+    return dict(cross_window=s["cross_window"], word_windows=mine(_word_numbers(s["word_window"], "word-window")),
                 self_window=s["self_window"], controller=s["controller"],
-                reweight=_word_numbers(s["reweight"], "reweight"),
-                blend_words=(s["blend_source"] or [], s["blend_target"] or [])
+                reweight=mine(_word_numbers(s["reweight"], "reweight")),
+                blend_words=(s["blend_source"] or [], mine(s["blend_target"] or []))
                 if s["blend_source"] or s["blend_target"] else None,
                 blend_self_attention=s["blend_self_attention"], blend_latents=s["blend_latents"],
                 blend_threshold=s["blend_threshold"], max_tokens=None if s["fuse_all_layers"] else 1024,
@@ -262,8 +274,17 @@ def check_fatezero(s: dict[str, Any]) -> None:
     """What FateZero's own settings refuse (word lists, blending without words), before the model loads."""
     try:
         fatezero.FateZeroSettings(**fatezero_settings(s))
+        for target in s["target"]:
+            check_words(fatezero.FateZeroSettings(**fatezero_settings(s, target)), s["source"], target)
     except ValueError as e:
         raise UserError(f"FateZero settings: {e}") from None
+    for flag, words in (("reweight", _word_numbers(s["reweight"], "reweight")),
+                        ("word-window", _word_numbers(s["word_window"], "word-window")),
+                        ("blend-target", s["blend_target"] or [])):
+        for word in words:
+            if not any(has_word(target, word, s["strip_punctuation"]) for target in s["target"]):
+                raise UserError(f"--{flag} {word}: {word!r} is not a word of the target prompt "
+                                f"{' or '.join(map(repr, s['target']))}; name a whole, space-separated word of it")
     if s["store_dir"] is not None and Path(s["store_dir"]).exists() and not Path(s["store_dir"]).is_dir():
         raise UserError(f"--store-dir {s['store_dir']} is a file; name a new or empty folder")
     if s["store_dir"] is not None and Path(s["store_dir"]).exists() and any(Path(s["store_dir"]).iterdir()):
@@ -290,7 +311,7 @@ def cached_tuning(job: Job) -> tuning.Tuned:
             return tuning.tune(sd, job.frames, s["source"], method, steps=s["tune_steps"], lr=s["lr"],
                                seed=s["seed"], checkpointing=s["checkpointing"], autocast=precision, progress=show,
                                **options)
-    return job.cached("tuning", "tuned", description, tuning.Tuned.load, compute)
+    return job.cached("tuning", "tuned", description, lambda path: tuning.Tuned.load(path, sd), compute)
 
 
 def tuned_prepare(job: Job) -> tuple[StableDiffusion, Inversion]:

@@ -8,7 +8,8 @@ and CLIP consistency of the edited and of the source frames (stemref.clip_metric
 JSON object with keys clip_score, frame_accuracy, clip_consistency and source_clip_consistency instead.
 
 Every frame of EDITED is scored (at most --frames); the source frames compared are the same number read from
---start with --stride, so pass the selection the edit used. Frames are read at their own resolution.
+--start with --stride, so pass the selection the edit used. Frames are scored exactly as stored, at their own
+resolution (no crop to a multiple of 8).
 Nothing is written.
 """
 from __future__ import annotations
@@ -36,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
             clip = load_clip(args.clip, dtype=chosen_dtype(args), device=args.device)
         except WeightsError as e:
             raise UserError(str(e)) from e
-        edited = read_video(args.edited, count=args.frames)
-        source = read_video(args.source_video, args.start, args.stride, count=len(edited))
+        edited = read_video(args.edited, count=args.frames, as_stored=True)
+        source = read_video(args.source_video, args.start, args.stride, count=len(edited), as_stored=True)
         if len(source) != len(edited):
             raise UserError(f"{args.edited} has {len(edited)} frames but {args.source_video} has only {len(source)} "
                             f"from frame {args.start} with stride {args.stride}; pass the --start/--stride the edit "

@@ -116,11 +116,12 @@ def output_folder(path: Path, overwrite: bool = False, inputs: Iterable[Path] = 
     `resume` (the settings of the run, JSON-able): when interrupted, tmp is kept as `.NAME.resume`, and a
     later run with equal `resume` settings starts from its contents (commands skip what is complete).
     """
+    if path.parent.is_dir():
+        _remove_stale_partials(path.parent)  # first: it may put back an old `path` that the checks must see
     check_output_folder(path, overwrite, inputs)
     replaceable = _identity(path) if overwrite and path.is_dir() and any(path.iterdir()) else None
     created = [p for p in path.parents if not p.exists()]  # innermost first
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(path.parent)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
     kept = path.with_name(f".{path.name}.resume")
     if resume is not None and _marker(kept).get("resume") == resume:
@@ -249,14 +250,24 @@ def _marker(folder: Path) -> dict:
 
 
 def _remove_stale_partials(parent: Path) -> None:
-    """Delete `.*.partial` / `.*.old` folders of stemref runs on this machine whose process is gone."""
+    """Clean up after stemref runs on this machine whose process is gone: delete their `.*.partial` folders,
+    and put back a `.NAME.xxxx.old` folder (an output moved aside for --overwrite by a run killed before its
+    result took its place) where NAME is still free, so a killed run never loses the old result."""
     for folder in parent.glob(".*.*"):
         if folder.suffix not in (".partial", ".old") or not folder.is_dir():
             continue
         info = _marker(folder)
-        if info.get("written_by") == "stemref" and info.get("host") == socket.gethostname() \
-                and isinstance(info.get("pid"), int) and not _alive(info["pid"]):
-            shutil.rmtree(folder, ignore_errors=True)
+        if not (info.get("written_by") == "stemref" and info.get("host") == socket.gethostname()
+                and isinstance(info.get("pid"), int) and not _alive(info["pid"])):
+            continue
+        if folder.suffix == ".old":
+            original = folder.with_name(folder.name[1:].rsplit(".", 2)[0])  # .NAME.xxxx.old -> NAME
+            try:
+                os.rename(folder, original)  # fails if NAME was taken meanwhile: then the old copy is stale
+                continue
+            except OSError:
+                pass
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

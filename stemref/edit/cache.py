@@ -8,8 +8,14 @@ dtype. Any change gives another key, so an entry is never stale, only unused.
     <root>/<kind>/<key>.safetensors    the entry, written atomically (a temporary name, then a rename)
     <root>/<kind>/<key>.sha256         its checksum, written after it
 
-An entry without a checksum file (a run killed between the two writes) or whose bytes no longer match it
-(disk damage, a truncated copy) is deleted and recomputed: `get` returns None for it.
+Every entry carries its identity inside the file (metadata "cache": its key and the inputs it was computed
+from), so an entry copied over another key, with its checksum, is recognised as someone else's. `get`
+trusts an entry only when all of these hold: a checksum file that matches the bytes, the identity inside
+matching the key asked for, and the entry's own reader accepting it (for an inversion: the shape its
+inputs imply and finite latents; for tuned weights: every tensor, of its shape, finite). Otherwise the
+entry is deleted, one line through `notice` says why, and `get` returns None so that it is recomputed.
+If writing an entry fails (a full disk, a read-only folder), `put` says so through `notice` and skips it:
+the result it was asked to keep is unaffected.
 """
 from __future__ import annotations
 
@@ -18,10 +24,12 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import torch
+from safetensors import SafetensorError
 
-from ..files import atomic_path
+from ..files import atomic_path, read_identity
 from ..pipeline import StableDiffusion
 
 SAMPLES_PER_TENSOR = 256  # values read from each weight tensor for the fingerprint
@@ -66,50 +74,105 @@ def weights_fingerprint(sd: StableDiffusion) -> str:
 
 
 class Cache:
-    """Entries of one `kind` (a sub-folder) under `root`; None as root disables caching."""
+    """Entries of one `kind` (a sub-folder) under `root`; None as root disables caching. `notice` receives one
+    line whenever an entry is dropped or cannot be written (the command prints it; the library never does)."""
 
-    def __init__(self, root: Path | None, kind: str):
+    def __init__(self, root: Path | None, kind: str, notice: Callable[[str], None] | None = None):
         self.folder = None if root is None else Path(root) / kind
+        self.kind = kind
+        self.notice = notice or (lambda message: None)
 
     def path(self, key: str) -> Path | None:
         return None if self.folder is None else self.folder / f"{key}.safetensors"
 
-    def get(self, key: str, read: Callable[[Path], object]) -> object | None:
-        """The entry read by `read(path)`, or None when absent, unverifiable or unreadable (then it is deleted)."""
+    def get(self, key: str, description: dict, read: Callable[[Path], object]) -> object | None:
+        """The entry for `key` (computed from `description`) read by `read(path)`, or None when absent; an entry
+        that fails any check is deleted, with one line to `notice`, and None returned."""
         path = self.path(key)
         if path is None or not path.is_file():
             return None
-        checksum = path.with_suffix(".sha256")
-        try:
-            ok = checksum.read_text().strip() == _sha256_of(path)
-        except OSError:
-            ok = False
-        if ok:
+        problem = self._problem(path, key, description)
+        if problem is None:
             try:
                 return read(path)
-            except (OSError, ValueError, KeyError, RuntimeError):
-                pass
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                problem = _problem_of(e, path)
         self.discard(key)
+        self.notice(f"cache entry {path} dropped ({problem}); computing it again")
         return None
 
-    def put(self, key: str, write: Callable[[Path], None]) -> Path | None:
-        """Write an entry with `write(tmp_path)` (atomically), then its checksum; returns its path."""
+    def _problem(self, path: Path, key: str, description: dict) -> str | None:
+        """Why the entry at `path` cannot be trusted as `key`'s, or None: checksum, then the identity inside."""
+        try:
+            if path.with_suffix(".sha256").read_text().strip() != _sha256_of(path):
+                return "its bytes do not match its checksum"
+        except OSError:
+            return "it has no readable checksum"
+        try:
+            identity = read_identity(path)
+        except (OSError, ValueError) as e:
+            return f"unreadable: {e}"
+        if identity is None:
+            return "it does not say which inputs it was computed from"
+        if identity.get("key") != key:
+            return "it belongs to another key (copied from another entry)"
+        inputs = identity.get("inputs")
+        expected = canonical(description)
+        if inputs != expected:
+            differ = sorted(k for k in expected if not isinstance(inputs, dict) or inputs.get(k) != expected[k])
+            return f"it was computed from other inputs ({', '.join(differ) or 'its description'})"
+        return None
+
+    def put(self, key: str, description: dict, entry: "Saveable") -> Path | None:
+        """Write `entry` with its identity inside (atomically), then its checksum; its path, or None when caching is
+        off or the write failed (said through `notice`; nothing partial is left)."""
         path = self.path(key)
         if path is None:
             return None
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".sha256").unlink(missing_ok=True)
-        with atomic_path(path) as tmp:
-            write(tmp)
-        with atomic_path(path.with_suffix(".sha256")) as tmp:
-            tmp.write_text(_sha256_of(path) + "\n")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".sha256").unlink(missing_ok=True)
+            with atomic_path(path) as tmp:
+                entry.save(tmp, cache={"key": key, "inputs": canonical(description)})
+            with atomic_path(path.with_suffix(".sha256")) as tmp:
+                tmp.write_text(_sha256_of(path) + "\n")
+        except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+            self.discard(key)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            self.notice(f"warning: could not write the {self.kind} cache entry in {self.folder} ({reason}); "
+                        "the result is kept, only the cache write is skipped")
+            return None
         return path
 
     def discard(self, key: str) -> None:
         path = self.path(key)
         if path is not None:
-            path.unlink(missing_ok=True)
-            path.with_suffix(".sha256").unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+                path.with_suffix(".sha256").unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only cache: the entry stays, and is checked again (and refused) next time
+
+
+class Saveable(Protocol):
+    """A cache entry: Inversion and Tuned write themselves, with the cache identity in their metadata."""
+
+    def save(self, path: Path, cache: dict | None = None) -> Path: ...
+
+
+def _problem_of(error: Exception, path: Path) -> str:
+    """A reader's error as the reason an entry is dropped: its first line without the file's name and without
+    the advice to make the file again (the cache does that itself)."""
+    message = (str(error).splitlines() or [type(error).__name__])[0].removeprefix(f"{path}: ")
+    parts = message.split("; ")
+    while len(parts) > 1 and parts[-1].startswith(("make it again", "tune again")):
+        parts.pop()
+    return "; ".join(parts)
+
+
+def canonical(description: dict) -> dict:
+    """`description` as its JSON round trip: what an entry stores and what `key_of` hashes."""
+    return json.loads(json.dumps(description, sort_keys=True, default=str))
 
 
 def _sha256_of(path: Path) -> str:

@@ -17,10 +17,10 @@ timesteps t_0 > t_1 > … > t_{S−1} (edit step i runs at t_i, and so does the 
   3. Edit step i, from x = x_T: the UNet with CFG ("" / P*). Its conditional branch's attention, in every
      fused layer (the Fusion processor), recomputes the source maps of step i from the store and fuses:
        a. self-attention, i in the self window:  S = M ⊙ S_edit + (1 − M) ⊙ S_src;
-       b. M, the blend mask (with `blend_self_attention`): where the source blend words are, from the stored
-          16² cross-attention maps, summed over the words' tokens, averaged over layers and heads, 3×3
-          max-pooled (a dilation), resized to the layer's grid, divided by each frame's maximum, > τ.
-          Without it M ≡ 0 and the source self-attention replaces the edit's (S = S_src);
+       b. M, the blend mask (with `blend_self_attention` and blend words): where the source blend words
+          are, from the stored 16² cross-attention maps, summed over the words' tokens, averaged over
+          layers and heads, 3×3 max-pooled (a dilation), resized to the layer's grid, divided by each
+          frame's maximum, > τ. Without it M ≡ 0 and the source self-attention replaces the edit's;
        c. cross-attention, per token inside its window: word swap C' = C_src · mapper (prompts with as many
           words, "replace"), or refine C'_j = a_j C_src[m_j] + (1 − a_j) C_edit_j (aligned tokens take the
           source map); then reweight C'' = C' ⊙ e; the fused map C = α C'' + (1 − α) C_edit, α the gate.
@@ -46,10 +46,12 @@ are recorded. The store spills to disk beyond a memory budget.
 
 Fidelity: the official code's behaviour kept, quirks included. Inversion without CFG; windows int(s·N) for
 self and int(c·(N+1)) for cross; replace falls back to refine when the word counts differ; the blend mask is
-nearest-resized, per-frame normalised and only used with `blend_self_attention`; latent blending resets to
-the inversion latent one level noisier than x (x_inv at t_i while x is already at t_{i+1}). Not kept:
-FateZero's random VAE sample (stemref encodes the posterior mean) and its Tune-A-Video temporal modules
-(identity at init).
+nearest-resized, per-frame normalised and only used with `blend_self_attention` and blend words (without
+words, as in the official reconstruction configs, there is no mask); a word listed twice weighs its tokens
+once; latent blending resets to the inversion latent one level noisier than x (x_inv at t_i while x is
+already at t_{i+1}). Not kept: FateZero's random VAE sample (stemref encodes the posterior mean), its
+Tune-A-Video temporal modules (identity at init), and its silence about reweight, window or blend words
+that are not in their prompt (stemref refuses them, naming word and prompt).
 
 Several processes (`group=`, distributed.py): each rank encodes, inverts and edits its contiguous shard of the
 frames and keeps the store of its own frames (spilling as usual). The contexts fetch what crosses shards as in
@@ -73,7 +75,8 @@ import torch.distributed as dist
 from ..attention import Processor, RunInfo, sdpa
 from ..context import EMAttention, context_processor
 from ..distributed import Shard, shard_frames
-from ..inversion import SELF_ATTENTION, Inversion, InversionSettings
+from ..frames import check_finite
+from ..inversion import NON_FINITE_HINT, SELF_ATTENTION, Inversion, InversionSettings, check_inversion
 from ..pipeline import StableDiffusion, check_encodable
 from ..sampling import Progress, ddim_inversion_loop, predict_noise
 from .attention_store import AttentionStore
@@ -106,7 +109,7 @@ def edit_latents(sd: StableDiffusion, frames_or_inversion: torch.Tensor | Invers
                          f"known: {', '.join(f.name for f in fields(FateZeroSettings))}")
     s = FateZeroSettings(**settings)
     if isinstance(frames_or_inversion, Inversion):
-        inversion, frames, shard = frames_or_inversion, None, None
+        inversion, frames, shard = check_inversion(frames_or_inversion), None, None
         if group is not None and inversion.shard is None:
             inversion = inversion.local(group)
         if inversion.settings.prompt != source_prompt:
@@ -124,7 +127,9 @@ def edit_latents(sd: StableDiffusion, frames_or_inversion: torch.Tensor | Invers
             inversion = record_inversion(sd, frames, inv, plan, store, progress, shard)
         else:
             replay_inversion(sd, inversion, plan, store, progress)
-        return denoise(sd, inversion, plan, store, progress)  # 3.–5.
+        x = denoise(sd, inversion, plan, store, progress)  # 3.–5.
+    check_finite(x, "the edited latents", NON_FINITE_HINT)
+    return x
 
 
 # ---- 2. inversion, recording the store -------------------------------------------------------------------

@@ -205,9 +205,9 @@ class Fusion:
         return torch.cat(outs)
 
     def _self_mask(self, call: AttnCall) -> torch.Tensor | None:
-        """3b: M on this layer's grid, (F, 1, N, 1) bool, or None (M ≡ 0) without `blend_self_attention`."""
+        """3b: M on this layer's grid, (F, 1, N, 1) bool, or None (M ≡ 0) without `blend_self_attention` and words."""
         s = self.plan.settings
-        if not s.blend_self_attention:
+        if not self.plan.mask_self:
             return None
         mask = p2p.blend_mask(self.source_blend_map(call.info.step), call.info.hw, s.blend_threshold, s.mask_resize)
         return mask.flatten(2)[..., None]  # (F, 1, N, 1)

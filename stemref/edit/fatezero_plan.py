@@ -20,6 +20,7 @@ Dimension legend: S steps, L = 77 text tokens.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ import torch
 
 from ..attention import AttnCall
 from ..pipeline import StableDiffusion
+from ..sampling import check_guidance
 from . import p2p
 
 LATENT_BLEND_WINDOW = (0.2, 0.8)  # the official code's fixed window for latent blending
@@ -59,13 +61,24 @@ class FateZeroSettings:
         p2p.window_bounds(self.self_window)
         for window in self.word_windows.values():
             p2p.window_bounds(window)
+        for word, factor in self.reweight.items():
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
+                raise ValueError(f"reweight[{word!r}] must be a finite number (10 is the official setting), "
+                                 f"got {factor!r}")
+        check_guidance(self.guidance)
+        if isinstance(self.blend_threshold, bool) or not isinstance(self.blend_threshold, (int, float)) \
+                or not math.isfinite(self.blend_threshold):
+            raise ValueError(f"blend_threshold must be a finite number (0.3 is the official setting), "
+                             f"got {self.blend_threshold!r}")
         if self.controller not in ("replace", "refine"):
             raise ValueError(f"controller must be 'replace' or 'refine', got {self.controller!r}")
         if self.blend_words is not None and (len(self.blend_words) != 2 or
                                              not all(isinstance(ws, (list, tuple)) for ws in self.blend_words)):
             raise ValueError(f"blend_words must be (source words, target words), two lists, got {self.blend_words!r}")
-        if (self.blend_self_attention or self.blend_latents) and not self.blend_words:
-            raise ValueError("blend_self_attention and blend_latents need blend_words (source words, target words)")
+        # without blend words the official code builds no blender, so blend_self_attention means no mask (its
+        # reconstruction configs say blend_words: None, blend_self_attention: True); latent blending needs them
+        if self.blend_latents and not self.blend_words:
+            raise ValueError("blend_latents needs blend_words (source words, target words)")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise ValueError(f"max_tokens must be a positive number of query tokens or None, got {self.max_tokens!r}")
         if not isinstance(self.chunk_frames, int) or self.chunk_frames < 1:
@@ -87,6 +100,7 @@ class Plan:
     blend_steps: frozenset[int]  # steps that need the source maps of the blend layers
     blend_layers: frozenset[str]  # the 16² cross-attention layers (at 512²)
     blend_level: int
+    mask_self: bool  # blend_self_attention with blend words: the self-attention fusion is masked (3b)
     source_positions: list[int]  # token positions of the source blend words
     target_positions: list[int]
     mapper: torch.Tensor | None  # replace
@@ -98,6 +112,7 @@ class Plan:
     @classmethod
     def make(cls, sd: StableDiffusion, s: FateZeroSettings, steps: int, source: str, target: str) -> "Plan":
         tok = sd.tokenizer
+        check_words(s, source, target)
         for prompt in (source, target):
             if tok.token_count(prompt) > tok.max_length - 2:
                 raise ValueError(f"prompt is longer than CLIP's {tok.max_length - 2} tokens; shorten it: {prompt[:60]!r}")
@@ -105,7 +120,8 @@ class Plan:
         gate = p2p.cross_gate(tok, target, steps, s.cross_window, s.word_windows, s.strip_punctuation)
         self_steps = p2p.self_steps(steps, s.self_window)
         blend_steps = set()
-        if s.blend_self_attention:
+        mask_self = s.blend_self_attention and bool(s.blend_words)
+        if mask_self:
             blend_steps |= set(self_steps)
         if s.blend_latents:
             blend_steps |= set(latent_blend_steps(steps))
@@ -113,14 +129,15 @@ class Plan:
         mapper = p2p.replace_mapper(tok, source, target, s.fix_shift, s.strip_punctuation) if word_swap else None
         refine = None if word_swap else p2p.refine_mapper(tok, source, target)
         reweight = p2p.reweight_vector(tok, target, s.reweight, s.strip_punctuation) if s.reweight else None
-        positions = [[p for w in words for p in p2p.word_positions(tok, prompt, w, s.strip_punctuation)]
+        # each token position once, however often its word is listed (the official code sets its weight once)
+        positions = [sorted({p for w in words for p in p2p.word_positions(tok, prompt, w, s.strip_punctuation)})
                      for words, prompt in zip(s.blend_words or ([], []), (source, target))]
         levels = len(sd.unet.config.block_out_channels)
         level = min(2, levels - 1)  # SD1.5's 16² level at 512²: down_blocks.2 and up_blocks.1
         pattern = re.compile(rf"^(down_blocks\.{level}|up_blocks\.{levels - 1 - level})\.attentions\.\d+\..*attn2$")
         blend_layers = frozenset(n for n in sd.unet.attention_layers if pattern.search(n))
         return cls(s, steps, timesteps, self_steps, gate, frozenset(i for i in range(steps) if gate[i].any()),
-                   frozenset(blend_steps), blend_layers, level, positions[0], positions[1], mapper, refine, reweight,
+                   frozenset(blend_steps), blend_layers, level, mask_self, positions[0], positions[1], mapper, refine, reweight,
                    source, target)
 
     def fused(self, n: int) -> bool:
@@ -136,6 +153,20 @@ class Plan:
     def stored_steps(self) -> list[int]:
         """The edit steps with any store entry, ascending."""
         return sorted(set(self.self_steps) | self.cross_steps | self.blend_steps)
+
+
+def check_words(s: FateZeroSettings, source: str, target: str) -> None:
+    """ValueError naming the first word of the settings that is not a word of its prompt: reweighting and word
+    windows name target words, blend_words (source words, target words). A word not there would be ignored."""
+    source_words, target_words = s.blend_words or ([], [])
+    for what, words, prompt in (("reweight", s.reweight, target), ("word_windows", s.word_windows, target),
+                                ("blend source", source_words, source), ("blend target", target_words, target)):
+        for word in words:
+            if not isinstance(word, str) or not p2p.has_word(prompt, word, s.strip_punctuation):
+                attached = isinstance(word, str) and not s.strip_punctuation and p2p.has_word(prompt, word, True)
+                raise ValueError(f"FateZero {what} word {word!r} is not a word of the prompt {prompt!r}"
+                                 + ("; it has punctuation attached there: turn strip_punctuation on" if attached else
+                                    "; words are whole, space-separated words of the prompt"))
 
 
 def latent_blend_steps(steps: int) -> range:

@@ -44,8 +44,7 @@ def word_positions(tokenizer: CLIPTokenizer, prompt: str, word: str | int, strip
     "countryside").
     """
     words = prompt.split(" ")
-    core = (lambda w: w.strip(string.punctuation)) if strip_punctuation else (lambda w: w)
-    places = [word] if isinstance(word, int) else [i for i, w in enumerate(words) if core(w) == core(word)]
+    places = [word] if isinstance(word, int) else _places(words, word, strip_punctuation)
     if not places:
         return []
     out, length, place = [], 0, 0
@@ -61,6 +60,16 @@ def word_positions(tokenizer: CLIPTokenizer, prompt: str, word: str | int, strip
         if length >= len(w):
             place, length = place + 1, 0
     return out
+
+
+def has_word(prompt: str, word: str, strip_punctuation: bool = False) -> bool:
+    """Whether `word` is one of the prompt's words, matched as `word_positions` matches them."""
+    return bool(_places(prompt.split(" "), word, strip_punctuation))
+
+
+def _places(words: list[str], word: str, strip_punctuation: bool) -> list[int]:
+    core = (lambda w: w.strip(string.punctuation)) if strip_punctuation else (lambda w: w)
+    return [i for i, w in enumerate(words) if core(w) == core(word)]
 
 
 def token_texts(tokenizer: CLIPTokenizer, prompt: str) -> list[str]:

@@ -62,7 +62,8 @@ from ..attention import AttnCall, RunInfo, from_source, sdpa
 from ..context import AllFrames
 from ..distributed import Shard
 from ..freeu import FreeU
-from ..inversion import Inversion
+from ..frames import check_finite
+from ..inversion import NON_FINITE_HINT, Inversion, check_inversion
 from ..pipeline import StableDiffusion
 from ..sampling import Progress
 
@@ -212,9 +213,9 @@ def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, nega
     A sharded `inversion` (from `invert(..., group=)`), or a whole one with `group`, is edited by the
     processes together; each returns its shard's edited latents (module docstring).
     """
-    if group is not None and inversion.shard is None:
+    if group is not None and check_inversion(inversion).shard is None:
         inversion = inversion.local(group)
-    shard = inversion.shard
+    shard = check_inversion(inversion).shard
     frames = inversion.x_T.shape[0] if shard is None else shard.total
     steps = len(inversion.timesteps)
     ranges = batch_ranges(frames, _positive_int(batch, "batch"))
@@ -257,6 +258,7 @@ def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, nega
         del cache  # keyframe features live for one step only
         if progress:
             progress(i + 1, steps)
+    check_finite(x, "the edited latents", NON_FINITE_HINT)
     return x
 
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 
 from ..attention import RunInfo
-from ..inversion import Inversion, invert
+from ..frames import check_finite
+from ..inversion import NON_FINITE_HINT, Inversion, check_inversion, invert
 from ..pipeline import StableDiffusion
-from ..sampling import Progress, ddim_sample_loop, predict_noise
+from ..sampling import Progress, check_guidance, ddim_sample_loop, predict_noise
 
 GUIDANCE = {"tune-a-video": 12.5, "ei2": 7.5}
 INVERSIONS = ("model", "stem")
@@ -46,11 +47,14 @@ def invert_tuned(model: StableDiffusion, frames: torch.Tensor, steps: int = 50, 
 def edit_latents(model: StableDiffusion, inversion: Inversion, prompt: str, guidance: float,
                  negative_prompt: str = "", progress: Progress | None = None) -> torch.Tensor:
     """Denoise the inversion's x_T towards `prompt` with the tuned model; returns the edited latents (F, 4, h, w)."""
-    steps = len(inversion.timesteps)
+    steps = len(check_inversion(inversion).timesteps)
+    check_guidance(guidance)
     cond, uncond = model.encode_prompt([prompt, negative_prompt]).split(1)
     eps_fn = lambda x, t, i: predict_noise(model, x, t, cond, uncond, guidance, RunInfo(frames=x.shape[0], step=i))
-    return ddim_sample_loop(model.scheduler, inversion.x_T.to(model.device, model.dtype), eps_fn, steps,
-                            progress=progress)
+    x = ddim_sample_loop(model.scheduler, inversion.x_T.to(model.device, model.dtype), eps_fn, steps,
+                         progress=progress)
+    check_finite(x, "the edited latents", NON_FINITE_HINT)
+    return x
 
 
 def edit(model: StableDiffusion, frames: torch.Tensor, prompt: str, method: str, *, guidance: float | None = None,

@@ -142,38 +142,100 @@ class Tuned:
     base: str  # weights_fingerprint of the base model
     settings: TuneSettings
     losses: list[float] = field(default_factory=list)  # the training loss at each step
+    path: str | None = field(default=None, compare=False)  # the file it was loaded from, for messages
 
     def unet(self, sd: StableDiffusion) -> UNet2DConditionModel:
         """The tuned video UNet on `sd`'s weights (which must be the base it was tuned on)."""
         identity = weights_fingerprint(sd)
         if identity != self.base:
-            raise ValueError(f"these tuned weights belong to other base weights (identity {self.base[:12]}…, "
-                             f"this model is {identity[:12]}…); load the Stable Diffusion weights they were tuned "
-                             "on, or tune again")
+            raise ValueError(f"{self.path or 'these tuned weights'}: tuned on other base weights (identity "
+                             f"{self.base[:12]}…, this model is {identity[:12]}…); load the Stable Diffusion weights "
+                             "they were tuned on, or tune again")
+        self.check_tensors(sd)
         return inflate(sd.unet, self.method, self.options, self.settings.seed, self.tensors)
+
+    def check_tensors(self, sd: StableDiffusion) -> None:
+        """ValueError unless the tensors are exactly the ones tuning changes in `sd`'s video UNet, of their shapes:
+        a missing tensor would silently run a different model."""
+        expected = tuned_shapes(sd.unet, self.method, self.options)
+        where = self.path or "these tuned weights"
+        missing, unknown = sorted(set(expected) - set(self.tensors)), sorted(set(self.tensors) - set(expected))
+        if unknown:
+            raise ValueError(f"{where}: stemref tuned-weights file with tensors this model does not have "
+                             f"({', '.join(unknown[:2])}…): tuned on another model; tune again")
+        if missing:
+            raise ValueError(f"{where}: damaged stemref tuned-weights file: {len(missing)} of its model's "
+                             f"{len(expected)} tuned tensors are missing ({', '.join(missing[:2])}…); tune again")
+        wrong = [k for k, shape in expected.items() if self.tensors[k].shape != shape]
+        if wrong:
+            raise ValueError(f"{where}: damaged stemref tuned-weights file: {wrong[0]} has shape "
+                             f"{tuple(self.tensors[wrong[0]].shape)}, the model needs {tuple(expected[wrong[0]])}"
+                             f"{f' ({len(wrong)} tensors in all)' if len(wrong) > 1 else ''}; tune again")
 
     def model(self, sd: StableDiffusion) -> StableDiffusion:
         """`sd` with its UNet replaced by the tuned video UNet (tokenizer, text encoder, VAE shared)."""
         return replace(sd, unet=self.unet(sd))
 
-    def save(self, path: str | Path) -> Path:
-        """One .safetensors file: only the tuned tensors; method, options, base identity and settings as metadata."""
+    def save(self, path: str | Path, cache: dict | None = None) -> Path:
+        """One .safetensors file: only the tuned tensors; method, options, base identity and settings as metadata
+        (with `cache`, a cache entry's identity: stemref.edit.cache)."""
         meta = {"format": FORMAT, "method": self.method, "options": self.options, "base": self.base,
-                "settings": asdict(self.settings), "losses": self.losses}
+                "settings": asdict(self.settings), "losses": self.losses,
+                **({"cache": cache} if cache is not None else {})}
         return save_stemref_file(path, self.tensors, meta, "tuned-weights")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tuned":
+    def load(cls, path: str | Path, sd: StableDiffusion | None = None) -> "Tuned":
+        """Read a file written by `save`, checking every field and tensor (finite, floating, tuned keys); with
+        `sd`, the base model, also that the tensors are exactly those its video UNet needs. ValueError names
+        the file."""
         path = Path(path)
         meta, tensors = read_stemref_file(path, FORMAT, "tuned-weights", "make one with stemref.edit.tuning.tune")
+
+        def bad(problem: str) -> ValueError:
+            return ValueError(f"{path}: damaged stemref tuned-weights file: {problem}; tune again")
+
         try:
             tuned = cls(meta["method"], method_options(meta["method"], meta["options"]), tensors, meta["base"],
-                        TuneSettings(**meta["settings"]), list(meta["losses"]))
+                        TuneSettings(**meta["settings"]), list(meta["losses"]), str(path))
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: damaged stemref tuned-weights file ({e!r}); tune again") from e
+            raise bad(repr(e)) from e
+        problem = _metadata_problem(tuned)
+        if problem:
+            raise bad(problem)
         if not tensors or not all(TUNED.search(k) for k in tensors):
-            raise ValueError(f"{path}: damaged stemref tuned-weights file (unexpected tensors); tune again")
+            raise bad("unexpected tensors")
+        for name, x in tensors.items():
+            if not x.is_floating_point():
+                raise bad(f"{name} is {x.dtype}, not floating point")
+            if not torch.isfinite(x).all():
+                raise bad(f"{name} holds {(~torch.isfinite(x)).sum().item()} NaN or infinite values")
+        if sd is not None:
+            tuned.check_tensors(sd)
         return tuned
+
+
+def _metadata_problem(tuned: Tuned) -> str | None:
+    """What is wrong with the types of a loaded file's settings, or None."""
+    s = tuned.settings
+    wrong = [name for name, value, kinds in (
+        ("base", tuned.base, str), ("settings.prompt", s.prompt, str), ("settings.steps", s.steps, int),
+        ("settings.lr", s.lr, (int, float)), ("settings.weight_decay", s.weight_decay, (int, float)),
+        ("settings.max_grad_norm", s.max_grad_norm, (int, float)), ("settings.seed", s.seed, int),
+        ("settings.checkpointing", s.checkpointing, bool), ("settings.autocast", s.autocast, (str, type(None))))
+        if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool)]
+    defaults = METHODS[tuned.method]
+    wrong += [f"options.{name}" for name, value in tuned.options.items()
+              if type(value) is not type(defaults[name])]
+    wrong += ["losses"] * any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in tuned.losses)
+    return f"{', '.join(wrong)} of the wrong type" if wrong else None
+
+
+def tuned_shapes(unet: UNet2DConditionModel, method: str, options: dict) -> dict[str, torch.Size]:
+    """The tensors tuning changes in `method`'s video UNet on `unet`, by checkpoint key, with their shapes."""
+    with torch.device("meta"):
+        model = UNet2DConditionModel(unet.config, video_config(method, options))
+    return {k: v.shape for k, v in model.state_dict().items() if TUNED.search(k)}
 
 
 def diffusion_loss(unet: UNet2DConditionModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
