@@ -21,6 +21,16 @@ all-frame every frame's keys and values (all-gathered per layer, queries still o
 nothing but its EM sums (all-reduced, em.py); 1-frame nothing at all. FineCoarse (a tuned EI² model's own
 attention; tuning runs on one device) refuses a shard.
 
+Fidelity (the official codes' choices, kept as defaults or reproduced by an option):
+- 2-frame: as in Tune-A-Video's and STEM's code, frame 0's "previous frame" is frame 0 itself, so frame 0 sees
+  its own tokens twice (which equals seeing them once: duplicating every key and value leaves the
+  softmax-weighted average unchanged) and frame 1 sees frame 0 twice; frame i ≥ 2 does not see itself.
+- STEM: the official code inverts in 8-frame batches, so its bases summarise 8 frames, not the whole video the
+  paper describes. The default follows the paper (scope=None); scope=8 reproduces the code. The EM's own
+  choices are listed in em.py.
+- FateZero "mid": the middle frame's keys and values replace the frame's own, as the official code does (the
+  paper, as summarised, adds them to the frame's own).
+
 Dimension legend:
   B  branches, F frames per branch, n frames in one EM scope or one query chunk
   h  heads, N tokens per frame, d head dim (dv for values), K bases
@@ -52,12 +62,8 @@ def per_frame(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall)
 
 
 class SparseCausal:
-    """2-frame context (sparse-causal attention): frame i attends to the tokens of frame 0 and frame i−1.
-
-    As Tune-A-Video and the STEM code do, frame 0's "previous frame" is frame 0 itself, so frame 0 sees
-    its own tokens twice (which equals attending to them once: duplicating every key and value leaves the
-    softmax-weighted average unchanged), and frame 1 sees frame 0 twice. Frame i ≥ 2 does not see itself.
-    """
+    """2-frame context (sparse-causal attention): frame i attends to the tokens of frame 0 and frame i−1 (frame 0's
+    previous frame is itself: module docstring, Fidelity)."""
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
         if call.is_cross:
@@ -147,14 +153,20 @@ class AllFrames:
 
 
 class EMAttention:
-    """STEM's EM attention: every frame attends to K key/value bases estimated by EM from the video's tokens.
+    """STEM's EM attention (the paper's STEM-SA): every frame attends to K bases estimated from all its video's frames.
 
-    `scope` is how many consecutive frames share one set of bases. None (the paper: "a fixed and global
-    representation for the whole video") estimates them from all F frames. The official code inverts in
-    8-frame batches, so its bases are per 8-frame chunk; scope=8 reproduces that. `chunk` bounds the
-    tokens the EM and the attention process at once (see em.py); it changes nothing but rounding.
-    None processes all tokens at once.
-    `generator` seeds the random initial bases, drawn afresh at every call; with it, runs repeat exactly.
+        μ, ν = em_bases(keys of every frame, values of every frame)   K bases: R rounds of ST-E and ST-M step (em.py)
+        out_f = softmax(q_f μᵀ / √d) ν   for every frame f             scaled dot-product attention to the K bases
+
+    `_stem` is these two lines. Everything else in the class is an option or machinery around them:
+    - `scope`: how many consecutive frames share one set of bases; None (the paper's "fixed and global
+      representation for the whole video") estimates them from all F frames; scope=8 reproduces the official
+      code's 8-frame batches (module docstring, Fidelity).
+    - `chunk` bounds the tokens the EM and the attention process at once (em.py); it changes nothing but
+      rounding. None processes all tokens at once.
+    - `generator` seeds the random initial bases, drawn afresh at every call; with it, runs repeat exactly.
+    - Several processes (RunInfo.shard): the EM's sums are all-reduced (em.py), so every rank attends to the
+      whole video's bases; scopes other than the whole video run in one process only.
 
     Options that change the method, all off by default (bench/README.md measures what they change):
     - `warm_start_iters` R′: start the EM from the bases this layer ended with at the previous step
@@ -170,18 +182,19 @@ class EMAttention:
                  chunk: int | None = DEFAULT_CHUNK, generator: torch.Generator | None = None, *,
                  warm_start_iters: int | None = None, all_frame_if_few_tokens: bool = False,
                  low_precision_products: bool = False):
-        check_em_options(num_bases, iters, tau, chunk)
-        if scope is not None and (not isinstance(scope, int) or scope < 1):
-            raise ValueError(f"scope must be a positive number of frames per set of bases, or None for the whole "
-                             f"video (the official code's batches correspond to scope=8), got {scope!r}")
-        if warm_start_iters is not None and (not isinstance(warm_start_iters, int) or warm_start_iters < 1):
-            raise ValueError(f"warm_start_iters must be a positive number of EM iterations, or None (off), "
-                             f"got {warm_start_iters!r}")
+        _check_stem_options(num_bases, iters, tau, chunk, scope, warm_start_iters)
         self.num_bases, self.iters, self.tau = num_bases, iters, tau
         self.scope, self.chunk, self.generator = scope, chunk, generator
         self.warm_start_iters, self.all_frame_if_few_tokens = warm_start_iters, all_frame_if_few_tokens
         self.low_precision_products = low_precision_products
         self.previous: dict[tuple[str, int], tuple[int, torch.Tensor]] = {}  # (layer, scope) -> (step, μ)
+
+    def _stem(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall,
+              group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """STEM for the n frames (B, n, h, N, ·) of scope `group`: the output (B, n, h, N, dv) and μ (B, h, K, d)."""
+        mu, nu = self.bases(_video_tokens(k), _video_tokens(v), call, group)  # EM over every frame's keys and values
+        out = self.attend_to_bases(_video_tokens(q), mu, nu)  # every frame's queries attend to them: (B, h, n·N, dv)
+        return _unmerge(out, q.shape[1]), mu
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
         if call.is_cross:
@@ -192,34 +205,27 @@ class EMAttention:
                call: AttnCall) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """The self-attention output (B·F, h, N, dv) and, per scope, the key bases (B, h, K, d) it attended to
         (None for a scope that attended to all its tokens: all_frame_if_few_tokens)."""
-        frames = call.info.frames
-        if call.info.shard is not None and self.scope is not None:
+        frames, shard = call.info.frames, call.info.shard
+        if shard is not None and self.scope is not None:
             raise ValueError(f"scope={self.scope} (bases per {self.scope} frames) is not supported across processes; "
                              "use scope=None (the paper's bases over the whole video) or one process")
         qf, kf, vf = split_frames(q, frames), split_frames(k, frames), split_frames(v, frames)  # (B, F, h, N, ·)
         scope = self.scope or frames
         outs, bases = [], []
-        for i, group in enumerate(zip(qf.split(scope, 1), kf.split(scope, 1), vf.split(scope, 1))):
-            out, mu = self._attend(*group, call, i)
+        for group, (qs, ks, vs) in enumerate(zip(qf.split(scope, 1), kf.split(scope, 1), vf.split(scope, 1))):
+            tokens = ks.shape[3] * (ks.shape[1] if shard is None else shard.total)  # the whole scope's, every rank's
+            if self.all_frame_if_few_tokens and tokens <= self.num_bases:
+                out, mu = _attend_all_tokens(qs, ks, vs, shard), None
+            else:
+                out, mu = self._stem(qs, ks, vs, call, group)  # (B, n, h, N, dv), (B, h, K, d)
             outs.append(out)
             bases.append(mu)
         return _rows(torch.cat(outs, dim=1)), bases  # (B·F, h, N, dv)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall,
-                group: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """n frames (B, n, h, N, ·) share one set of bases; returns (B, n, h, N, dv) and the bases (B, h, K, d)."""
-        k_video, v_video, q_video = _video_tokens(k), _video_tokens(v), _video_tokens(q)  # (B, h, n·N, ·)
-        shard = call.info.shard
-        tokens = k.shape[1] * k.shape[3] if shard is None else shard.total * k.shape[3]  # the whole scope's
-        if self.all_frame_if_few_tokens and tokens <= self.num_bases:
-            k_all, v_all = _all_tokens(k, v, shard)  # (B, h, n·N, ·) of every rank's frames
-            return _unmerge(F.scaled_dot_product_attention(q_video, k_all, v_all), q.shape[1]), None
-        mu, nu = self.bases(k_video, v_video, call, group)  # (B, h, K, d), (B, h, K, dv)
-        return _unmerge(self.attend_to_bases(q_video, mu, nu), q.shape[1]), mu  # (B, n, h, N, dv)
-
     def bases(self, k: torch.Tensor, v: torch.Tensor, call: AttnCall,
               group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key and value bases (B, h, K, d), (B, h, K, dv) of scope `group`'s tokens k (B, h, T, d), v (B, h, T, dv)."""
+        """Key and value bases (B, h, K, d), (B, h, K, dv) of scope `group`'s tokens k (B, h, T, d), v (B, h, T, dv):
+        em_bases, started from the previous step's bases with warm_start_iters."""
         iters, init = self.iters, None
         if self.warm_start_iters is not None:
             if call.info.step is None:
@@ -239,12 +245,24 @@ class EMAttention:
         return torch.cat([F.scaled_dot_product_attention(qc, mu, nu) for qc in chunks], dim=-2)  # (B, h, L, dv)
 
 
+def _check_stem_options(num_bases: int, iters: int, tau: float, chunk: int | None, scope: int | None,
+                        warm_start_iters: int | None) -> None:
+    """Raise ValueError naming the first bad EMAttention option."""
+    check_em_options(num_bases, iters, tau, chunk)
+    if scope is not None and (not isinstance(scope, int) or scope < 1):
+        raise ValueError(f"scope must be a positive number of frames per set of bases, or None for the whole "
+                         f"video (the official code's batches correspond to scope=8), got {scope!r}")
+    if warm_start_iters is not None and (not isinstance(warm_start_iters, int) or warm_start_iters < 1):
+        raise ValueError(f"warm_start_iters must be a positive number of EM iterations, or None (off), "
+                         f"got {warm_start_iters!r}")
+
+
 class SpatialTemporal:
     """FateZero's spatial-temporal self-attention: per frame, the keys and values of a few chosen frames.
 
     mode "mid" (FateZero's SD configs): in layers of at least `min_channels` channels every frame attends
-    only to the middle frame (F−1)//2, its own frame not included (the official code replaces the keys, it
-    does not add to them); narrower layers attend within their own frame. SD1.5's configs use 640 (the
+    only to the middle frame (F−1)//2, its own frame not included (module docstring, Fidelity); narrower
+    layers attend within their own frame. SD1.5's configs use 640 (the
     32², 16² and 8² levels at 512²) or 1280 (16² and 8² only); `min_channels` compares with the layer's
     width h·d, so any model's `block_out_channels` can be named. mode "first+previous" (Tune-A-Video's
     sparse-causal attention, FateZero's default without an index): every layer, frame i attends to frame
@@ -350,6 +368,12 @@ def _all_tokens(kf: torch.Tensor, vf: torch.Tensor, shard: Shard | None) -> tupl
     d = kf.shape[-1]
     kv = _video_tokens(distributed.all_gather(torch.cat([kf, vf], dim=-1), shard, dim=1))  # (B, h, F_all·N, d + dv)
     return kv[..., :d], kv[..., d:]
+
+
+def _attend_all_tokens(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, shard: Shard | None) -> torch.Tensor:
+    """Every query of n frames (B, n, h, N, d) attends to every token of the n frames (of every rank): (B, n, h, N, dv)."""
+    k_all, v_all = _all_tokens(kf, vf, shard)  # (B, h, n·N, ·)
+    return _unmerge(F.scaled_dot_product_attention(_video_tokens(qf), k_all, v_all), qf.shape[1])
 
 
 def _video_tokens(xf: torch.Tensor) -> torch.Tensor:

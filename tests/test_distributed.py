@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import stemref
 from stemref.distributed import Shard, all_gather, even_starts, fetch, left_neighbour, shard_frames
+from stemref.em import em_bases, plain_em
 
 SOURCE, TARGET = "a cat on the grass", "a dog on the grass"
 FRAMES = 7
@@ -105,8 +106,23 @@ WANTS = [range(2, 6), range(0), range(6, 7)]  # what each rank fetches: across s
 def _collectives(group, root, inversion_file):
     shard = shard_frames(FRAMES, group)
     items = torch.arange(FRAMES, dtype=torch.float64).view(FRAMES, 1)[shard.start:shard.stop] * torch.ones(1, 2)
+    keys, values = em_tokens()
+    mine = slice(EM_TOKENS * shard.start, EM_TOKENS * shard.stop)  # this rank's frames' tokens
+    mu, nu = em_bases(keys[:, mine], values[:, mine], num_bases=4, chunk=2, generator=torch.Generator().manual_seed(12),
+                      shard=shard)
     return {"gathered": all_gather(items, shard), "left": left_neighbour(items, shard),
-            "fetched": fetch(items, shard, WANTS[:shard.size]), "transposed": all_gather(items.T, shard, dim=1)}
+            "fetched": fetch(items, shard, WANTS[:shard.size]), "transposed": all_gather(items.T, shard, dim=1),
+            "em-mu": mu, "em-nu": nu}
+
+
+EM_TOKENS = 3  # per frame
+
+
+def em_tokens() -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys (h, F·N, d) and values (h, F·N, dv) of a 7-frame video, frame after frame."""
+    g = torch.Generator().manual_seed(11)
+    return (torch.randn(2, FRAMES * EM_TOKENS, 4, generator=g, dtype=torch.float64),
+            torch.randn(2, FRAMES * EM_TOKENS, 5, generator=g, dtype=torch.float64))
 
 
 def test_collectives_move_the_right_items(ranks):
@@ -119,6 +135,14 @@ def test_collectives_move_the_right_items(ranks):
         torch.testing.assert_close(got["left"], whole[starts[r] - 1:starts[r]] if r else whole[:0], rtol=0, atol=0)
         wanted = WANTS[r]
         torch.testing.assert_close(got["fetched"], whole[wanted.start:wanted.stop], rtol=0, atol=0)
+
+
+def test_sharded_em_is_the_plain_em_of_the_whole_video(ranks):
+    """Every rank's bases, from its own frames' tokens and the all-reduced sums, are the plain EM's of all tokens."""
+    mu, nu = plain_em(*em_tokens(), num_bases=4, generator=torch.Generator().manual_seed(12))
+    for r, got in enumerate(of(ranks[1], "collectives")):
+        assert_same(got["em-mu"], mu, f"key bases on rank {r}")
+        assert_same(got["em-nu"], nu, f"value bases on rank {r}")
 
 
 # ---- inversion and reconstruction ---------------------------------------------------------------------------

@@ -31,7 +31,7 @@ inversion, with fresh bases.
 Several processes (RunInfo.shard): a rank holds its frames' store and edits its frames. Under a fixed context
 the Fusion fetches, with `visible_frames`, the source keys and the edited keys and values of the frames its
 frames see (one transfer per layer); under STEM, z̄ᵀk_edit, z̄ᵀv_edit and Σ_t z are sums over tokens,
-all-reduced across the ranks (em.m_step), so every rank forms the single process's μ_edit and ν_edit.
+all-reduced across the ranks (em.weighted_means), so every rank forms the single process's μ_edit and ν_edit.
 
 Dimension legend:
   F frames, h heads, N query tokens of a layer, d head dim, L = 77 text tokens, K bases, G EM scopes,
@@ -44,7 +44,7 @@ import torch
 from ..attention import AttnCall, Processor, split_heads
 from ..context import EMAttention, gather_frames, visible_frames
 from ..distributed import Shard
-from ..em import compute_dtype, m_step
+from ..em import compute_dtype, weighted_means
 from ..pipeline import StableDiffusion
 from . import p2p
 from .attention_store import AttentionStore, StepReader
@@ -252,8 +252,8 @@ def bases_from_source(k_src: torch.Tensor, mu_src: torch.Tensor, k_edit: torch.T
     """μ_edit = z̄ᵀ k_edit, ν_edit = z̄ᵀ v_edit with z̄ the source tokens' responsibilities to the source bases.
 
     k_src, k_edit (h, T, d), v_edit (h, T, dv), mu_src (h, K, d) -> (h, K, d), (h, K, dv): one M-step of the
-    source's EM (em.m_step), pooling the edit's keys and values. With a shard, the tokens are this rank's and
-    the sums are all-reduced: every rank gets the whole video's bases.
+    source's EM (em.weighted_means): responsibilities from the source, pooling the edit's keys and values. With a
+    shard, the tokens are this rank's and the sums are all-reduced: every rank gets the whole video's bases.
     """
-    mu, nu = m_step(k_src, mu_src, tau, k_edit, v_edit, chunk=chunk, shard=shard)
+    mu, nu = weighted_means(k_src, mu_src, tau, pool=[k_edit, v_edit], chunk=chunk, shard=shard)
     return mu.to(k_edit.dtype), nu.to(v_edit.dtype)
