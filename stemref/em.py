@@ -1,6 +1,7 @@
 """STEM's expectation-maximisation: K key bases μ and value bases ν that summarise the T tokens of a video.
 
-The method. For one head, the T = frames·tokens keys k_t of a whole video are explained by K bases; R times
+The method (STEM: Li et al., "A Video is Worth 256 Bases", CVPR 2024; its method section and overview
+figure). For one head, the T = frames·tokens keys k_t of a whole video are explained by K bases; R times
 (R = 5, τ = 0.01, K = 256 in STEM), the paper's ST-E step then its ST-M step:
 
     E-step  z_tk = softmax_k( k_t · μ̂_kᵀ / τ ),  μ̂_k = μ_k / (‖μ_k‖ + 1e-4)   each token's responsibilities
@@ -59,8 +60,8 @@ def plain_em(keys: torch.Tensor, values: torch.Tensor, num_bases: int = 256, ite
     mu = init.to(dtype) if init is not None else _draw_bases(k.mean(dim=-2), k.std(dim=-2), num_bases, generator)
     for _ in range(iters):  # mu (..., K, d)
         mu_hat = mu / (mu.norm(dim=-1, keepdim=True) + EPS)
-        z = torch.softmax(k @ mu_hat.transpose(-1, -2) / tau, dim=-1)  # E-step (..., T, K)
-        z_bar = z / (z.sum(dim=-2, keepdim=True) + EPS)  # M-step: each basis' weights over the tokens
+        z = torch.softmax(k @ mu_hat.transpose(-1, -2) / tau, dim=-1)  # ST-E step (..., T, K)
+        z_bar = z / (z.sum(dim=-2, keepdim=True) + EPS)  # ST-M step: each basis' weights over the tokens
         mu = z_bar.transpose(-1, -2) @ k  # (..., K, d)
     nu = z_bar.transpose(-1, -2) @ v  # (..., K, dv), from the last responsibilities
     return mu.to(keys.dtype), nu.to(values.dtype)
@@ -98,7 +99,7 @@ def em_bases(keys: torch.Tensor, values: torch.Tensor, num_bases: int = 256, ite
 def m_step(keys: torch.Tensor, bases: torch.Tensor, tau: float, values: torch.Tensor | None = None, *,
            chunk: int | None = None, low_precision_products: bool = False,
            shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One EM iteration (E-step, then M-step): the new key bases μ = z̄ᵀk (..., K, d) from keys (..., T, d) and
+    """One EM iteration (ST-E step, then ST-M step): the new key bases μ = z̄ᵀk (..., K, d) from keys (..., T, d) and
     bases (..., K, d), and with `values` (..., T, dv) the value bases ν = z̄ᵀv (..., K, dv); else ν is None.
 
     Float32 results (float64 for float64 keys). Options as in em_bases.
@@ -130,7 +131,7 @@ def weighted_means(keys: torch.Tensor, bases: torch.Tensor, tau: float, *, pool:
     product_dtypes = [x.dtype if low_precision_products and x.dtype in LOW_PRECISION else dtype for x in pool]
     z_sum, sums = None, [None] * len(pool)
     for i, piece in enumerate(_chunks(keys, chunk)):
-        z = _e_step(piece.to(dtype), w)  # (..., c, K): only one chunk is ever upcast
+        z = _e_step(piece.to(dtype), w)  # ST-E step (..., c, K): only one chunk is ever upcast
         z_sum = _add(z_sum, z.sum(dim=-2))  # (..., K)
         for j, (x_pieces, product_dtype) in enumerate(zip(pieces, product_dtypes)):
             # in fp32 the transpose is a view: the product reads z in place
@@ -139,7 +140,7 @@ def weighted_means(keys: torch.Tensor, bases: torch.Tensor, tau: float, *, pool:
     if shard is not None:  # the whole video's Σ_t z and zᵀx: every rank adds all ranks' sums, in one collective
         z_sum, *sums = all_reduce_sum([z_sum, *sums], shard)
     norm = z_sum.unsqueeze(-1) + EPS  # (..., K, 1): Σ_t z per basis, + 1e-4
-    return [total / norm for total in sums]  # each (..., K, ·)
+    return [total / norm for total in sums]  # ST-M step: each (..., K, ·), Σ_t z̄_tk x_t
 
 
 def responsibilities(keys: torch.Tensor, bases: torch.Tensor, tau: float) -> torch.Tensor:

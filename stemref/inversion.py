@@ -3,9 +3,22 @@
     frames ─VAE─► x_0 ─inverse DDIM steps (UNet with the context processor)─► x_1 … x_T
     x_T ─DDIM steps with the same context and prompt─► x̂_0 ─VAE─► reconstructed frames
 
+Each inverse step is DDIM's deterministic update (Song et al., "Denoising Diffusion Implicit Models", Eq. 12
+with σ = 0) run upwards, from level t − Δ to t, which encodes x_0 into x_T as the paper's Sec. 5.4 does by
+reversing the ODE of its Eq. 14 (scheduler.inverse_step, sampling.ddim_inversion_loop):
+
+    x̂_0 = (x_{t−Δ} − √(1 − ᾱ_{t−Δ}) ε) / √ᾱ_{t−Δ},    x_t = √ᾱ_t x̂_0 + √(1 − ᾱ_t) ε,    ε = ε_θ(x_{t−Δ}, t, prompt)
+
+ε is predicted at the target level t from the latent one level below. Undoing the sampling step from t
+exactly would need ε_θ(x_t, t), from the very x_t being computed; using ε_θ(x_{t−Δ}, t) instead is DDIM
+inversion's approximation, and the reason the reconstruction is close but not exact.
+
 The context decides what each frame's self-attention sees: "1-frame" (itself), "2-frame" (the first and
 the previous frame), "all-frame" (every frame) or "stem" (K bases estimated by EM from every frame).
 All latents along the path are kept: TokenFlow and FateZero edit from them.
+
+Fidelity (as STEM's official code): the inversion is guided by the source prompt alone (guidance 1), and the
+reconstruction runs under the same context as the inversion (the EM attention too).
 
 Several processes: with `group=` (a torch.distributed process group, e.g. torch.distributed.group.WORLD),
 every process takes the same arguments, encodes and inverts only its contiguous shard of the frames
@@ -21,12 +34,13 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from . import distributed
-from .attention import RunInfo
+from .attention import Processor, RunInfo
 from .context import CONTEXTS, context_processor
 from .distributed import Shard, shard_frames
 from .files import read_stemref_file, save_stemref_file
@@ -37,6 +51,7 @@ from .sampling import NoiseFn, Progress, check_guidance, ddim_inversion_loop, dd
 SELF_ATTENTION = r"attn1$"
 NON_FINITE_HINT = "half precision can overflow: try --dtype fp32 (dtype=torch.float32), or check the weights"
 FORMAT = "stemref.inversion/1"
+Chooser = Callable[[str], Processor | None]  # attention-layer name -> its processor (None: keep the installed one)
 
 
 @dataclass
@@ -175,20 +190,27 @@ def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 
     `group`: share the work among the processes of a torch.distributed group (module docstring); every
     process passes all frames and gets back the Inversion of its shard.
     """
-    check_encodable(frames)
     settings = InversionSettings(prompt, steps, context, guidance, layers, seed, options)
-    _check_settings(settings, batch)
-    shard = shard_frames(frames.shape[0], group)
-    _check_shardable(settings, shard)
-    # everything that can refuse the settings runs before the (slow) VAE encode
-    timesteps = sd.scheduler.timesteps(steps).flip(0).tolist()  # ascending
-    eps_fn, chooser = _noise_fn(sd, settings, batch, shard), _chooser(sd, settings, frames)
-    x = sd.encode_frames(frames if shard is None else frames[shard.start:shard.stop], progress=vae_progress)
-    with sd.unet.attention(chooser):
-        path = ddim_inversion_loop(sd.scheduler, x, eps_fn, steps, progress)
+    shard, timesteps, chooser, eps_fn = _prepare(sd, frames, settings, batch, group)  # refusals before any work
+    x = sd.encode_frames(frames if shard is None else frames[shard.start:shard.stop], progress=vae_progress)  # x_0
+    with sd.unet.attention(chooser):  # the context's processor in the chosen self-attention layers
+        path = ddim_inversion_loop(sd.scheduler, x, eps_fn, steps, progress)  # x_0, x_1, …, x_T
     latents = torch.stack(path)  # (S + 1, F, 4, h, w)
     check_finite(latents, "the inverted latents", NON_FINITE_HINT)
     return Inversion(latents, timesteps, settings, shard)
+
+
+def _prepare(sd: StableDiffusion, frames: torch.Tensor, s: InversionSettings, batch: int | None,
+             group: dist.ProcessGroup | None) -> tuple[Shard | None, list[int], Chooser, NoiseFn]:
+    """Check everything `invert` is given, before the (slow) VAE encode, and return what it runs with: this
+    process's shard, the ascending timesteps, the layer-to-processor chooser and the noise predictor."""
+    check_encodable(frames)
+    _check_settings(s, batch)
+    shard = shard_frames(frames.shape[0], group)
+    _check_shardable(s, shard)
+    timesteps = sd.scheduler.timesteps(s.steps).flip(0).tolist()  # ascending
+    eps_fn, chooser = _noise_fn(sd, s, batch, shard), _chooser(sd, s, frames)
+    return shard, timesteps, chooser, eps_fn
 
 
 def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = None,
@@ -246,7 +268,7 @@ def _check_shardable(s: InversionSettings, shard: Shard | None) -> None:
                          "paper's bases over the whole video) or one process")
 
 
-def _chooser(sd: StableDiffusion, s: InversionSettings, frames: torch.Tensor | None = None):
+def _chooser(sd: StableDiffusion, s: InversionSettings, frames: torch.Tensor | None = None) -> Chooser:
     """processor-for-layer-name for `sd.unet.attention`; with `frames`, first checks that STEM can run on them.
 
     context None keeps every layer's installed processor (a tuned video UNet's own self-attention)."""

@@ -3,6 +3,14 @@
 Both run every attention layer; both consult the Plan (fatezero_plan.py) for whether a layer at a step is
 fused, and otherwise run the layer's plain context.
 
+The paper (FateZero, Qi et al., ICCV 2023, section "FateZero Video Editing"). "Inversion Attention Fusion":
+DDIM inversion under the source prompt keeps the self- and cross-attention maps s_t^src, c_t^src of every
+step t, and the edit's attention at step t is fused with them; cross-attention as in Prompt-to-Prompt (Hertz
+et al., ICLR 2023: word swap, refinement, re-weighting; p2p.py), self-attention replaced. "Attention Map
+Blending": M_t = HeavisideStep(c_t^src, τ), a binary mask thresholded from the source cross-attention of the
+edited words, and s_t^fused = M_t ⊙ s_t^edit + (1 − M_t) ⊙ s_t^src (`Fusion._self`; M: `Fusion._self_mask`,
+recipe and the official code's additions in fatezero.py, step 3b).
+
 Recomputed maps. The store (attention_store.py) never holds a map. A layer's q and k are its own projections
 of its input tokens x (`AttnCall.x`), so the Recorder keeps x of every frame of the conditional branch (for
 cross-attention also the source prompt's keys, for STEM the bases μ), and the Fusion recomputes
@@ -164,12 +172,14 @@ class Fusion:
         c = c_edit
         if fuse:
             c_src = probabilities(*self.source_qk(call, q))
+            # Inversion Attention Fusion of the cross-attention: Prompt-to-Prompt's edits of c^src, inside the gate
             c = p2p.fuse_cross(c_src, c_edit, plan.gate[i], mapper=plan.mapper, refine=plan.refine,
                                reweight=plan.reweight)
         return c @ v
 
     def _self(self, q, k, v, call: AttnCall, context: Processor) -> torch.Tensor:
-        """3a: the self-attention output from S = M ⊙ S_edit + (1 − M) ⊙ S_src, under a fixed context or STEM."""
+        """3a: the self-attention output from S = M ⊙ S_edit + (1 − M) ⊙ S_src (FateZero's Attention Map Blending),
+        under a fixed context or STEM."""
         frames, chunk = q.shape[0], self.plan.settings.chunk_frames
         mask = self._self_mask(call)  # (F, 1, N, 1) or None
         q_src, k_src = self.source_qk(call, q)
@@ -185,13 +195,14 @@ class Fusion:
             seen = gather_frames(table, index[rows])[0]  # (n, h, m·N, 2d + dv)
             p_src = probabilities(q_src[rows], seen[..., :d])  # (n, h, N, m·N)
             p_edit = probabilities(q[rows], seen[..., d:2 * d])
-            p = p2p.fuse_self(p_src, p_edit, None if mask is None else mask[rows])
+            p = p2p.fuse_self(p_src, p_edit, None if mask is None else mask[rows])  # FateZero's s_t^fused
             outs.append(p @ seen[..., 2 * d:].contiguous())  # (n, h, N, dv)
         return torch.cat(outs)
 
     def _self_stem(self, q, k, v, q_src, k_src, mu_src, context: EMAttention, mask,
                    shard: Shard | None) -> torch.Tensor:
-        """STEM inside the self window: the edit's bases from the source's responsibilities (module docstring)."""
+        """STEM inside the self window: the edit's bases from the source's responsibilities (module docstring; not in
+        either paper: the maps fused are query-to-basis maps, (h, n·N, K), not FateZero's token-to-token maps)."""
         scope = context.scope or q.shape[0]
         outs = []
         for g, f in enumerate(range(0, q.shape[0], scope)):
