@@ -26,8 +26,10 @@ Fidelity (the official codes' choices, kept as defaults or reproduced by an opti
   its own tokens twice (which equals seeing them once: duplicating every key and value leaves the
   softmax-weighted average unchanged) and frame 1 sees frame 0 twice; frame i ≥ 2 does not see itself.
 - STEM: the official code inverts in 8-frame batches, so its bases summarise 8 frames, not the whole video the
-  paper describes. The default follows the paper (scope=None); scope=8 reproduces the code. The EM's own
-  choices are listed in em.py.
+  paper describes. The default follows the paper (scope=None); scope=8 reproduces the code. The EM runs per
+  head on the projected keys and pools the projected values, as the official code does; the paper's overview
+  figure describes keys and values as projections of the converged bases (the same projections, but
+  responsibilities computed from the layer's input features). The EM's own choices are listed in em.py.
 - FateZero "mid": the middle frame's keys and values replace the frame's own, as the official code does (the
   paper, as summarised, adds them to the frame's own).
 
@@ -240,7 +242,8 @@ class EMAttention:
         return mu, nu
 
     def attend_to_bases(self, q: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
-        """softmax(q μᵀ / √d) ν for queries q (B, h, L, d); each query is independent, so they go in chunks."""
+        """softmax(q μᵀ / √d) ν for queries q (B, h, L, d): scaled dot-product attention (Vaswani et al. 2017, Eq. 1)
+        with the bases as keys and values. Each query is independent, so they go in chunks."""
         chunks = q.split(self.chunk or q.shape[-2], dim=-2)  # pieces (B, h, c, d)
         return torch.cat([F.scaled_dot_product_attention(qc, mu, nu) for qc in chunks], dim=-2)  # (B, h, L, dv)
 
