@@ -91,12 +91,12 @@ def em_bases(keys: torch.Tensor, values: torch.Tensor, num_bases: int = 256, ite
     mu = _initial_bases(keys, num_bases, generator, chunk, dtype, shard) if init is None else init.to(dtype)
     streaming = dict(chunk=chunk, low_precision_products=low_precision_products, shard=shard)
     for _ in range(iters - 1):  # mu (..., h, K, d)
-        mu, _ = m_step(keys, mu, tau, **streaming)
-    mu, nu = m_step(keys, mu, tau, values, **streaming)  # ν shares the last responsibilities with μ
+        mu, _ = em_iteration(keys, mu, tau, **streaming)
+    mu, nu = em_iteration(keys, mu, tau, values, **streaming)  # ν shares the last responsibilities with μ
     return mu.to(keys.dtype), nu.to(values.dtype)
 
 
-def m_step(keys: torch.Tensor, bases: torch.Tensor, tau: float, values: torch.Tensor | None = None, *,
+def em_iteration(keys: torch.Tensor, bases: torch.Tensor, tau: float, values: torch.Tensor | None = None, *,
            chunk: int | None = None, low_precision_products: bool = False,
            shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One EM iteration (ST-E step, then ST-M step): the new key bases μ = z̄ᵀk (..., K, d) from keys (..., T, d) and
@@ -107,7 +107,7 @@ def m_step(keys: torch.Tensor, bases: torch.Tensor, tau: float, values: torch.Te
     # the M-step averages the very tokens whose responsibilities the E-step formed
     pooled = weighted_means(keys, bases, tau, pool=[keys] if values is None else [keys, values], chunk=chunk,
                             low_precision_products=low_precision_products, shard=shard)
-    return pooled[0], pooled[1] if values is not None else None
+    return pooled[0], (pooled[1] if values is not None else None)
 
 
 def weighted_means(keys: torch.Tensor, bases: torch.Tensor, tau: float, *, pool: Sequence[torch.Tensor],
@@ -117,7 +117,7 @@ def weighted_means(keys: torch.Tensor, bases: torch.Tensor, tau: float, *, pool:
     `bases` (..., K, d) normalised over the tokens, z̄_tk = z_tk / (Σ_t z_tk + 1e-4).
 
     The responsibilities come from (keys, bases); what they average is `pool`. An EM iteration pools the keys
-    themselves (`m_step`); an editor that forms an edited video's bases from the *source* video's
+    themselves (`em_iteration`); an editor that forms an edited video's bases from the *source* video's
     responsibilities passes the source keys and bases and pools the edited keys and values. Results in float32
     (float64 for float64 keys).
 

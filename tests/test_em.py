@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stemref.em import em_bases, m_step, plain_em, responsibilities, weighted_means
+from stemref.em import em_bases, em_iteration, plain_em, responsibilities, weighted_means
 
 EPS = 1e-4
 H, T, D, DV, K = 2, 37, 8, 5, 6
@@ -127,9 +127,9 @@ def test_bases_are_nonnegative_combinations_of_the_tokens_with_the_last_responsi
         torch.testing.assert_close(pooled_other, weights.transpose(1, 2) @ other, rtol=0, atol=1e-12)
         torch.testing.assert_close(pooled_v, nu, rtol=0, atol=1e-12)
         # an EM iteration is the keys pooling themselves: with values, the last iteration's (μ, ν)
-        assert m_step(k, before_last, 0.01, chunk=chunk)[1] is None
-        torch.testing.assert_close(m_step(k, before_last, 0.01, chunk=chunk)[0], mu, rtol=0, atol=1e-12)
-        torch.testing.assert_close(m_step(k, before_last, 0.01, v, chunk=chunk)[1], nu, rtol=0, atol=1e-12)
+        assert em_iteration(k, before_last, 0.01, chunk=chunk)[1] is None
+        torch.testing.assert_close(em_iteration(k, before_last, 0.01, chunk=chunk)[0], mu, rtol=0, atol=1e-12)
+        torch.testing.assert_close(em_iteration(k, before_last, 0.01, v, chunk=chunk)[1], nu, rtol=0, atol=1e-12)
 
 
 def test_generator_makes_runs_repeat_and_seeds_differ():
