@@ -1,10 +1,10 @@
-"""STEM's EM (stemref.em): the plain EM against a naive loop implementation of the equations in em.py's
-docstring, and the streamed EM (em_bases) against the plain EM.
+"""STEM's EM (stemref.em) against a naive loop implementation of the equations in em.py's docstring.
 
 The naive EM below works on one head at a time, token by token and basis by basis, in float64; it is the
-independent reference for em.plain_em, em_bases and the EM attention in test_context.py. em.plain_em (the
-paper's lines, all tokens at once) is in turn the reference for every chunking of em_bases (and, in
-test_distributed.py, for em_bases sharded over processes).
+independent reference for em_bases and for the EM attention in test_context.py.
+
+It is also the reference for em.plain_em (the paper's lines, all tokens at once), which in turn is the
+reference for every chunking of em_bases here and for em_bases sharded over processes in test_distributed.py.
 """
 from __future__ import annotations
 
