@@ -59,7 +59,7 @@ def plain_em(keys: torch.Tensor, values: torch.Tensor, num_bases: int = 256, ite
     k, v = keys.to(dtype), values.to(dtype)  # (..., T, d), (..., T, dv)
     mu = init.to(dtype) if init is not None else _draw_bases(k.mean(dim=-2), k.std(dim=-2), num_bases, generator)
     for _ in range(iters):  # mu (..., K, d)
-        mu_hat = mu / (mu.norm(dim=-1, keepdim=True) + EPS)
+        mu_hat = mu / (mu.norm(dim=-1, keepdim=True) + EPS)  # the + 1e-4s are the official code's (Fidelity)
         z = torch.softmax(k @ mu_hat.transpose(-1, -2) / tau, dim=-1)  # ST-E step (..., T, K)
         z_bar = z / (z.sum(dim=-2, keepdim=True) + EPS)  # ST-M step: each basis' weights over the tokens
         mu = z_bar.transpose(-1, -2) @ k  # (..., K, d)
