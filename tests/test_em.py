@@ -1,4 +1,4 @@
-"""STEM's EM (stemref.em) against a naive loop implementation of the equations in stem.md.
+"""STEM's EM (stemref.em) against a naive loop implementation of the equations in em.py's docstring.
 
 The naive EM below works on one head at a time, token by token and basis by basis, in float64; it is the
 independent reference for em_bases and for the EM attention in test_context.py.

@@ -1,7 +1,7 @@
 """DDIM inversion and reconstruction (stemref.sampling loops, stemref.inversion) against closed forms and
 manual loops written out here.
 
-The invariants, from the scheduler's docstring and notes/stem.md:
+The invariants, from the scheduler's docstring (DDIM) and inversion.py's:
 - an inverse DDIM step is the algebraic inverse of a sampling step when both see the same ε;
 - with a predictor that depends on x, inversion uses ε(x_{t−1}, t) where sampling will use ε(x_t, t), so the
   round trip is only approximate, and the error vanishes (to first order) as the steps grow;
