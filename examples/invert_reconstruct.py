@@ -1,6 +1,6 @@
 """STEM inversion of a clip, then the reconstruction that shows how much of the video the inversion kept.
 
-    python examples/invert_reconstruct.py weights/sd15 ../shared/videos/mallard.mp4 "a mallard swimming in a pond"
+    python examples/invert_reconstruct.py weights/sd15 examples/bunny.mp4 "a big grey rabbit stretching on a grassy hill"
 
 Inversion runs DDIM backwards, frames -> noise x_T; reconstruction runs it forwards again, x_T -> frames.
 A perfect inversion gives back the input; PSNR and SSIM say how close we got (STEM's Table A3).

@@ -51,6 +51,7 @@ from .em import check_em_options, em_bases
 # Σ_t z, zᵀk); 1,024 × K per head (1 MiB at K = 256 in fp32, 8 MiB for 8 heads) stays in a CPU's cache
 # between them, where 16,384 tokens ran the EM 2-4× slower (bench/README.md). A GPU prefers larger chunks.
 DEFAULT_CHUNK = 1024
+DOWNSAMPLE = ("avg", "stride")  # FineCoarse's ways to make the other frames' coarse tokens
 CONTEXTS = ("1-frame", "2-frame", "all-frame", "stem", "fatezero")
 CONTEXT_OPTIONS = {"1-frame": (), "2-frame": (), "all-frame": ("chunk_frames",),
                    "stem": ("num_bases", "iters", "tau", "scope", "chunk", "warm_start_iters",
@@ -311,8 +312,8 @@ class FineCoarse:
     def __init__(self, r: int = 2, downsample: str = "avg"):
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"r must be a positive integer downsampling factor (the paper uses 2 or 4), got {r!r}")
-        if downsample not in ("avg", "stride"):
-            raise ValueError(f"downsample must be 'avg' or 'stride', got {downsample!r}")
+        if downsample not in DOWNSAMPLE:
+            raise ValueError(f"downsample must be one of {', '.join(DOWNSAMPLE)}, got {downsample!r}")
         self.r, self.downsample = r, downsample
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:

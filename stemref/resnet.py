@@ -50,13 +50,15 @@ class ResnetBlock2D(nn.Module):
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, C, 1, 1) broadcast over H, W
         h = self.conv2(F.silu(self._norm(self.norm2, h, info)))
-        if info is not None and self.name in info.inject:
+        if info is not None and self.name in info.inject:  # + plug-and-play injection
             h = from_source(h, info.frames)
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h
 
     def _norm(self, norm: nn.GroupNorm, x: torch.Tensor, info: RunInfo | None) -> torch.Tensor:
-        return frame_group_norm(norm, x, info.frames) if self.pool_frames else norm(x)
+        if self.pool_frames:  # + video GroupNorm: statistics over the frames of each video
+            return frame_group_norm(norm, x, info.frames)
+        return norm(x)
 
 
 class Downsample2D(nn.Module):

@@ -33,13 +33,14 @@ def predict_noise(sd: StableDiffusion, x: torch.Tensor, t: int, cond: torch.Tens
         return sd.unet(x, t, cond.expand(frames, -1, -1), info)
     context = torch.cat([uncond.expand(frames, -1, -1), cond.expand(frames, -1, -1)])  # (2F, L, D)
     eps_uncond, eps_cond = sd.unet(torch.cat([x, x]), t, context, info).chunk(2)  # (F, 4, h, w) each
+    # classifier-free guidance (Ho & Salimans, 2022), in SD's form: w = 1 is the conditional prediction alone
     return eps_uncond + guidance * (eps_cond - eps_uncond)
 
 
 @torch.no_grad()
 def ddim_sample_loop(scheduler: DDIMScheduler, x: torch.Tensor, eps_fn: NoiseFn, steps: int, eta: float = 0.0,
                      generator: torch.Generator | None = None, progress: Progress | None = None) -> torch.Tensor:
-    """Denoise x_T to x_0 along the DDIM timesteps (981, 961, …, 1 for 50 steps)."""
+    """Denoise x_T to x_0 along the DDIM timesteps (981, 961, …, 1 for 50 steps): DDIM Eq. 12 at each step."""
     timesteps = scheduler.timesteps(steps).tolist()
     for i, t in enumerate(timesteps):
         x = scheduler.step(eps_fn(x, t, i), t, x, steps, eta=eta, generator=generator)
@@ -53,8 +54,9 @@ def ddim_inversion_loop(scheduler: DDIMScheduler, x: torch.Tensor, eps_fn: Noise
                         progress: Progress | None = None) -> list[torch.Tensor]:
     """Run DDIM backwards from x_0 to x_T (timesteps 1, 21, …, 981); return every latent on the way, x_0 first.
 
-    Each step predicts ε at the *next* timestep from the current latent: the approximation
-    ε(x_t, t) ≈ ε(x_{t-1}, t) that makes DDIM invertible, and the source of inversion error.
+    This is the DDIM paper's encoding "by the reverse of Eq. 14" (Sec. 5.4). Each step predicts ε at the *next*
+    timestep from the current latent: the approximation ε(x_t, t) ≈ ε(x_{t-1}, t) that makes DDIM invertible,
+    and the source of inversion error.
     """
     path = [x]
     for i, t in enumerate(scheduler.timesteps(steps).flip(0).tolist()):

@@ -5,15 +5,32 @@
 
 Every Transformer2DModel holds one BasicTransformerBlock: self-attention (attn1), cross-attention
 to the prompt (attn2), feed-forward. All 32 attention layers are `Attention` modules whose core can be
-swapped by name with `set_attention`; that is how every video method in stemref plugs in. Two more
-named extensions take part in a forward: `RunInfo.inject` (plug-and-play injection from the source branch,
-in the ResNets and attention layers it names) and the `freeu` argument (FreeU re-weighting of the
-decoder's backbone and skip features, freeu.py).
+swapped by name with `set_attention`; that is how every video method in stemref plugs in.
 
-An inflated UNet (`video=VideoConfig(...)`, temporal.py) is the video model of Tune-A-Video and EI²: every
-transformer block gets a temporal module (norm_temp, attn_temp) over the frames of each location, and the
-ResNet GroupNorms and conv_norm_out pool their statistics over the frames of each video (the transformers'
-GroupNorm stays per frame). Without `video` nothing of this exists and the UNet is SD's 2-D one.
+The skips: the down path pushes one tensor after conv_in, after every down ResNet(+transformer) and after
+every downsampler; the up path pops them in reverse, one per up ResNet (3 per level, where the down path
+has 2 + 1 downsample). `skip_channels` lists their widths in push order, so each up ResNet's input width
+is plainly (running width + the width of the skip it pops).
+
+Named additions to the plain SD forward, each off unless asked for, each marked `# + name` where it acts:
+- FreeU (`freeu=` argument, freeu.py): re-weighs the backbone and skip features before each decoder ResNet.
+- plug-and-play injection (`RunInfo.inject`): ResNets and attention layers it names take the source
+  branch's features (resnet.py, and the processors of edit/tokenflow.py).
+- video (`video=VideoConfig(...)`, temporal.py): the inflated UNet of Tune-A-Video and EI². Every
+  transformer block gets a temporal module (norm_temp, attn_temp) over the frames of each location, and
+  the ResNet GroupNorms and conv_norm_out pool their statistics over the frames of each video
+  (`frame_group_norm`; the transformers' GroupNorm stays per frame; `resnet_norm="frame"` keeps the ResNets'
+  per frame too). The temporal module sits in one of three slots (`VideoConfig.position`): before the
+  cross-attention (EI²), after it, or after the feed-forward (Tune-A-Video). Without `video` none of this
+  exists.
+- gradient checkpointing (`RunInfo.checkpoint`): `checkpointed` recomputes each ResNet's and transformer's
+  activations in the backward pass (tuning's memory saver; no effect on values).
+
+Fidelity (kept as diffusers and the checkpoints have them, not as one might write them afresh):
+- `FeedForward.net` keeps diffusers' dropout slot at index 1, so the second linear is `ff.net.2`.
+- diffusers' `attention_head_dim` is, for SD1.x, the number of heads (config.py).
+- The timestep embedding is computed in float32 whatever the model dtype, cos half first.
+- An upsampler resizes to the next skip's grid, so odd latent sizes come back to the right shape.
 
 Dimension legend:
   B  batch rows (for video: branches × frames, branch-major), F frames per branch (RunInfo.frames)
@@ -88,8 +105,8 @@ class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention and feed-forward, each with a residual.
 
     In an inflated UNet the block also holds a temporal module (norm_temp, attn_temp: Tune-A-Video's
-    temporal attention or EI²'s STAM, temporal.py) that runs after the feed-forward or before the
-    cross-attention (`VideoConfig.position`) on each location's frames.
+    temporal attention or EI²'s STAM, temporal.py) that runs before or after the cross-attention or after
+    the feed-forward (`VideoConfig.position`) on each location's frames.
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int, video: VideoConfig | None = None):
@@ -106,19 +123,20 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, info: RunInfo) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x), info=info)
-        if self.video is not None and self.video.position == "before_cross":
-            x = self.temporal(x, info)
+        x = self.temporal(x, info, "before-cross")  # + video (EI²'s slot)
         x = x + self.attn2(self.norm2(x), context, info=info)
+        x = self.temporal(x, info, "after-cross")
         x = x + self.ff(self.norm3(x))
-        if self.video is not None and self.video.position == "after_ff":
-            x = self.temporal(x, info)
-        return x
+        return self.temporal(x, info, "after-ff")  # + video (Tune-A-Video's slot)
 
-    def temporal(self, x: torch.Tensor, info: RunInfo) -> torch.Tensor:
-        """x + attn_temp(norm_temp(x)) over the F frames of each location of each video.
+    def temporal(self, x: torch.Tensor, info: RunInfo, slot: str) -> torch.Tensor:
+        """x + attn_temp(norm_temp(x)) over the F frames of each location of each video, if the temporal module
+        sits in `slot`; else x.
 
         attn_temp sees one sequence of F tokens per (video, location), so its processors get B·N rows.
         """
+        if self.video is None or self.video.position != slot:
+            return x
         BF, N, C = x.shape
         frames = info.frames
         h = split_frames(x, frames).transpose(1, 2).reshape(-1, frames, C)  # (B·N, F, C)
@@ -147,11 +165,14 @@ class Transformer2DModel(nn.Module):
         return self.proj_out(h.contiguous()) + x
 
 
-def run(module: nn.Module, info: RunInfo, *args) -> torch.Tensor:
-    """module(*args), gradient-checkpointed when the call asks for it (info.checkpoint) and gradients are on."""
+def checkpointed(module: nn.Module, x: torch.Tensor, cond: torch.Tensor, info: RunInfo) -> torch.Tensor:
+    """module(x, cond, info) for a ResNet (cond = temb) or a transformer (cond = context).
+
+    + gradient checkpointing: when the call asks for it (info.checkpoint) and gradients are on.
+    """
     if info.checkpoint and torch.is_grad_enabled():
-        return checkpoint(module, *args, use_reentrant=False)
-    return module(*args)
+        return checkpoint(module, x, cond, info, use_reentrant=False)
+    return module(x, cond, info)
 
 
 class DownBlock(nn.Module):
@@ -160,7 +181,7 @@ class DownBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig, has_attn: bool, downsample: bool,
                  video: VideoConfig | None = None):
         super().__init__()
-        E, groups, pool = 4 * cfg.block_out_channels[0], cfg.norm_num_groups, video is not None
+        E, groups, pool = 4 * cfg.block_out_channels[0], cfg.norm_num_groups, video is not None and video.pools_frames
         self.resnets = nn.ModuleList(
             [ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, E, groups, cfg.norm_eps, pool) for j in range(cfg.layers_per_block)])
         self.attentions = nn.ModuleList(
@@ -171,9 +192,9 @@ class DownBlock(nn.Module):
     def forward(self, x, temb, context, info) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for j, resnet in enumerate(self.resnets):
-            x = run(resnet, info, x, temb, info)
+            x = checkpointed(resnet, x, temb, info)
             if self.attentions:
-                x = run(self.attentions[j], info, x, context, info)
+                x = checkpointed(self.attentions[j], x, context, info)
             skips.append(x)
         for down in self.downsamplers:
             x = down(x)
@@ -186,33 +207,32 @@ class MidBlock(nn.Module):
 
     def __init__(self, ch: int, cfg: UNetConfig, video: VideoConfig | None = None):
         super().__init__()
-        E, groups, pool = 4 * cfg.block_out_channels[0], cfg.norm_num_groups, video is not None
+        E, groups, pool = 4 * cfg.block_out_channels[0], cfg.norm_num_groups, video is not None and video.pools_frames
         self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, E, groups, cfg.norm_eps, pool) for _ in range(2)])
         self.attentions = nn.ModuleList([Transformer2DModel(ch, cfg.heads, cfg.cross_attention_dim, groups, video)])
 
     def forward(self, x, temb, context, info) -> torch.Tensor:
-        x = run(self.resnets[0], info, x, temb, info)
-        x = run(self.attentions[0], info, x, context, info)
-        return run(self.resnets[1], info, x, temb, info)
+        x = checkpointed(self.resnets[0], x, temb, info)
+        x = checkpointed(self.attentions[0], x, context, info)
+        return checkpointed(self.resnets[1], x, temb, info)
 
 
 class UpBlock(nn.Module):
     """One resolution level going up: diffusers' CrossAttnUpBlock2D (has_attn) or UpBlock2D.
 
-    Resnet j sees the running tensor concatenated with one skip from the matching down level; the
-    last resnet's skip comes from the level below (the down level's input), hence `skip_in_ch`.
+    ResNet j sees the running tensor (in_ch for the first, out_ch after) concatenated with the skip it pops,
+    of width skip_widths[j] (see `skip_channels`).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, skip_in_ch: int, cfg: UNetConfig, has_attn: bool, upsample: bool,
-                 video: VideoConfig | None = None):
+    def __init__(self, in_ch: int, out_ch: int, skip_widths: list[int], cfg: UNetConfig, has_attn: bool,
+                 upsample: bool, video: VideoConfig | None = None):
         super().__init__()
-        E, groups, n = 4 * cfg.block_out_channels[0], cfg.norm_num_groups, cfg.layers_per_block + 1
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D((in_ch if j == 0 else out_ch) + (skip_in_ch if j == n - 1 else out_ch), out_ch, E, groups,
-                          cfg.norm_eps, video is not None)
-            for j in range(n)])
+        E, groups, pool = 4 * cfg.block_out_channels[0], cfg.norm_num_groups, video is not None and video.pools_frames
+        running = [in_ch] + [out_ch] * (len(skip_widths) - 1)
+        self.resnets = nn.ModuleList([ResnetBlock2D(h + s, out_ch, E, groups, cfg.norm_eps, pool)
+                                      for h, s in zip(running, skip_widths)])
         self.attentions = nn.ModuleList(
-            [Transformer2DModel(out_ch, cfg.heads, cfg.cross_attention_dim, groups, video) for _ in range(n)]
+            [Transformer2DModel(out_ch, cfg.heads, cfg.cross_attention_dim, groups, video) for _ in skip_widths]
             if has_attn else [])
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)] if upsample else [])
 
@@ -220,14 +240,28 @@ class UpBlock(nn.Module):
                 top_channels: int = 0) -> torch.Tensor:
         for j, resnet in enumerate(self.resnets):
             skip = skips.pop()
-            if freeu is not None:
+            if freeu is not None:  # + FreeU
                 x, skip = freeu(x, skip, top_channels)
-            x = run(resnet, info, torch.cat([x, skip], dim=1), temb, info)  # (B, C + C_skip, H, W) -> (B, C, H, W)
+            x = checkpointed(resnet, torch.cat([x, skip], dim=1), temb, info)  # (B, C + C_skip, H, W) -> (B, C, H, W)
             if self.attentions:
-                x = run(self.attentions[j], info, x, context, info)
+                x = checkpointed(self.attentions[j], x, context, info)
         for up in self.upsamplers:
             x = up(x, size=skips[-1].shape[-2:])  # back to the next skip's grid, odd sizes included
         return x
+
+
+def skip_channels(cfg: UNetConfig) -> list[int]:
+    """The widths of the skips the down path pushes, in push order (the up path pops them from the end).
+
+    SD1.5: [320 (conv_in), 320, 320, 320 (downsample), 640, 640, 640, 1280, 1280, 1280, 1280, 1280].
+    """
+    chans = cfg.block_out_channels
+    widths = [chans[0]]  # conv_in
+    for level, ch in enumerate(chans):
+        widths += [ch] * cfg.layers_per_block  # each ResNet(+transformer)
+        if level < len(chans) - 1:
+            widths.append(ch)  # the downsampler
+    return widths
 
 
 class UNet2DConditionModel(nn.Module):
@@ -237,17 +271,20 @@ class UNet2DConditionModel(nn.Module):
         super().__init__()
         self.config, self.video = cfg, video
         chans, levels = cfg.block_out_channels, cfg.attention_levels
-        n, E = len(chans), 4 * chans[0]
         self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(chans[0], E)
+        self.time_embedding = TimestepEmbedding(chans[0], 4 * chans[0])
+        running = [chans[0], *chans[:-1]]  # each level's input width: conv_in's, then the level above's
         self.down_blocks = nn.ModuleList([
-            DownBlock(chans[max(i - 1, 0)], chans[i], cfg, levels[i], downsample=i < n - 1, video=video) for i in range(n)])
+            DownBlock(running[i], ch, cfg, levels[i], downsample=i < len(chans) - 1, video=video)
+            for i, ch in enumerate(chans)])
         self.mid_block = MidBlock(chans[-1], cfg, video)
-        up_chans, up_levels = chans[::-1], levels[::-1]
-        self.up_blocks = nn.ModuleList([
-            UpBlock(up_chans[max(i - 1, 0)], up_chans[i], up_chans[min(i + 1, n - 1)], cfg, up_levels[i], upsample=i < n - 1,
-                    video=video)
-            for i in range(n)])
+        skips = skip_channels(cfg)
+        up_blocks, running = [], chans[-1]
+        for level, out_ch in reversed(list(enumerate(chans))):  # the deepest level first
+            popped = [skips.pop() for _ in range(cfg.layers_per_block + 1)]
+            up_blocks.append(UpBlock(running, out_ch, popped, cfg, levels[level], upsample=level > 0, video=video))
+            running = out_ch
+        self.up_blocks = nn.ModuleList(up_blocks)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chans[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
         self.attention_layers = name_attention_layers(self)
@@ -264,14 +301,17 @@ class UNet2DConditionModel(nn.Module):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
         temb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(x.dtype))  # (B, E)
         x = self.conv_in(x)
-        skips = [x]
+        skips = [x]  # pushed in the order skip_channels() lists, popped by the up blocks from the end
         for block in self.down_blocks:
             x, block_skips = block(x, temb, context, info)
             skips.extend(block_skips)
         x = self.mid_block(x, temb, context, info)
         for block in self.up_blocks:
             x = block(x, skips, temb, context, info, freeu, self.config.block_out_channels[-1])
-        x = self.conv_norm_out(x) if self.video is None else frame_group_norm(self.conv_norm_out, x, info.frames)
+        if self.video is not None and self.video.pools_frames:  # + video GroupNorm: statistics over the frames
+            x = frame_group_norm(self.conv_norm_out, x, info.frames)
+        else:
+            x = self.conv_norm_out(x)
         return self.conv_out(F.silu(x))
 
     def set_attention(self, choose: Callable[[str], Processor | None]) -> dict[str, Processor]:

@@ -1,6 +1,12 @@
-"""Shared fixtures: a tiny SD1.x checkpoint in the hub layout, made by diffusers and transformers themselves.
+"""Shared fixtures: tiny random-weight SD1.x models.
 
-The tiny models keep SD1.5's topology (4 levels, 2 layers per block, attention on the first 3 levels,
+- `tiny_sd`: `stemref.tiny_model(0)` in float64, built by stemref alone (no diffusers, no download); every
+  test that checks stemref against invariants or references written in the test uses it.
+- `tiny_root`, `tiny_loaded`, `tiny_reference`: a tiny checkpoint in the hub layout made by diffusers and
+  transformers themselves, loaded by stemref (`tiny_loaded`) and by those libraries (`tiny_reference`); the
+  tests that compare stemref with diffusers/transformers, and the loading and command-line tests, use them.
+
+The diffusers-built models keep SD1.5's topology (4 levels, 2 layers per block, attention on the first 3 levels,
 8 heads) at small widths, and every parameter is perturbed so that no path (a zero-initialised
 projection, a unit GroupNorm) is an identity that could hide a wrong wiring.
 """
@@ -88,7 +94,16 @@ def tiny_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_sd(tiny_root):
+def tiny_sd():
+    """stemref's own tiny SD1.x (stemref.tiny_model), float64."""
+    import stemref
+
+    return stemref.tiny_model(0, dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_root):
+    """The diffusers-built tiny checkpoint loaded by stemref, float64: the same weights as tiny_reference."""
     import stemref
 
     return stemref.load(tiny_root, dtype=torch.float64)

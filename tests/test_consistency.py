@@ -110,7 +110,7 @@ def test_bad_inputs_raise(features, flow, match):
         temporal_consistency(features, flow)
 
 
-def test_unet_features_match_diffusers_hook(tiny_sd, tiny_reference, tiny_root):
+def test_unet_features_match_diffusers_hook(tiny_loaded, tiny_reference, tiny_root):
     from transformers import CLIPTokenizer
 
     unet, vae, text = tiny_reference
@@ -130,10 +130,10 @@ def test_unet_features_match_diffusers_hook(tiny_sd, tiny_reference, tiny_root):
         handle.remove()
     expected = captured[0].reshape(3, 8, 6, -1).permute(0, 3, 1, 2)  # top decoder level: the 8x6 latent grid
 
-    ours = unet_features(tiny_sd, frames, prompt, batch=2)
+    ours = unet_features(tiny_loaded, frames, prompt, batch=2)
     assert ours.shape == expected.shape
     torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
-    assert not tiny_sd.unet.get_submodule(LAST_DECODER_SELF_ATTENTION)._forward_hooks  # the hook was removed
+    assert not tiny_loaded.unet.get_submodule(LAST_DECODER_SELF_ATTENTION)._forward_hooks  # the hook was removed
 
 
 def test_unet_features_on_a_coarser_level(tiny_sd):

@@ -115,3 +115,26 @@ def test_nccl_without_cuda_exits_2_before_any_work(tiny_root, tmp_path, monkeypa
                  str(tiny_root), "--out", str(tmp_path / "run")])
     assert code == 2 and "needs NCCL and a CUDA GPU" in capsys.readouterr().err
     assert leftovers(tmp_path) == []
+
+
+def _survivor(rank: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    from stemref.cli.launch import Launch, failed_ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=3)
+    launch = Launch(dist.group.WORLD, rank, 3, dist.group.WORLD, dist.FileStore(f"{folder}/alive", 3))
+    if rank == 1:
+        os._exit(0)  # dies without a word, as a killed process would
+    Path(folder, f"rank{rank}.txt").write_text(failed_ranks(launch, wait=2.0))
+
+
+def test_survivors_name_the_rank_that_died(tmp_path):
+    """Without torchrun's agent (which stops the others and names the rank itself), a survivor's line names it."""
+    import torch.multiprocessing as mp
+
+    processes = mp.start_processes(_survivor, args=(str(tmp_path),), nprocs=3, join=False, start_method="spawn")
+    while not processes.join(timeout=120):  # returns at each process's end (rank 1's first)
+        pass
+    for rank in (0, 2):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "rank(s) 1 failed or were killed; this run was stopped"

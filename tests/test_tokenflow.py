@@ -1,5 +1,6 @@
-"""TokenFlow editing (stemref.edit.tokenflow) and FreeU (stemref.freeu): invariants from notes/tokenflow.md §6
-and an independent reference written here on diffusers' UNet.
+"""TokenFlow editing (stemref.edit.tokenflow) and FreeU (stemref.freeu): invariants that follow from the method
+(identical frames edit to the plain reconstruction, a single keyframe with the source prompt is a plain UNet
+call, the negative prompt is inert at guidance 1) and an independent reference written here on diffusers' UNet.
 
 The reference re-implements the official editing step with diffusers' attention-processor API: explicit
 softmax attention, keyframe outputs cached *after* to_out (as the official code does; stemref caches them
@@ -44,7 +45,8 @@ def inversion(tiny_sd):
 
 
 def test_blend_weights_are_the_official_table():
-    # notes §7: read from inside the running official code, batch 8
+    # sigmoid(d_prev / (d_own + d_prev)) with distances to batch centres, batch 8: the values the official
+    # code computes (printed from inside a run of it), to 4 decimals
     official = [0.6225, 0.6514, 0.6792, 0.7058, 0.7311, 0.7109, 0.6971, 0.6869]
     for index in (1, 2, 5):
         w = tokenflow.blend_weights(index, range(index * 8, index * 8 + 8), 8)
@@ -171,7 +173,7 @@ def test_freeu_identity_is_the_plain_unet(tiny_sd):
     assert not torch.allclose(tiny_sd.unet(x, 500, context, freeu=FreeU()), plain)
 
 
-def test_freeu_unet_against_diffusers_with_hooks(tiny_sd, tiny_reference):
+def test_freeu_unet_against_diffusers_with_hooks(tiny_loaded, tiny_reference):
     """STEM's channel rule on diffusers' UNet through pre-hooks on the decoder ResNets: h with the top width
     gets (b1, s1), h with half of it gets (b2, s2)."""
     unet = tiny_reference[0]
@@ -195,7 +197,7 @@ def test_freeu_unet_against_diffusers_with_hooks(tiny_sd, tiny_reference):
         x, context = rand(2, 4, 8, 8, seed=10), rand(2, 77, 32, seed=11)
         with torch.no_grad():
             expected = unet(x, 500, context).sample
-        torch.testing.assert_close(tiny_sd.unet(x, 500, context, freeu=freeu), expected, rtol=0, atol=1e-10)
+        torch.testing.assert_close(tiny_loaded.unet(x, 500, context, freeu=freeu), expected, rtol=0, atol=1e-10)
     finally:
         for hook in hooks:
             hook.remove()
@@ -306,11 +308,11 @@ def reference_edit(unet, sd, inversion, prompt, negative, guidance, batch, pnp_a
     return x
 
 
-def test_editor_matches_reference(tiny_sd, tiny_reference, inversion):
+def test_editor_matches_reference(tiny_loaded, tiny_reference, inversion):
     """5 frames in batches of 2 (the last batch holds one frame), 4 steps: conv injection on 3 steps, q/k on 2."""
     table = [[1, 2, 4], [0, 3, 4], [1, 3, 4], [0, 2, 4]]
-    ours = tokenflow.edit_latents(tiny_sd, inversion, TARGET, batch=2, pnp_attn=0.5, pnp_conv=0.8, keyframes=table)
-    expected = reference_edit(tiny_reference[0], tiny_sd, inversion, TARGET, tokenflow.DEFAULT_NEGATIVE, 7.5, 2,
+    ours = tokenflow.edit_latents(tiny_loaded, inversion, TARGET, batch=2, pnp_attn=0.5, pnp_conv=0.8, keyframes=table)
+    expected = reference_edit(tiny_reference[0], tiny_loaded, inversion, TARGET, tokenflow.DEFAULT_NEGATIVE, 7.5, 2,
                               0.5, 0.8, table)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-10)
 
@@ -320,7 +322,7 @@ def test_editor_matches_reference(tiny_sd, tiny_reference, inversion):
 
 
 def test_identical_frames_edit_is_the_reconstruction(tiny_sd):
-    """notes §6.5: identical frames, injection off, guidance 1, target = source prompt: the plain DDIM
+    """Identical frames, injection off, guidance 1, target = source prompt: the plain DDIM
     reconstruction (extended attention over identical keyframes = one frame's attention; blending equal
     tensors = identity), every frame identical."""
     frames = rand(1, 3, 64, 64, seed=12).expand(4, -1, -1, -1)
@@ -336,7 +338,7 @@ def test_identical_frames_edit_is_the_reconstruction(tiny_sd):
 
 
 def test_single_keyframe_batch_with_the_source_prompt_keeps_the_keyframe(tiny_sd):
-    """notes §6.4: F = B (one keyframe), target = source prompt, guidance 1: in the first step the conditional
+    """F = B (one keyframe), target = source prompt, guidance 1: in the first step the conditional
     branch sees exactly what the source branch sees, so the keyframe's ε is a plain per-frame UNet call on x_T
     (its nearest neighbours are its own tokens, one-keyframe extended attention is self-attention, and the
     injection copies equal tensors). Non-keyframes do not equal per-frame denoising."""
@@ -360,7 +362,7 @@ def test_keyframe_blend_variant_runs_and_differs(tiny_sd, inversion):
 
 
 def test_negative_prompt_is_inert_at_guidance_one(tiny_sd, inversion):
-    """notes §6.8: at guidance 1 the unconditional branch cancels (up to rounding); it never enters the update."""
+    """At guidance 1 the unconditional branch cancels (up to rounding); it never enters the update."""
     a = tokenflow.edit_latents(tiny_sd, inversion, TARGET, guidance=1.0, batch=2, negative_prompt="")
     b = tokenflow.edit_latents(tiny_sd, inversion, TARGET, guidance=1.0, batch=2, negative_prompt="blurry")
     torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -109,8 +109,8 @@ def test_other_base_weights_are_refused(tiny_sd, tuned):
         tuned.unet(other)
 
 
-def test_identity_is_the_same_for_float32_and_float64(tiny_root, tiny_sd):
-    assert weights_fingerprint(stemref.load(tiny_root)) == weights_fingerprint(tiny_sd)
+def test_identity_is_the_same_for_float32_and_float64(tiny_root, tiny_loaded):
+    assert weights_fingerprint(stemref.load(tiny_root)) == weights_fingerprint(tiny_loaded)
 
 
 @pytest.mark.parametrize("method", ["tune-a-video", "ei2"])

@@ -55,15 +55,66 @@ def test_ei2_with_stem_inversion_and_its_options(tiny_root, tmp_path):
            ("ei2", "stem", 1, "exact", 7.5)
 
 
+def test_ei2_ablation_options_are_flags_keys_and_cache_keys(tiny_root, tmp_path, capsys):
+    """EI²'s variants are flags and TOML keys, written to config.toml; the tuning cache tells them apart."""
+    variant = ["--temporal-norm", "layernorm", "--spectral-norm", "off", "--frame-attention", "sparse-causal",
+               "--stam-position", "after-cross", "--resnet-norm", "frame", "--stam-heads", "single"]
+    no_clip = ["--clip", str(tmp_path / "no-clip")]
+    assert edit(tmp_path, tiny_root, "a", "--method", "ei2", *TUNE, *variant, *no_clip) == 0
+    config = tomllib.loads((tmp_path / "a" / "config.toml").read_text())
+    assert {k: config[k] for k in ("temporal_norm", "spectral_norm", "frame_attention", "stam_position",
+                                   "resnet_norm", "stam_heads")} == \
+           {"temporal_norm": "layernorm", "spectral_norm": "off", "frame_attention": "sparse-causal",
+            "stam_position": "after-cross", "resnet_norm": "frame", "stam_heads": "single"}
+    capsys.readouterr()
+    assert edit(tmp_path, tiny_root, "b", "--config", str(tmp_path / "a" / "config.toml"), "--out",
+                str(tmp_path / "b")) == 0
+    assert any(line.startswith("tuning: reusing") for line in stderr_lines(capsys))
+    for flag, value in (("--temporal-norm", "instancenorm"), ("--stam-heads", "multi")):
+        other = [*variant, flag, value]
+        assert edit(tmp_path, tiny_root, f"c{value}", "--method", "ei2", *TUNE, *other, *no_clip) == 0
+        assert any(line.startswith("tuning: cached as") for line in stderr_lines(capsys))
+    assert len(list((tmp_path / "cache" / "tuned").glob("*.safetensors"))) == 3
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--inversion", "model"], "--inversion model does not go with --method tokenflow"),
     (["--method", "ei2", "--inversion", "2-frame"], "--inversion 2-frame does not go with --method ei2"),
     (["--method", "tune-a-video", "--lr", "2"], "--lr 2.0: a learning rate"),
     (["--method", "ei2", "--tune-steps", "0"], "--tune-steps must be at least 1"),
     (["--method", "ei2", "--ffam-r", "0"], "--ffam-r must be at least 1"),
+    (["--method", "ei2", "--temporal-norm", "none", "--stam-centring", "channels"], "it needs norm='centering'"),
 ])
 def test_bad_settings_fail_before_any_work(tiny_root, tmp_path, capsys, extra, message):
     assert edit(tmp_path, tiny_root, "out", *extra) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("ei2-paper", dict(method="ei2", frames=8, width=512, height=512, tune_steps=500, lr=3e-5, guidance=7.5,
+                       steps=50, inversion="model")),
+    ("tune-a-video-paper", dict(method="tune-a-video", frames=32, width=512, height=512, tune_steps=500, lr=3e-5,
+                                guidance=12.5, steps=50, inversion="model")),
+])
+def test_paper_configs(name, expected):
+    """The papers' settings (numbers written here from the papers), the method's own model (the defaults), and
+    frames resized to 512×512 without a crop: the whole (wide) source frame, squeezed."""
+    from pathlib import Path
+
+    import torch
+
+    from stemref.cli.edit import build_parser, read_frames, resolve_settings
+    from stemref.edit.tuning import METHODS
+    from stemref.video import read_video
+
+    config = Path(__file__).parent.parent / "examples" / "configs" / f"{name}.toml"
+    s = resolve_settings(build_parser(), ["--config", str(config)])
+    assert {k: s[k] for k in expected} == expected
+    assert {k: s[k] for k in METHODS[s["method"]]} == METHODS[s["method"]]
+    frames = read_frames({**s, "frames": 2})
+    assert frames.shape == (2, 3, 512, 512)
+    wide = read_video(s["video"], 0, 1, 2, None)  # (2, 3, 288, 512): the source frames unchanged
+    squeezed = torch.nn.functional.interpolate(frames, size=wide.shape[-2:], mode="area")
+    assert (squeezed - wide).abs().mean() < 0.02  # a crop would have lost the sides

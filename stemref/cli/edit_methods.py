@@ -145,19 +145,32 @@ TUNING = (
            "master weights; ignored on CPU)", ("fp16", "bf16")),
 )
 TUNE_A_VIDEO = TUNING + (
-    Option("temporal_bias", str, "random", "tune-a-video: initial output bias of the temporal attention: random "
-           "(the official code's) or zero", ("random", "zero")),
+    Option("temporal_bias", str, tuning.METHODS["tune-a-video"]["temporal_bias"], "tune-a-video: initial output "
+           "bias of the temporal attention: random (the official code's) or zero", tuning.CHOICES["temporal_bias"]),
 )
+EI2_DEFAULTS, CHOICES = tuning.METHODS["ei2"], tuning.CHOICES
 EI2 = TUNING + (
-    Option("stam_position", str, "before_cross", "ei2: STAM before the cross-attention (the paper) or after the "
-           "feed-forward (Tune-A-Video's slot)", ("before_cross", "after_ff")),
-    Option("stam_centring", str, "frames", "ei2: Instance Centering over the frames (Eq. 6) or over the channels",
-           ("frames", "channels")),
-    Option("spectral_norm", str, "power", "ei2: spectral normalisation by Miyato's power method or exact SVD",
-           ("power", "exact")),
-    Option("ffam_r", int, 2, "ei2: FFAM's downsampling factor of the other frames"),
-    Option("ffam_downsample", str, "avg", "ei2: FFAM's downsampling: average r×r cells or keep every r-th token",
-           ("avg", "stride")),
+    Option("temporal_norm", str, EI2_DEFAULTS["temporal_norm"], "ei2: STAM's norm (Figure 4): Instance Centering "
+           "(the paper), LayerNorm with or without its learnt scale and shift (Tune-A-Video's), none, or "
+           "InstanceNorm over the frames", CHOICES["temporal_norm"]),
+    Option("stam_centring", str, EI2_DEFAULTS["stam_centring"], "ei2: Instance Centering over the frames (Eq. 6) "
+           "or over each token's channels (a LayerNorm without rescaling); with --temporal-norm centering",
+           CHOICES["stam_centring"]),
+    Option("spectral_norm", str, EI2_DEFAULTS["spectral_norm"], "ei2: spectral normalisation of STAM's value and "
+           "output maps by Miyato's power method, by exact SVD, or off (Figure 4; the output weight then starts at "
+           "zero, as Tune-A-Video's)", CHOICES["spectral_norm"]),
+    Option("stam_heads", str, EI2_DEFAULTS["stam_heads"], "ei2: STAM with the block's heads or a single head (the "
+           "paper's variance analysis)", CHOICES["stam_heads"]),
+    Option("stam_position", str, EI2_DEFAULTS["stam_position"], "ei2: STAM's slot (Figure 6): before-cross "
+           "(FFAM → STAM → cross-attention, the paper), after-cross (FFAM → cross-attention → STAM), after-ff "
+           "(after the feed-forward, Tune-A-Video's)", CHOICES["stam_position"]),
+    Option("frame_attention", str, EI2_DEFAULTS["frame_attention"], "ei2: the self-attention (Figure 5): FFAM, or "
+           "Tune-A-Video's sparse-causal attention (frame 0 and the previous frame)", CHOICES["frame_attention"]),
+    Option("ffam_r", int, EI2_DEFAULTS["ffam_r"], "ei2: FFAM's downsampling factor of the other frames"),
+    Option("ffam_downsample", str, EI2_DEFAULTS["ffam_downsample"], "ei2: FFAM's downsampling: average r×r cells "
+           "or keep every r-th token", CHOICES["ffam_downsample"]),
+    Option("resnet_norm", str, EI2_DEFAULTS["resnet_norm"], "ei2: the ResNets' GroupNorm statistics pooled over the "
+           "frames of the video (Tune-A-Video's code) or per frame", CHOICES["resnet_norm"]),
 )
 
 
@@ -314,6 +327,14 @@ def cached_tuning(job: Job) -> tuning.Tuned:
     return job.cached("tuning", "tuned", description, lambda path: tuning.Tuned.load(path, sd), compute)
 
 
+def check_tuning(s: dict[str, Any]) -> None:
+    """What the tuned method's options refuse together (e.g. --stam-centring without Instance Centering)."""
+    try:
+        tuning.method_options(s["method"], {name: s[name] for name in tuning.METHODS[s["method"]]})
+    except ValueError as e:
+        raise UserError(f"{s['method']} options: {e}") from None
+
+
 def tuned_prepare(job: Job) -> tuple[StableDiffusion, Inversion]:
     """Tune (or reuse the tuning), then invert with the tuned model and the empty prompt."""
     model = cached_tuning(job).model(job.sd)
@@ -347,10 +368,11 @@ METHODS: dict[str, Method] = {
     "tune-a-video": Method("Tune-A-Video: one-shot tuning of an inflated UNet (sparse-causal and temporal attention), "
                            "DDIM inversion and guided sampling with the tuned model", TUNE_A_VIDEO, tuned_prepare,
                            tuned_edit, inversion="model", guidance=tuned_editing.GUIDANCE["tune-a-video"],
-                           gpu_dtype="fp32", inversions=tuned_editing.INVERSIONS),
+                           gpu_dtype="fp32", inversions=tuned_editing.INVERSIONS, check=check_tuning),
     "ei2": Method("EI²: Tune-A-Video with STAM (shift-restricted temporal attention) and FFAM (fine-coarse frame "
                   "attention)", EI2, tuned_prepare, tuned_edit, inversion="model",
-                  guidance=tuned_editing.GUIDANCE["ei2"], gpu_dtype="fp32", inversions=tuned_editing.INVERSIONS),
+                  guidance=tuned_editing.GUIDANCE["ei2"], gpu_dtype="fp32", inversions=tuned_editing.INVERSIONS,
+                  check=check_tuning),
 }
 
 

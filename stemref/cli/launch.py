@@ -9,17 +9,17 @@ cuda:LOCAL_RANK; gloo on the CPU) with a collective timeout (--timeout), and eve
 the frames (stemref.distributed). Rank 0 alone reads and writes the cache, writes the output folder and prints
 progress; the other ranks print nothing but errors and wait for it at the end.
 
-Failures: a collective that cannot complete (a rank died, or hangs past --timeout) raises on the others; the
-command names the ranks that no longer answer (a monitored barrier on a gloo group) in one line, and rank 0's
-hidden partial output folder is removed as for any failure. Under torchrun the agent also stops the others
-as soon as one rank exits with an error.
+Failures: a collective that cannot complete (a rank died, or hangs past --timeout) raises on the others; each
+survivor marks itself alive in torchrun's key-value store and, after a few seconds, names the ranks that did
+not (one line, exit 1), and rank 0's hidden partial output folder is removed as for any failure. Under
+torchrun the agent also stops the others as soon as one rank exits with an error, and names it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -31,7 +31,7 @@ from .errors import UserError
 from ..distributed import Shard, check_same
 
 DEFAULT_TIMEOUT = 1800.0  # seconds a collective may wait: rank 0 writes videos and metrics while the others wait
-PROBE_SECONDS = 20  # how long the monitored barrier waits for each rank after a failure
+PROBE_SECONDS = 5.0  # how long a survivor waits for the others to say they are alive, after a failure
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ class Launch:
     group: dist.ProcessGroup | None = None
     rank: int = 0
     size: int = 1
-    monitor: dist.ProcessGroup | None = None  # a gloo group: host-memory gathers, naming failed ranks (NCCL cannot)
+    monitor: dist.ProcessGroup | None = None  # a gloo group for gathers in host memory (NCCL's stay on the GPU)
+    store: dist.Store | None = None  # torchrun's key-value store: who is still alive after a failure
 
     @property
     def main(self) -> bool:
@@ -81,7 +82,11 @@ def start(device: str, timeout: float) -> tuple[Launch, str]:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
     monitor = dist.new_group(backend="gloo") if cuda else dist.group.WORLD
-    return Launch(dist.group.WORLD, dist.get_rank(), dist.get_world_size(), monitor), device
+    # a client of the store torchrun (or rank 0) serves at MASTER_ADDR:MASTER_PORT, under a prefix of our own
+    store = dist.PrefixStore("stemref-alive/", dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+        timeout=timedelta(seconds=PROBE_SECONDS)))
+    return Launch(dist.group.WORLD, dist.get_rank(), dist.get_world_size(), monitor, store), device
 
 
 def finish(launch: Launch) -> None:
@@ -106,15 +111,18 @@ def check_frames(launch: Launch, frames: int) -> None:
                         f"start at most {frames} (torchrun --nproc-per-node)")
 
 
-def failed_ranks(launch: Launch) -> str:
-    """After a failed collective: one line naming the ranks that no longer answer (as far as this rank can tell)."""
+def failed_ranks(launch: Launch, wait: float = PROBE_SECONDS) -> str:
+    """After a failed collective: one line naming the ranks that did not say they were alive within `wait` s."""
     try:
-        dist.monitored_barrier(group=launch.monitor, timeout=timedelta(seconds=PROBE_SECONDS), wait_all_ranks=True)
-    except RuntimeError as e:
-        found = re.search(r"[Rr]anks? ([\d, ]+) failed", str(e))
-        if found:
-            return f"rank(s) {found.group(1).strip(' ,')} failed or were killed; this run was stopped"
-        if launch.rank != 0:
-            return "rank 0 (or the connection to it) failed or was killed; this run was stopped"
-        return f"another process failed or was killed; this run was stopped ({str(e).splitlines()[0]})"
-    return "a collective failed although every rank still answers (see the other ranks' errors)"
+        launch.store.set(str(launch.rank), "alive")
+        deadline = time.monotonic() + wait
+        while True:
+            missing = [r for r in range(launch.size) if not launch.store.check([str(r)])]
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    except (RuntimeError, OSError):  # the store went with the process that served it
+        return "the process serving the run's store (rank 0 or torchrun) failed or was killed; this run was stopped"
+    if not missing:
+        return "a collective failed although every rank is alive (see the other ranks' errors); this run was stopped"
+    return f"rank(s) {', '.join(map(str, missing))} failed or were killed; this run was stopped"

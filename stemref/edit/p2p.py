@@ -13,7 +13,7 @@ editing them needs a correspondence between the tokens of P and P*:
     blend_map/mask   where the source words are, from the source cross-attention of the 16² layers
     fuse_self/cross  the fusion of probability maps at one step
 
-The defaults reproduce the official code, quirks included (see ../shared/notes/fatezero.md §2, §7): words
+The defaults reproduce the official code, quirks included (README, "Fidelity"): words
 are whole space-separated words matched exactly, the cross window is int(c·(N+1)), the mask is resized with
 legacy nearest interpolation and normalised per frame. Two plainly wrong cases have corrected options,
 off by default: `strip_punctuation` finds "countryside" in "... countryside, ..." and `fix_shift` keeps the

@@ -1,22 +1,35 @@
 """TokenFlow editing (Geyer, Bar-Tal, Bagon, Dekel, ICLR 2024) on any inversion, as the STEM code runs it.
 
+The paper's pipeline is its Fig. 4: (I) sample keyframes and edit them jointly with extended attention, (II)
+propagate their edited tokens to every frame along the source video's correspondences. The numbered steps
+below follow one denoising step of it and name the paper's symbols: J_t the edited video's latents, T_base
+the keyframes' self-attention outputs, φ the source frames' self-attention features, γ the nearest-neighbour
+field, F_γ the propagation.
+
 An edited video is denoised from the inversion's x_T. Each UNet call holds three branches of the same
 frames, branch-major: the source (the inversion's latents at the same timestep, with the inversion
 prompt), the unconditional branch (the negative prompt) and the conditional branch (the target prompt);
 guidance mixes the last two, the source branch's ε is discarded. Every denoising step:
 
-  1. Keyframes: one frame per batch of `batch` frames, drawn from a seeded generator (or given).
-  2. Keyframe pass. The UNet runs on the keyframes only. In every self-attention layer the edited branches
-     use *extended* attention: each keyframe's queries attend to the tokens of all keyframes of the same
-     branch; the source branch stays per frame. Each layer keeps, for this step only, the source
+  1. Keyframes: one frame per batch of `batch` frames, drawn from a seeded generator (or given); the paper
+     samples keyframes afresh at every step too.
+  2. Keyframe pass (Fig. 4, I: joint keyframe editing). The UNet runs on the keyframes only. In every
+     self-attention layer the edited branches use *extended* attention, ExtAttn(Q^{i}; [K^{i_1} … K^{i_k}];
+     [V^{i_1} … V^{i_k}]): each keyframe's queries attend to the tokens of all keyframes of the same branch;
+     the source branch stays per frame. Each layer keeps, for this step only, the source
      keyframes' self-attention inputs and all three branches' self-attention outputs. The pass's ε is
-     discarded: it exists to fill that cache.
-  3. Batch passes. The UNet runs batch by batch; self-attention is not computed. Each token of a frame
-     looks up its nearest neighbour (cosine similarity of the source branch's self-attention inputs)
-     among the tokens of its batch's keyframe and, from the second batch on, of the previous batch's
-     keyframe; it takes those keyframe tokens' cached attention outputs, in all three branches, blended
-     with the official sigmoid weights. That is how the keyframes' joint edit flows to every frame.
-  4. Plug-and-play injection from the source branch into both edited branches: the residual of
+     discarded: it exists to fill that cache (T_base).
+  3. Batch passes (Fig. 4, II: propagation). The UNet runs batch by batch; self-attention is not
+     computed. Each token p of frame i looks up its nearest neighbour among a keyframe's tokens,
+         γ^{i±}[p] = argmin_q D(φ(x^i)[p], φ(x^{i±})[q]),   D the cosine distance,
+     with φ the source branch's self-attention inputs, and takes that keyframe token's cached attention
+     output in all three branches, blended over two keyframes:
+         F_γ(T_base, i, p) = w_i · T_base^{i+}[γ^{i+}[p]] + (1 − w_i) · T_base^{i−}[γ^{i−}[p]].
+     In the paper i+ and i− are the keyframes on either side of frame i; here, as in the official code, they
+     are the frame's own batch's keyframe and the previous batch's (see Fidelity). That is how the
+     keyframes' joint edit flows to every frame.
+  4. Plug-and-play injection (Tumanyan et al., CVPR 2023) from the source branch into both edited branches,
+     as the paper edits its keyframes with PnP: the residual of
      `up_blocks.1.resnets.1` for the first `pnp_conv` of the steps (both passes), the self-attention q and
      k of decoder layers 4–11 for the first `pnp_attn` (keyframe pass; the batch passes compute no
      attention). FreeU, when on, re-weighs the decoder's features in every call.
@@ -24,14 +37,20 @@ guidance mixes the last two, the source branch's ε is discarded. Every denoisin
 Everything plugs into the UNet through its extension points: the attention processors below
 (`KeyframeAttention`, `Propagation`), `RunInfo.inject` and the UNet's `freeu` argument.
 
-Official behaviour kept so results compare with the papers (`blend="official"`, the default): blend
-distances are to batch *centres* (i·B + B//2), not to the sampled keyframes, and the sigmoid squashes the
-weights into [0.622, 0.731], so even a keyframe takes 27 % of its tokens' outputs from the previous batch's
-keyframe; a frame of the first batch takes only its own keyframe. `blend="keyframes"` is the variant that
-measures distances to the two sampled keyframes and interpolates linearly: a keyframe keeps its own
-attention output exactly, and a frame's share of a keyframe falls off with its distance to it. Where the official code drops frames past the last
-whole batch, stemref edits them as a last, shorter batch: its keyframe is drawn among its own frames and
-its blend weights come from the same formula (distances to i·B + B//2).
+Fidelity (the official code's behaviour, kept so that results compare with the papers; `blend="official"` is
+the default):
+- The two keyframes a frame blends are its own batch's and the previous batch's (never the next one), and
+  the blend distances are to batch *centres* (i·B + B//2), not to the sampled keyframes; the sigmoid then
+  squashes w_i into [0.622, 0.731], so even a keyframe takes 27 % of its tokens' outputs from the previous
+  batch's keyframe, and a frame of the first batch takes only its own keyframe. `blend="keyframes"` is the
+  variant closer to the paper: distances to the two sampled keyframes, interpolated linearly, so a keyframe
+  keeps its own attention output exactly and a frame's share of a keyframe falls off with its distance.
+- φ, the features matched, are the self-attention *inputs* of the source branch (as the paper's appendix
+  says; its Fig. 4 speaks of outputs).
+- In the keyframe pass the source branch attends per frame; only the edited branches use extended attention.
+- Where the official code drops frames past the last whole batch, stemref edits them as a last, shorter
+  batch: its keyframe is drawn among its own frames and its blend weights come from the same formula
+  (distances to i·B + B//2).
 
 Several processes (`group=`, distributed.py): every rank holds a contiguous shard of the frames (and of the
 inversion's path) and draws the same keyframe table from the same seed. Each step, the keyframes' latents are
@@ -116,13 +135,13 @@ class Propagation:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
         if call.is_cross:
             return sdpa(q, k, v, call)
-        features = self.cache[call.name]
+        features = self.cache[call.name]  # T_base and the keyframes' φ at this layer
         B, (N, C) = call.info.frames, call.x.shape[1:]
         # matched on the source branch's tokens only; fp32 at least: argmax on fp16 cosines would tie too often
         work = torch.promote_types(call.x.dtype, torch.float32)
         tokens = F.normalize(call.x[:B].reshape(B * N, C).to(work), dim=-1)  # (B·N, C)
-        out = _nearest_outputs(features, self.index, tokens, B)  # (3, B, h, N, d)
-        if self.index > 0:
+        out = _nearest_outputs(features, self.index, tokens, B)  # (3, B, h, N, d): T_base^{i+}[γ^{i+}[p]]
+        if self.index > 0:  # F_γ = w_i · T_base^{i+}[γ^{i+}] + (1 − w_i) · T_base^{i−}[γ^{i−}]
             w = self.weights.to(out.device, out.dtype).view(1, B, 1, 1, 1)
             out = w * out + (1 - w) * _nearest_outputs(features, self.index - 1, tokens, B)
         return out.reshape(3 * B, *out.shape[2:])  # (3B, h, N, d)
@@ -130,7 +149,7 @@ class Propagation:
 
 def _nearest_outputs(features: KeyframeFeatures, keyframe: int, tokens: torch.Tensor, frames: int) -> torch.Tensor:
     """For each of the unit-norm `tokens` (B·N, C) of `frames` frames, keyframe `keyframe`'s attention outputs at
-    its token of highest cosine similarity, in all three branches: (3, B, h, N, d)."""
+    its token of highest cosine similarity (γ, the nearest-neighbour field), in all three branches: (3, B, h, N, d)."""
     row = keyframe - features.first
     keys = F.normalize(features.inputs[row].to(tokens.dtype), dim=-1)  # (N_kf, C)
     nearest = torch.cat([(chunk @ keys.T).argmax(dim=-1) for chunk in tokens.split(MATCH_CHUNK)])  # (B·N,)
@@ -149,7 +168,8 @@ BLENDS = ("official", "keyframes")
 
 def blend_weights(index: int, frames: range, batch: int, blend: str = "official",
                   keyframes: list[int] | None = None) -> torch.Tensor | None:
-    """The share of batch `index`'s own keyframe for each of its frames (None for batch 0: no blend).
+    """w_i of the propagation F_γ: the share of batch `index`'s own keyframe for each of its frames (None for
+    batch 0: no blend). The paper only asks w_i ∈ [0, 1] to follow the frame's distance to the two keyframes.
 
     official: with batch centres p = i·B + B//2 and p' = (i−1)·B + B//2, frame s gets
     sigmoid(|s−p'| / (|s−p| + |s−p'|)), in [0.622, 0.731]. keyframes: with the sampled keyframes k_i and
@@ -161,7 +181,7 @@ def blend_weights(index: int, frames: range, batch: int, blend: str = "official"
     if blend == "official":
         own, previous = index * batch + batch // 2, (index - 1) * batch + batch // 2
         d_own, d_previous = (s - own).abs(), (s - previous).abs()
-        return torch.sigmoid(d_previous / (d_own + d_previous))
+        return torch.sigmoid(d_previous / (d_own + d_previous))  # official quirk: a sigmoid of a share in [0, 1]
     d_own, d_previous = (s - keyframes[index]).abs(), (s - keyframes[index - 1]).abs()
     return d_previous / (d_own + d_previous)  # the keyframes lie in different batches: never 0 / 0
 
@@ -251,9 +271,9 @@ def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, nega
             with sd.unet.attention(self_attention(Propagation(cache, b, blend_weights(b, r, batch, blend, key)))):
                 eps = _branches(sd, x_source[frames_b], x[frames_b], t, (source, negative, target),
                                 RunInfo(len(r), i, inject=inject), freeu)
-            _, eps_uncond, eps_cond = eps.chunk(3)
+            _, eps_uncond, eps_cond = eps.chunk(3)  # the source branch's ε is discarded
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-            denoised[frames_b] = sd.scheduler.step(eps, t, x[frames_b], steps)
+            denoised[frames_b] = sd.scheduler.step(eps, t, x[frames_b], steps)  # J_{t−1} = DDIM step (DDIM Eq. 12)
         x = denoised
         del cache  # keyframe features live for one step only
         if progress:

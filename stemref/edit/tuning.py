@@ -11,11 +11,20 @@ The two methods differ in the model only:
                  temporal module before the cross-attention: STAM (Instance Centering, spectrally
                  normalised value and output maps, zero output bias)
 
-Both tune the same tensors (`TUNED`): the self- and cross-attention query maps and all of the temporal
-attention; everything else is frozen, holds no gradient and no optimiser state. The training loop is Tune-A-Video's
-code (the EI² paper gives only AdamW, lr 3e-5, 500 steps): a fresh posterior sample of the clip's latents
-every step, one timestep per video shared by its frames, i.i.d. noise per frame, ε-prediction MSE in fp32,
-AdamW (β 0.9/0.999, weight decay 1e-2, eps 1e-8) at a constant learning rate, gradients clipped to norm 1.
+EI²'s options (METHODS) turn its model into the variants of the paper's ablations, one choice each:
+temporal_norm and spectral_norm (Figure 4: LayerNorm with or without affine, none, InstanceNorm, Instance
+Centering; with or without spectral normalisation), frame_attention (Figure 5: FFAM or sparse-causal, with
+STAM), stam_position (Figure 6: FFAM → STAM → CA, FFAM → CA → STAM, or Tune-A-Video's slot after the
+feed-forward), stam_heads, resnet_norm (ResNet GroupNorms pooled over frames or per frame). With
+temporal_norm="layernorm", spectral_norm="off", frame_attention="sparse-causal" and stam_position="after-ff"
+the initial model is Tune-A-Video's with a zero temporal bias.
+
+Both tune the self- and cross-attention query maps and all of the temporal attention (`TUNED`); EI² also
+tunes the temporal norm's affine when it has one. Everything else is frozen, holds no gradient and no
+optimiser state. The training loop is Tune-A-Video's code (the EI² paper gives only AdamW, lr 3e-5, 500
+steps): a fresh posterior sample of the clip's latents every step, one timestep per video shared by its
+frames, i.i.d. noise per frame, ε-prediction MSE in fp32, AdamW (β 0.9/0.999, weight decay 1e-2, eps 1e-8)
+at a constant learning rate, gradients clipped to norm 1.
 
 The result, `Tuned`, holds only the tuned tensors plus what they depend on (method, options, the base
 weights' identity, the training settings); `Tuned.unet(sd)` rebuilds the tuned model from the base bit for bit.
@@ -33,23 +42,33 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import Processor, RunInfo
-from ..context import FineCoarse, SparseCausal
+from ..context import DOWNSAMPLE, FineCoarse, SparseCausal
 from ..files import read_stemref_file, save_stemref_file
 from ..pipeline import StableDiffusion, check_encodable
-from ..temporal import SpectralLinear, VideoConfig, init_temporal_
+from ..temporal import (CENTRING, HEADS, NORMS, OUT_BIAS, POSITIONS, RESNET_NORMS, SPECTRAL_NORM, SpectralLinear,
+                        VideoConfig, init_temporal_)
 from ..unet import BasicTransformerBlock, UNet2DConditionModel
 from .cache import weights_fingerprint
 
 FORMAT = "stemref.tuned/1"
-# The tensors tuning changes, by UNet checkpoint key: W_Q of self- and cross-attention, all of attn_temp
-# (its parameters, and STAM's power-iteration vectors when spectral_norm="power").
-TUNED = re.compile(r"(attn1\.to_q\.weight|attn2\.to_q\.weight|attn_temp\..+)$")
-# Each method's options and their defaults (`python -m stemref.edit` exposes them as flags and TOML keys).
+# The tensors tuning changes, by UNet checkpoint key: W_Q of self- and cross-attention and all of attn_temp (its
+# parameters, and STAM's power-iteration vectors when spectral_norm="power"). EI² tunes "all parameters of
+# STAMs" (Sec. 5), so also the temporal norm's scale and shift when it has them (temporal_norm="layernorm");
+# Tune-A-Video's code leaves its LayerNorm at its initial identity affine.
+TUNED = {"tune-a-video": re.compile(r"(attn1\.to_q\.weight|attn2\.to_q\.weight|attn_temp\..+)$"),
+         "ei2": re.compile(r"(attn1\.to_q\.weight|attn2\.to_q\.weight|(attn|norm)_temp\..+)$")}
+# Each method's options and their defaults (`python -m stemref.edit` exposes them as flags and TOML keys). EI²'s
+# defaults are the paper's method; the other values are its ablations (Figures 4–6) and open choices.
 METHODS = {
     "tune-a-video": {"temporal_bias": "random"},
-    "ei2": {"stam_position": "before_cross", "stam_centring": "frames", "spectral_norm": "power",
-            "ffam_r": 2, "ffam_downsample": "avg"},
+    "ei2": {"temporal_norm": "centering", "stam_centring": "frames", "spectral_norm": "power", "stam_heads": "multi",
+            "stam_position": "before-cross", "frame_attention": "ffam", "ffam_r": 2, "ffam_downsample": "avg",
+            "resnet_norm": "video"},
 }
+# The values of the options that take a name
+CHOICES = {"temporal_bias": OUT_BIAS, "temporal_norm": NORMS, "stam_centring": CENTRING,
+           "spectral_norm": SPECTRAL_NORM, "stam_heads": HEADS, "stam_position": POSITIONS,
+           "frame_attention": ("ffam", "sparse-causal"), "ffam_downsample": DOWNSAMPLE, "resnet_norm": RESNET_NORMS}
 TuneProgress = Callable[[int, int, float], None]  # (steps done, steps in all, this step's loss)
 
 
@@ -68,28 +87,35 @@ class TuneSettings:
 
 
 def method_options(method: str, options: dict) -> dict:
-    """The method's options with defaults filled in; unknown methods and options are refused."""
+    """The method's options with defaults filled in; unknown methods, options and values are refused."""
     if method not in METHODS:
         raise ValueError(f"unknown tuning method {method!r}; choose one of {', '.join(METHODS)}")
     unknown = sorted(set(options) - set(METHODS[method]))
     if unknown:
         raise ValueError(f"method {method!r} takes the options {', '.join(METHODS[method])}; got {', '.join(unknown)}")
-    return {**METHODS[method], **options}
+    o = {**METHODS[method], **options}
+    for name, value in o.items():
+        if name in CHOICES and value not in CHOICES[name]:
+            raise ValueError(f"{name} must be one of {', '.join(CHOICES[name])}; got {value!r}")
+    video_config(method, o)  # refuses combinations that make no model
+    return o
 
 
 def video_config(method: str, options: dict) -> VideoConfig:
-    """The inflation (temporal modules, their slot and options) a method's model has."""
-    o = method_options(method, options)
+    """The inflation (temporal modules, their slot and options, the ResNets' norms) a method's model has."""
+    o = {**METHODS[method], **options}
     if method == "tune-a-video":
-        return VideoConfig(temporal="attention", position="after_ff", out_bias=o["temporal_bias"])
-    return VideoConfig(temporal="stam", position=o["stam_position"], centring=o["stam_centring"],
-                       spectral_norm=o["spectral_norm"])
+        return VideoConfig(out_bias=o["temporal_bias"])
+    return VideoConfig(norm=o["temporal_norm"], spectral_norm=o["spectral_norm"], position=o["stam_position"],
+                       centring=o["stam_centring"], heads=o["stam_heads"], resnet_norm=o["resnet_norm"],
+                       out_bias="zero")
 
 
 def self_attention(method: str, options: dict) -> Processor:
-    """The method's self-attention processor: sparse-causal (Tune-A-Video) or FFAM (EI²)."""
+    """The method's self-attention processor: sparse-causal (Tune-A-Video) or FFAM (EI², unless its
+    frame_attention option asks for sparse-causal: Figure 5's SCA + STAM)."""
     o = method_options(method, options)
-    if method == "tune-a-video":
+    if method == "tune-a-video" or o["frame_attention"] == "sparse-causal":
         return SparseCausal()
     return FineCoarse(o["ffam_r"], o["ffam_downsample"])
 
@@ -104,7 +130,7 @@ def inflate(unet: UNet2DConditionModel, method: str, options: dict | None = None
     """
     if unet.video is not None:
         raise ValueError("inflate takes a 2-D UNet; this one is already a video UNet")
-    options = options or {}
+    options = method_options(method, options or {})
     video = video_config(method, options)
     with torch.device("meta"):
         model = UNet2DConditionModel(unet.config, video)
@@ -200,10 +226,14 @@ class Tuned:
                         TuneSettings(**meta["settings"]), list(meta["losses"]), str(path))
         except (KeyError, TypeError, ValueError) as e:
             raise bad(repr(e)) from e
+        missing = sorted(set(METHODS[tuned.method]) - set(meta["options"]))
+        if missing:  # today's defaults could build another architecture than the one these tensors were tuned in
+            raise ValueError(f"{path}: this tuned-weights file does not record the {tuned.method} option(s) "
+                             f"{', '.join(missing)} (an earlier stemref wrote it); tune again")
         problem = _metadata_problem(tuned)
         if problem:
             raise bad(problem)
-        if not tensors or not all(TUNED.search(k) for k in tensors):
+        if not tensors or not all(TUNED[tuned.method].search(k) for k in tensors):
             raise bad("unexpected tensors")
         for name, x in tensors.items():
             if not x.is_floating_point():
@@ -235,7 +265,7 @@ def tuned_shapes(unet: UNet2DConditionModel, method: str, options: dict) -> dict
     """The tensors tuning changes in `method`'s video UNet on `unet`, by checkpoint key, with their shapes."""
     with torch.device("meta"):
         model = UNet2DConditionModel(unet.config, video_config(method, options))
-    return {k: v.shape for k, v in model.state_dict().items() if TUNED.search(k)}
+    return {k: v.shape for k, v in model.state_dict().items() if TUNED[method].search(k)}
 
 
 def diffusion_loss(unet: UNet2DConditionModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
@@ -256,9 +286,10 @@ class Trainer:
     def __init__(self, sd: StableDiffusion, method: str, options: dict, settings: TuneSettings, frames: int):
         _check_settings(sd, settings)
         self.sd, self.settings = sd, settings
-        masters = {k: v.detach().clone() for k, v in sd.unet.state_dict().items() if TUNED.search(k)}  # base untouched
-        self.unet = inflate(sd.unet, method, options, settings.seed, masters)
-        self.tuned = [p for name, p in self.unet.named_parameters() if TUNED.search(name)]
+        self.pattern = TUNED[method]
+        masters = {k: v.detach().clone() for k, v in sd.unet.state_dict().items() if self.pattern.search(k)}
+        self.unet = inflate(sd.unet, method, options, settings.seed, masters)  # masters: the base stays untouched
+        self.tuned = [p for name, p in self.unet.named_parameters() if self.pattern.search(name)]
         for p in self.tuned:
             p.requires_grad_(True)
         self.optimiser = torch.optim.AdamW(self.tuned, lr=settings.lr, betas=(0.9, 0.999),
@@ -285,7 +316,7 @@ class Trainer:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Copies of the tuned tensors, by UNet key."""
-        return {k: v.detach().clone() for k, v in self.unet.state_dict().items() if TUNED.search(k)}
+        return {k: v.detach().clone() for k, v in self.unet.state_dict().items() if self.pattern.search(k)}
 
 
 def tune(sd: StableDiffusion, frames: torch.Tensor, prompt: str, method: str = "tune-a-video", *, steps: int = 500,
