@@ -97,10 +97,10 @@ def em_bases(keys: torch.Tensor, values: torch.Tensor, num_bases: int = 256, ite
 
 
 def em_iteration(keys: torch.Tensor, bases: torch.Tensor, tau: float, values: torch.Tensor | None = None, *,
-           chunk: int | None = None, low_precision_products: bool = False,
-           shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One EM iteration (ST-E step, then ST-M step): the new key bases μ = z̄ᵀk (..., K, d) from keys (..., T, d) and
-    bases (..., K, d), and with `values` (..., T, dv) the value bases ν = z̄ᵀv (..., K, dv); else ν is None.
+                 chunk: int | None = None, low_precision_products: bool = False,
+                 shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One EM iteration (ST-E step, then ST-M step): the new key bases μ = z̄ᵀk (..., K, d) from keys (..., T, d)
+    and bases (..., K, d), and with `values` (..., T, dv) the value bases ν = z̄ᵀv (..., K, dv); else ν is None.
 
     Float32 results (float64 for float64 keys). Options as in em_bases.
     """
