@@ -2,7 +2,7 @@
 results, frame for frame, in float64.
 
 For N = 2 and 3, one module fixture starts N processes with torch.multiprocessing (a gloo group through a file);
-each loads the tiny checkpoint, runs every case below (collectives, inversions, TokenFlow, FateZero) and saves its
+each builds the tiny model (tiny_sd's `stemref.tiny_model(0)`), runs every case below (collectives, inversions, TokenFlow, FateZero) and saves its
 shard's results; the tests compare every rank's shard with the same frames of a single-process run in this
 process. 7 frames on 2 and 3 processes give uneven shards (4 + 3, 3 + 2 + 2). One start per N: starting
 processes is the expensive part.
@@ -65,11 +65,11 @@ def assert_same(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     assert error <= 1e-10 * scale, f"{what}: max error {error:.3g} at scale {scale:.3g}"
 
 
-def _all_cases(group, root, inversion_file):
+def _all_cases(group, inversion_file):
     out = {}
     for prefix, job in (("collectives", _collectives), ("invert", _inversions), ("tokenflow", _tokenflows),
                         ("fatezero", _fatezeros)):
-        out.update({f"{prefix}/{name}": value for name, value in job(group, root, inversion_file).items()})
+        out.update({f"{prefix}/{name}": value for name, value in job(group, inversion_file).items()})
     return out
 
 
@@ -80,11 +80,11 @@ def whole_inversion(tiny_sd):
 
 
 @pytest.fixture(scope="module", params=[2, 3])
-def ranks(request, tiny_root, whole_inversion, tmp_path_factory):
+def ranks(request, whole_inversion, tmp_path_factory):
     """(N, every rank's results of every case), from one start of N processes."""
     size, folder = request.param, tmp_path_factory.mktemp(f"ranks{request.param}")
     whole_inversion.save(folder / "inversion.safetensors")
-    return size, run_ranks(size, _all_cases, folder, tiny_root, folder / "inversion.safetensors")
+    return size, run_ranks(size, _all_cases, folder, folder / "inversion.safetensors")
 
 
 def of(ranks: list[dict[str, torch.Tensor]], prefix: str) -> list[dict[str, torch.Tensor]]:
@@ -103,7 +103,7 @@ def test_even_starts_are_contiguous_and_as_even_as_possible():
 WANTS = [range(2, 6), range(0), range(6, 7)]  # what each rank fetches: across shards, nothing, the last frame
 
 
-def _collectives(group, root, inversion_file):
+def _collectives(group, inversion_file):
     shard = shard_frames(FRAMES, group)
     items = torch.arange(FRAMES, dtype=torch.float64).view(FRAMES, 1)[shard.start:shard.stop] * torch.ones(1, 2)
     keys, values = em_tokens()
@@ -146,8 +146,8 @@ def test_sharded_em_is_the_plain_em_of_the_whole_video(ranks):
 
 
 # ---- inversion and reconstruction ---------------------------------------------------------------------------
-def _inversions(group, root, inversion_file):
-    sd = stemref.load(root, dtype=torch.float64)
+def _inversions(group, inversion_file):
+    sd = stemref.tiny_model(0, dtype=torch.float64)  # tiny_sd, built again in this process
     frames, out = video(), {}
     for name, options in INVERSIONS.items():
         inv = stemref.invert(sd, frames, SOURCE, steps=STEPS, group=group, **options)
@@ -179,10 +179,10 @@ TOKENFLOWS = {  # name -> edit_latents keyword arguments; 7 frames
 }
 
 
-def _tokenflows(group, root, inversion_file):
+def _tokenflows(group, inversion_file):
     from stemref.edit import tokenflow
 
-    sd = stemref.load(root, dtype=torch.float64)
+    sd = stemref.tiny_model(0, dtype=torch.float64)  # tiny_sd, built again in this process
     inv = stemref.Inversion.load(inversion_file)
     return {name: tokenflow.edit_latents(sd, inv, TARGET, group=group, **options)
             for name, options in TOKENFLOWS.items()}
@@ -209,10 +209,10 @@ FATEZEROS = {  # name -> edit_latents keyword arguments (the inversion runs insi
 }
 
 
-def _fatezeros(group, root, inversion_file):
+def _fatezeros(group, inversion_file):
     from stemref.edit import fatezero
 
-    sd = stemref.load(root, dtype=torch.float64)
+    sd = stemref.tiny_model(0, dtype=torch.float64)  # tiny_sd, built again in this process
     return {name: fatezero.edit_latents(sd, stemref.Inversion.load(inversion_file) if name.endswith("replay")
                                         else video(), SOURCE, TARGET, steps=STEPS, max_tokens=16, group=group,
                                         **options)
