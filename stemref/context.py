@@ -216,6 +216,10 @@ class EMAttention:
             k_all, v_all = _all_tokens(k, v, shard)  # (B, h, n·N, ·) of every rank's frames
             return _unmerge(F.scaled_dot_product_attention(q_video, k_all, v_all), q.shape[1]), None
         mu, nu = self.bases(k_video, v_video, call, group)  # (B, h, K, d), (B, h, K, dv)
+        recorder = call.info.recorder
+        if recorder is not None and recorder.wants("bases", call.name, call.info.step):
+            recorder.add("bases", call.name, call.info.step, call=call, group=group, keys=k_video, bases=mu,
+                         tau=self.tau, chunk=self.chunk)
         return _unmerge(self.attend_to_bases(q_video, mu, nu), q.shape[1]), mu  # (B, n, h, N, dv)
 
     def bases(self, k: torch.Tensor, v: torch.Tensor, call: AttnCall,

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import distributed
-from .attention import RunInfo
+from .attention import Recorder, RunInfo
 from .context import CONTEXTS, context_processor
 from .distributed import Shard, shard_frames
 from .files import read_stemref_file, save_stemref_file
@@ -162,7 +162,7 @@ def check_inversion(inversion: object) -> Inversion:
 
 def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 50, context: str | None = "stem",
            guidance: float = 1.0, layers: str = SELF_ATTENTION, seed: int = 0, batch: int | None = None,
-           progress: Progress | None = None, vae_progress: Progress | None = None,
+           progress: Progress | None = None, vae_progress: Progress | None = None, recorder: Recorder | None = None,
            group: dist.ProcessGroup | None = None, **options) -> Inversion:
     """DDIM-invert `frames` (F, 3, H, W) in [0, 1] under `context` in the layers matching `layers`.
 
@@ -172,6 +172,7 @@ def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 
     off-by-default warm_start_iters, all_frame_if_few_tokens, low_precision_products; see context.EMAttention).
     context=None keeps the processors installed in the UNet (a tuned video UNet's own self-attention,
     edit/tuning.py). `progress` follows the DDIM steps, `vae_progress` the frames through the VAE encoder.
+    `recorder` (stemref.explain) is offered what every UNet call computes; it changes nothing in the result.
     `group`: share the work among the processes of a torch.distributed group (module docstring); every
     process passes all frames and gets back the Inversion of its shard.
     """
@@ -182,7 +183,7 @@ def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 
     _check_shardable(settings, shard)
     # everything that can refuse the settings runs before the (slow) VAE encode
     timesteps = sd.scheduler.timesteps(steps).flip(0).tolist()  # ascending
-    eps_fn, chooser = _noise_fn(sd, settings, batch, shard), _chooser(sd, settings, frames)
+    eps_fn, chooser = _noise_fn(sd, settings, batch, recorder, shard), _chooser(sd, settings, frames)
     x = sd.encode_frames(frames if shard is None else frames[shard.start:shard.stop], progress=vae_progress)
     with sd.unet.attention(chooser):
         path = ddim_inversion_loop(sd.scheduler, x, eps_fn, steps, progress)
@@ -212,9 +213,27 @@ def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = N
                          f"{steps}-step DDIM path; reconstruct with the scheduler (weights) it was inverted with")
     with sd.unet.attention(_chooser(sd, s)):
         x = ddim_sample_loop(sd.scheduler, inversion.x_T.to(sd.device, sd.dtype),
-                             _noise_fn(sd, s, batch, inversion.shard), steps, progress=progress)
+                             _noise_fn(sd, s, batch, shard=inversion.shard), steps, progress=progress)
     check_finite(x, "the reconstructed latents", NON_FINITE_HINT)
     return sd.decode_latents(x, progress=vae_progress)
+
+
+@torch.no_grad()
+def replay(sd: StableDiffusion, inversion: Inversion, steps: list[int], recorder: Recorder | None,
+           batch: int | None = None) -> None:
+    """Run the inversion's UNet calls of the given steps again, on its latents, offering them to `recorder`
+    (None: plain calls, e.g. to time them).
+
+    Call j saw latents[j] at timesteps[j]: the same inputs, so the same features; STEM draws its initial
+    bases afresh, so its bases are an equally good draw, not the original one. For a reused (cached)
+    inversion, whose run recorded nothing.
+    """
+    s = inversion.settings
+    _check_settings(s, batch)
+    eps_fn = _noise_fn(sd, s, batch, recorder, inversion.shard)
+    with sd.unet.attention(_chooser(sd, s)):
+        for j in steps:
+            eps_fn(inversion.latents[j].to(sd.device, sd.dtype), inversion.timesteps[j], j)
 
 
 def _check_settings(s: InversionSettings, batch: int | None) -> None:
@@ -277,13 +296,15 @@ def _check_stem_tokens(sd: StableDiffusion, frames: torch.Tensor, layers: list[s
                          f"frames (at least {16 * 2 ** halvings} px on a side) or more frames")
 
 
-def _noise_fn(sd: StableDiffusion, s: InversionSettings, batch: int | None, shard: Shard | None = None) -> NoiseFn:
+def _noise_fn(sd: StableDiffusion, s: InversionSettings, batch: int | None, recorder: Recorder | None = None,
+              shard: Shard | None = None) -> NoiseFn:
     """ε of the whole video (this rank's shard of it) per call, or of `batch` frames at a time (1-frame only)."""
     cond = sd.encode_prompt(s.prompt)
     uncond = sd.encode_prompt("") if s.guidance != 1.0 else None
 
     def eps_fn(x: torch.Tensor, t: int, step: int) -> torch.Tensor:
         chunks = x.split(batch) if batch else [x]
-        return torch.cat([predict_noise(sd, c, t, cond, uncond, s.guidance, RunInfo(frames=c.shape[0], step=step, shard=shard))
+        return torch.cat([predict_noise(sd, c, t, cond, uncond, s.guidance,
+                                        RunInfo(frames=c.shape[0], step=step, recorder=recorder, shard=shard))
                           for c in chunks])
     return eps_fn
