@@ -27,6 +27,10 @@ How each method plugs in (all through `UNet2DConditionModel.set_attention`):
   tokens plus the other frames' tokens pooled r×r.
 - Several processes (distributed.py): each holds a contiguous shard of the frames; `RunInfo.shard` says which,
   and the frame-context processors fetch the few other frames' tokens (or reduce the EM's sums) through it.
+- Explanations (stemref/explain/): an optional `Recorder` in `RunInfo.recorder`. When it is there, the
+  attention layer offers it q, k and the output of every call, and processors offer what only they
+  compute (STEM's bases, TokenFlow's matches); the recorder keeps what it wants. With no recorder (the
+  default) nothing is offered and nothing is computed.
 - Trainable temporal modules (EI²'s STAM, Tune-A-Video's temporal attention) are not processors but
   real submodules with their own checkpoint keys, inserted into `BasicTransformerBlock`; their inner
   attention is again an `Attention`, so processors can reach them by name.
@@ -40,13 +44,22 @@ Dimension legend:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .distributed import Shard
+
+
+class Recorder(Protocol):
+    """Collects what a run computes, for pictures (stemref.explain.Recorder). Callers ask `wants` first and only
+    then compute and `add` what is offered, so a recorder that wants nothing costs a method call."""
+
+    def wants(self, what: str, name: str, step: int | None) -> bool: ...
+
+    def add(self, what: str, name: str, step: int | None, **values: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,8 @@ class RunInfo:
     # video's shard.total; processors whose frames see other frames fetch those through the shard's group.
     # None: the call holds the whole video.
     shard: Shard | None = None
+    # Explanations: what the run hands out for pictures (see Recorder); None records nothing.
+    recorder: Recorder | None = None
 
 
 @dataclass(frozen=True)
@@ -133,8 +148,11 @@ class Attention(nn.Module):
         q = split_heads(self.to_q(x), self.heads)  # (B, h, N, d)
         k = split_heads(self.to_k(source), self.heads)  # (B, h, M, d)
         v = split_heads(self.to_v(source), self.heads)  # (B, h, M, d)
-        out = self.processor(q, k, v, AttnCall(self.name, context is not None, info, x))
-        return self.to_out[0](merge_heads(out))  # (B, N, C)
+        call = AttnCall(self.name, context is not None, info, x)
+        out = self.to_out[0](merge_heads(self.processor(q, k, v, call)))  # (B, N, C)
+        if info.recorder is not None and info.recorder.wants("attention", self.name, info.step):
+            info.recorder.add("attention", self.name, info.step, call=call, q=q, k=k, out=out)
+        return out
 
 
 def name_attention_layers(model: nn.Module) -> dict[str, Attention]:

@@ -228,7 +228,7 @@ class EMAttention:
     def bases(self, k: torch.Tensor, v: torch.Tensor, call: AttnCall,
               group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value bases (B, h, K, d), (B, h, K, dv) of scope `group`'s tokens k (B, h, T, d), v (B, h, T, dv):
-        em_bases, started from the previous step's bases with warm_start_iters."""
+        em_bases, started from the previous step's bases with warm_start_iters, offered to RunInfo.recorder."""
         iters, init = self.iters, None
         if self.warm_start_iters is not None:
             if call.info.step is None:
@@ -240,6 +240,10 @@ class EMAttention:
                           chunk=self.chunk, low_precision_products=self.low_precision_products, shard=call.info.shard)
         if self.warm_start_iters is not None:
             self.previous[(call.name, group)] = (call.info.step, mu)
+        recorder = call.info.recorder  # --explain's pictures: each token's basis
+        if recorder is not None and recorder.wants("bases", call.name, call.info.step):
+            recorder.add("bases", call.name, call.info.step, call=call, group=group, keys=k, bases=mu,
+                         tau=self.tau, chunk=self.chunk)
         return mu, nu
 
     def attend_to_bases(self, q: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:

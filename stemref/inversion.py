@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from . import distributed
-from .attention import Processor, RunInfo
+from .attention import Processor, Recorder, RunInfo
 from .context import CONTEXTS, context_processor
 from .distributed import Shard, shard_frames
 from .files import read_stemref_file, save_stemref_file
@@ -177,7 +177,7 @@ def check_inversion(inversion: object) -> Inversion:
 
 def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 50, context: str | None = "stem",
            guidance: float = 1.0, layers: str = SELF_ATTENTION, seed: int = 0, batch: int | None = None,
-           progress: Progress | None = None, vae_progress: Progress | None = None,
+           progress: Progress | None = None, vae_progress: Progress | None = None, recorder: Recorder | None = None,
            group: dist.ProcessGroup | None = None, **options) -> Inversion:
     """DDIM-invert `frames` (F, 3, H, W) in [0, 1] under `context` in the layers matching `layers`.
 
@@ -187,11 +187,12 @@ def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 
     off-by-default warm_start_iters, all_frame_if_few_tokens, low_precision_products; see context.EMAttention).
     context=None keeps the processors installed in the UNet (a tuned video UNet's own self-attention,
     edit/tuning.py). `progress` follows the DDIM steps, `vae_progress` the frames through the VAE encoder.
+    `recorder` (stemref.explain) is offered what every UNet call computes; it changes nothing in the result.
     `group`: share the work among the processes of a torch.distributed group (module docstring); every
     process passes all frames and gets back the Inversion of its shard.
     """
     settings = InversionSettings(prompt, steps, context, guidance, layers, seed, options)
-    shard, timesteps, chooser, eps_fn = _prepare(sd, frames, settings, batch, group)  # refusals before any work
+    shard, timesteps, chooser, eps_fn = _prepare(sd, frames, settings, batch, group, recorder)  # refuse before work
     x = sd.encode_frames(frames if shard is None else frames[shard.start:shard.stop], progress=vae_progress)  # x_0
     with sd.unet.attention(chooser):  # the context's processor in the chosen self-attention layers
         path = ddim_inversion_loop(sd.scheduler, x, eps_fn, steps, progress)  # x_0, x_1, …, x_T
@@ -201,7 +202,8 @@ def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 
 
 
 def _prepare(sd: StableDiffusion, frames: torch.Tensor, s: InversionSettings, batch: int | None,
-             group: dist.ProcessGroup | None) -> tuple[Shard | None, list[int], Chooser, NoiseFn]:
+             group: dist.ProcessGroup | None,
+             recorder: Recorder | None) -> tuple[Shard | None, list[int], Chooser, NoiseFn]:
     """Check everything `invert` is given, before the (slow) VAE encode, and return what it runs with: this
     process's shard, the ascending timesteps, the layer-to-processor chooser and the noise predictor."""
     check_encodable(frames)
@@ -209,7 +211,7 @@ def _prepare(sd: StableDiffusion, frames: torch.Tensor, s: InversionSettings, ba
     shard = shard_frames(frames.shape[0], group)
     _check_shardable(s, shard)
     timesteps = sd.scheduler.timesteps(s.steps).flip(0).tolist()  # ascending
-    eps_fn, chooser = _noise_fn(sd, s, batch, shard), _chooser(sd, s, frames)
+    eps_fn, chooser = _noise_fn(sd, s, batch, recorder, shard), _chooser(sd, s, frames)
     return shard, timesteps, chooser, eps_fn
 
 
@@ -234,9 +236,27 @@ def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = N
                          f"{steps}-step DDIM path; reconstruct with the scheduler (weights) it was inverted with")
     with sd.unet.attention(_chooser(sd, s)):
         x = ddim_sample_loop(sd.scheduler, inversion.x_T.to(sd.device, sd.dtype),
-                             _noise_fn(sd, s, batch, inversion.shard), steps, progress=progress)
+                             _noise_fn(sd, s, batch, shard=inversion.shard), steps, progress=progress)
     check_finite(x, "the reconstructed latents", NON_FINITE_HINT)
     return sd.decode_latents(x, progress=vae_progress)
+
+
+@torch.no_grad()
+def replay(sd: StableDiffusion, inversion: Inversion, steps: list[int], recorder: Recorder | None,
+           batch: int | None = None) -> None:
+    """Run the inversion's UNet calls of the given steps again, on its latents, offering them to `recorder`
+    (None: plain calls, e.g. to time them).
+
+    Call j saw latents[j] at timesteps[j]: the same inputs, so the same features; STEM draws its initial
+    bases afresh, so its bases are an equally good draw, not the original one. For a reused (cached)
+    inversion, whose run recorded nothing.
+    """
+    s = inversion.settings
+    _check_settings(s, batch)
+    eps_fn = _noise_fn(sd, s, batch, recorder, inversion.shard)
+    with sd.unet.attention(_chooser(sd, s)):
+        for j in steps:
+            eps_fn(inversion.latents[j].to(sd.device, sd.dtype), inversion.timesteps[j], j)
 
 
 def _check_settings(s: InversionSettings, batch: int | None) -> None:
@@ -281,7 +301,8 @@ def _chooser(sd: StableDiffusion, s: InversionSettings, frames: torch.Tensor | N
                          "'up_blocks.1.attentions.0.transformer_blocks.0.attn1')")
     if s.context == "stem" and frames is not None:
         _check_stem_tokens(sd, frames, chosen)
-    generator = torch.Generator(sd.device).manual_seed(s.seed)
+    # a CPU generator, as txt2img, TokenFlow and tuning draw: the same seed gives the same bases on every device
+    generator = torch.Generator().manual_seed(s.seed)
     processor = context_processor(s.context, generator=generator, **s.options)
     return lambda name: processor if name in chosen else None
 
@@ -299,13 +320,15 @@ def _check_stem_tokens(sd: StableDiffusion, frames: torch.Tensor, layers: list[s
                          f"frames (at least {16 * 2 ** halvings} px on a side) or more frames")
 
 
-def _noise_fn(sd: StableDiffusion, s: InversionSettings, batch: int | None, shard: Shard | None = None) -> NoiseFn:
+def _noise_fn(sd: StableDiffusion, s: InversionSettings, batch: int | None, recorder: Recorder | None = None,
+              shard: Shard | None = None) -> NoiseFn:
     """ε of the whole video (this rank's shard of it) per call, or of `batch` frames at a time (1-frame only)."""
     cond = sd.encode_prompt(s.prompt)
     uncond = sd.encode_prompt("") if s.guidance != 1.0 else None
 
     def eps_fn(x: torch.Tensor, t: int, step: int) -> torch.Tensor:
         chunks = x.split(batch) if batch else [x]
-        return torch.cat([predict_noise(sd, c, t, cond, uncond, s.guidance, RunInfo(frames=c.shape[0], step=step, shard=shard))
+        return torch.cat([predict_noise(sd, c, t, cond, uncond, s.guidance,
+                                        RunInfo(frames=c.shape[0], step=step, recorder=recorder, shard=shard))
                           for c in chunks])
     return eps_fn

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a mallard swimming in a pond"
 FAST = ["--steps", "2", "--frames", "3", "--size", "64", "--device", "cpu", "--dtype", "fp32"]
 METRIC_KEYS = {"context", "psnr", "ssim", "consistency", "seconds", "peak_memory_bytes", "peak_memory_measure",
-               "frames", "processes", "width", "height", "scored", "steps", "settings"}
+               "frames", "processes", "width", "height", "scored", "steps", "settings", "feature_similarity"}
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,8 @@ def stem_run(tiny_root, clip, tmp_path_factory) -> Path:
 
 def test_invert_writes_all_files(stem_run):
     assert sorted(p.name for p in stem_run.iterdir()) == [
-        MARKER, "inversion.safetensors", "metrics.json", "reconstruction.mp4", "side_by_side.mp4"]
+        MARKER, "explain", "index.html", "inversion.safetensors", "metrics.json", "reconstruction.mp4",
+        "side_by_side.mp4"]
     assert [p.name for p in stem_run.parent.iterdir()] == ["mallard"]  # no hidden partial folder left
     for name, width in (("reconstruction.mp4", 64), ("side_by_side.mp4", 136)):  # 80×64 read as 64×48; 8 px gap
         with av.open(str(stem_run / name)) as container:
@@ -180,7 +181,8 @@ def test_invert_refuses_non_empty_out_unless_overwrite(tiny_root, clip, tmp_path
     (out / "notes.txt").unlink()
     assert invert_cli.main([*args, "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [  # replaced whole
-        MARKER, "inversion.safetensors", "metrics.json", "reconstruction.mp4", "side_by_side.mp4"]
+        MARKER, "explain", "index.html", "inversion.safetensors", "metrics.json", "reconstruction.mp4",
+        "side_by_side.mp4"]
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # neither the partial nor the old folder is left
 
 
@@ -195,7 +197,10 @@ def test_compare_writes_four_contexts_and_table(tiny_root, clip, tmp_path):
                             "--weights", str(tiny_root), "--out", str(out), *FAST, "--steps", "1", "--frames", "2"])
     assert code == 0
     contexts = ["1-frame", "2-frame", "all-frame", "stem"]
-    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, *contexts, "compare.json", "compare.md"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, *contexts, "compare.json", "compare.md",
+                                                            "index.html"])
+    page = (out / "index.html").read_text()
+    assert all(f"href='{c}/index.html'" in page and (out / c / "index.html").is_file() for c in contexts)
     rows = json.loads((out / "compare.json").read_text())
     assert [row["context"] for row in rows] == contexts
     for row in rows:
@@ -545,7 +550,7 @@ def test_a_config_with_wrong_types_is_one_line(tiny_root, clip, tmp_path, capsys
 
 
 def test_output_files_all_get_the_same_permissions(stem_run):
-    modes = {p.name: p.stat().st_mode & 0o777 for p in stem_run.iterdir()}
+    modes = {str(p.relative_to(stem_run)): p.stat().st_mode & 0o777 for p in stem_run.rglob("*") if p.is_file()}
     assert len(set(modes.values())) == 1, modes
 
 

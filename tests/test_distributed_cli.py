@@ -49,7 +49,9 @@ def test_two_processes_write_the_files_of_one(tiny_root, tmp_path):
     result = torchrun(2, "plain", *common, "--out", str(tmp_path / "two"))
     assert result.returncode == 0 and "inversion: reusing" in result.stderr, result.stderr[-3000:]
     one, two = tmp_path / "one", tmp_path / "two"
-    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    # every file but the pictures of what the method computed (index.html's explain/), which need every frame's
+    # features in one process and are not drawn in a sharded run
+    assert sorted(p.name for p in one.iterdir() if p.name != "explain") == sorted(p.name for p in two.iterdir())
     for video in one.glob("*.mkv"):  # lossless: the decoded frames, not the container bytes (it holds a UID)
         assert torch.equal(read_video(video), read_video(two / video.name)), video.name
     config_one, config_two = (tomllib.loads((f / "config.toml").read_text()) for f in (one, two))
@@ -102,7 +104,7 @@ def test_torchrun_invert_writes_the_inversion_of_one_process(tiny_root, tmp_path
     metrics_one, metrics_two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
     assert (metrics_one.pop("processes"), metrics_two.pop("processes")) == (1, 2)
     assert metrics_one["psnr"] == pytest.approx(metrics_two["psnr"], rel=1e-9)
-    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert {p.name for p in (tmp_path / "one").iterdir()} - {"explain"} == {p.name for p in (tmp_path / "two").iterdir()}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

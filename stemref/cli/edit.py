@@ -6,6 +6,7 @@
         OUT/side_by_side.mp4       source | edit 1 | edit 2 …, each panel labelled
         OUT/config.toml            the resolved settings (common and the method's); `--config` repeats the run exactly
         OUT/metrics.json           frames, width, height, temporal consistency of the source and each edit, timings
+        OUT/index.html             open in a browser: the videos, pictures of what the method did, metrics, settings
 
 Settings come from, in rising priority: the defaults, `--config FILE.toml` (each option under its long name
 with underscores, e.g. `pnp_attn = 0.5`; `target` is a list; relative paths are relative to the file) and
@@ -56,6 +57,7 @@ from ..download import DEFAULT_BASE_URL, DownloadError, download, unfinished
 from ..edit.cache import default_root
 from ..clip_metrics import clip_metrics
 from ..loading import DEFAULT_CLIP, WeightsError, load_clip
+from ..report import Video, write_report
 from ..video import read_video, side_by_side, write_video
 
 DEFAULT_WEIGHTS = Path("weights/sd15")
@@ -103,6 +105,8 @@ COMMON = (
     Option("overwrite", bool, False, "replace --out if an earlier stemref run wrote it"),
     Option("timeout", float, DEFAULT_TIMEOUT, "under torchrun: seconds a process waits for the others before the "
            "run stops with an error"),
+    Option("explain", bool, False, "index.html: also the pictures that cost extra work (today: replay one inversion "
+           "step when the inversion came from the cache)"),
 )
 RECORDED = ("processes",)  # written into config.toml as facts of the run, ignored when read back
 SINGLE_PROCESS_METHODS = ("tune-a-video", "ei2")  # one-shot tuning runs on one device (clips of ≤ 24 frames)
@@ -423,7 +427,8 @@ def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: fl
             write_video(folder / name, edited, fps)
             report(i + 1, len(edits) + 1)
         labels = ["source", *(f"edit {i + 1}: {target}" for i, target in enumerate(s["target"]))]
-        write_video(folder / f"side_by_side{suffix}", side_by_side(frames, *edits, labels=labels, gap=PANEL_GAP), fps)
+        together = side_by_side(frames, *edits, labels=labels, gap=PANEL_GAP)
+        write_video(folder / f"side_by_side{suffix}", together, fps)
         report(len(edits) + 1, len(edits) + 1)
     (folder / "config.toml").write_text(to_toml(s) + f"processes = {job.launch.size}\n", encoding="utf-8")
     with job.progress("metrics", unit="video") as report:
@@ -452,11 +457,21 @@ def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: fl
                         "to the target than to the source prompt; clip_consistency: mean cosine of consecutive "
                         f"frames (CLIP at {s['clip']})" if scores is not None else None,
         "seconds": {"inversion": job.timings.get("inversion"), **({"tuning": job.timings["tuning"]}
-                    if "tuning" in job.timings else {}), "total": clock(sd.device) - started},
+                    if "tuning" in job.timings else {}), **({"explain": job.timings["explain"]}
+                    if "explain" in job.timings else {}), "total": clock(sd.device) - started},
         "peak_memory_bytes": peak, "peak_memory_measure": measure,
         "device": str(sd.device), "dtype": str(sd.dtype).removeprefix("torch."),
     }
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    videos = [Video("source", f"source{suffix}", frames, fps),
+              *(Video(f"edit {i + 1}: {t}", name, e, fps)
+                for i, (t, name, e) in enumerate(zip(s["target"], names, edits))),
+              Video("side by side: source | " + " | ".join(f"edit {i + 1}" for i in range(len(edits))),
+                    f"side_by_side{suffix}", together, fps)]
+    write_report(folder, f"stemref edit ({s['method']}): {s['video']}", videos=videos, metrics=metrics,
+                 settings={o.name: s[o.name] for o in COMMON + METHODS[s["method"]].options},
+                 pictures=job.pictures,
+                 summary=f"{s['source']!r} → " + ", ".join(map(repr, s["target"])))
 
 
 def clip_scores(job: Job, edits: list[torch.Tensor]) -> list[dict] | None:

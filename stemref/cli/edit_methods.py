@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,9 @@ from ..edit.fatezero_plan import check_words
 from ..edit.p2p import has_word
 from ..inversion import FORMAT as INVERSION_FORMAT
 from ..frames import check_finite
-from ..inversion import NON_FINITE_HINT, Inversion, invert
+from ..explain import (Picture, fatezero_pictures, fatezero_recorders, inversion_pictures, inversion_recorder,
+                       tokenflow_pictures, tokenflow_recorder, tuning_pictures)
+from ..inversion import NON_FINITE_HINT, Inversion, invert, replay
 from ..pipeline import StableDiffusion
 
 
@@ -54,6 +56,15 @@ class Job:
     cache_root: Path | None
     timings: dict[str, float] = field(default_factory=dict)
     launch: Launch = Launch()  # several processes under torchrun: only rank 0 reports, caches and writes
+    pictures: list[Picture] = field(default_factory=list)  # for index.html, each edit's named after it
+
+    def explained(self, pictures: list[Picture], target: str | None = None) -> None:
+        """Keep pictures for the report; an edit's get its target in the title and its number in the file name."""
+        if target is not None:
+            n = self.settings["target"].index(target) + 1
+            pictures = [replace(p, name=f"edit-{n:02d}-{p.name}", title=f"Edit {n} ({_short(target)}): {p.title}")
+                        for p in pictures]
+        self.pictures.extend(pictures)
 
     def progress(self, label: str, unit: str = "step") -> progress_printer:
         return progress_printer(label, unit) if self.launch.main else silent_printer(label, unit)
@@ -194,16 +205,26 @@ def cached_inversion(job: Job, sd: StableDiffusion | None = None, prompt: str | 
                    "seed": s["seed"], "weights": weights_fingerprint(sd), "dtype": str(sd.dtype)}
     context = None if s["inversion"] == "model" else s["inversion"]
     group = job.launch.group
+    recorder = inversion_recorder(sd.unet, s["steps"])
 
     def compute() -> Inversion:
         with job.progress("encoding frames", unit="frame") as encoding, \
                 job.progress(f"{s['inversion']} inversion") as report:
             return invert(sd, job.frames, prompt, s["steps"], context, seed=s["seed"], progress=report,
-                          vae_progress=encoding, group=group, **options)
+                          vae_progress=encoding, group=group,
+                          recorder=recorder if group is None else None, **options)
     load = lambda path: Inversion.load(path).check_of(job.frames)
-    if group is None:
-        return job.cached("inversion", "inversions", description, load, compute)
-    return _sharded_cached_inversion(job, description, load, compute)
+    if group is not None:  # the pictures need every frame in one process: a sharded run draws none
+        return _sharded_cached_inversion(job, description, load, compute)
+    inversion = job.cached("inversion", "inversions", description, load, compute)
+    if recorder.features is None and s["explain"]:  # reused from the cache: one inversion step again
+        started = clock(sd.device)
+        replay(sd, inversion, [recorder.feature_step], recorder)
+        job.timings["explain"] = job.timings.get("explain", 0.0) + clock(sd.device) - started
+    if recorder.features is None:
+        job.say("note: the inversion came from the cache, so its pictures are left out; --explain replays one step")
+    job.explained(inversion_pictures(recorder, s["num_bases"], s["inversion"]))
+    return inversion
 
 
 def _sharded_cached_inversion(job: Job, description: dict, load: Callable[[Path], Inversion],
@@ -229,24 +250,31 @@ def _sharded_cached_inversion(job: Job, description: dict, load: Callable[[Path]
 
 def tokenflow_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
     s = job.settings
+    recorder = tokenflow_recorder(job.sd.unet, s["steps"])
     with job.progress(f"TokenFlow: {_short(target)}") as report:
         latents = tokenflow.edit_latents(job.sd, inversion, target, negative_prompt=s["negative"],
                                          guidance=s["guidance"], batch=s["batch"], pnp_attn=s["pnp_attn"],
                                          pnp_conv=s["pnp_conv"], freeu=s["freeu"], seed=s["seed"], blend=s["blend"],
-                                         progress=report)
+                                         progress=report, recorder=None if inversion.shard is not None else recorder)
+    if inversion.shard is None:  # the pictures need every frame in one process
+        job.explained(tokenflow_pictures(recorder, len(job.frames)), target)
     return decode(job, latents, inversion)
 
 
 def fatezero_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
     s = job.settings
-    store_dir = s["store_dir"]
-    if store_dir is not None and job.launch.group is not None:  # each rank spills its own frames' store
+    store_dir, sharded = s["store_dir"], job.launch.group is not None
+    if store_dir is not None and sharded:  # each rank spills its own frames' store
         store_dir = Path(store_dir) / f"rank{job.launch.rank}"
+    source, edit = fatezero_recorders(job.sd.unet, job.sd.tokenizer, s["source"], target)
     # FateZero inverts again for each target (recording attention), so its count is 2 × --steps
     with job.progress(f"FateZero: {_short(target)} (inversion + edit)") as report:
         latents = fatezero.edit_latents(job.sd, inversion, s["source"], target, guidance=s["guidance"],
                                         negative_prompt=s["negative"], memory_budget=s["store_memory"] * 2**20,
-                                        store_dir=store_dir, progress=report, **fatezero_settings(s, target))
+                                        store_dir=store_dir, progress=report, recorder=None if sharded else edit,
+                                        source_recorder=None if sharded else source, **fatezero_settings(s, target))
+    if not sharded:  # the pictures need every frame in one process
+        job.explained(fatezero_pictures(source, edit, job.sd.tokenizer, s["source"], target, job.frames), target)
     return decode(job, latents, inversion)
 
 
@@ -337,7 +365,9 @@ def check_tuning(s: dict[str, Any]) -> None:
 
 def tuned_prepare(job: Job) -> tuple[StableDiffusion, Inversion]:
     """Tune (or reuse the tuning), then invert with the tuned model and the empty prompt."""
-    model = cached_tuning(job).model(job.sd)
+    tuned = cached_tuning(job)
+    job.explained(tuning_pictures(tuned.losses, job.settings["method"]))
+    model = tuned.model(job.sd)
     return model, cached_inversion(job, model, prompt="")
 
 

@@ -5,9 +5,11 @@
         DIR/reconstruction.mp4      x_T denoised back to frames with the same prompt and context
         DIR/side_by_side.mp4        input | reconstruction
         DIR/metrics.json            PSNR, SSIM, temporal consistency, seconds, peak memory, settings
+        DIR/index.html              the videos, STEM's bases, the features' PCA and consistency per step, metrics
     python -m stemref.invert VIDEO --prompt "..." --compare --weights W --out DIR
         DIR/<context>/…             the above for 1-frame, 2-frame, all-frame and stem, on the same frames
         DIR/compare.md, .json       one row per context: the layout of the STEM supplement's Table A3
+        DIR/index.html              the contexts side by side: features, consistency curves, the table
 
 Under `torchrun --nproc-per-node N -m stemref.invert ...` the N processes share the frames (NCCL on GPUs,
 gloo on the CPU; see launch.py); rank 0 writes the same files as one process would, with "processes" in
@@ -39,9 +41,11 @@ from .progress import progress_printer, silent_printer
 from .measure import FEATURE_TIMESTEP, SCORED, clock, consistency, peak_memory, reset_peak_memory, source_fps
 from .. import distributed
 from ..context import CONTEXTS
+from ..explain import Picture, inversion_pictures, inversion_recorder, similarity_plot
 from ..inversion import Inversion, invert, reconstruct
 from ..metrics import LAST_DECODER_SELF_ATTENTION, psnr, ssim
 from ..pipeline import StableDiffusion
+from ..report import Video, write_report
 from ..video import read_video, side_by_side, write_video
 
 STEM_BASES = 256
@@ -123,6 +127,7 @@ def invert_video(args: argparse.Namespace, launch: Launch) -> None:
         if args.compare and launch.main:
             (tmp / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
             (tmp / "compare.md").write_text(compare_table(rows, args.video))
+            compare_report(tmp, rows, args.video)
     launch.barrier()  # the other ranks end when rank 0's output folder is in place
     if not launch.main:
         return
@@ -210,9 +215,12 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
     batch = args.batch if context == "1-frame" else None
     reset_peak_memory(sd.device)
     started = clock(sd.device)
+    # the pictures need every frame in one process: a sharded run records none
+    recorder = inversion_recorder(sd.unet, args.steps) if launch.group is None else None
     with printer(f"{context} VAE encode", "frame") as encoding, printer(f"{context} inversion") as stepping:
         inversion = invert(sd, frames, args.prompt, args.steps, context, seed=args.seed, batch=batch,
-                           progress=stepping, vae_progress=encoding, group=launch.group, **options)
+                           progress=stepping, vae_progress=encoding, recorder=recorder, group=launch.group,
+                           **options)
     inverted = clock(sd.device)
     with printer(f"{context} reconstruction") as stepping, printer(f"{context} VAE decode", "frame") as decoding:
         recon = reconstruct(sd, inversion, batch=batch, progress=stepping, vae_progress=decoding).cpu()
@@ -230,8 +238,8 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
         recon_consistency = consistency(sd, recon, args.prompt, report)
     inversion.save(folder / "inversion.safetensors")
     write_video(folder / "reconstruction.mp4", recon, fps)
-    write_video(folder / "side_by_side.mp4", side_by_side(frames, recon, labels=["input", f"{context} reconstruction"],
-                                                          gap=PANEL_GAP), fps)
+    together = side_by_side(frames, recon, labels=["input", f"{context} reconstruction"], gap=PANEL_GAP)
+    write_video(folder / "side_by_side.mp4", together, fps)
     metrics = {
         "context": context,
         "psnr": psnr(recon, frames),
@@ -241,6 +249,9 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
         "seconds": {"inversion": inverted - started, "reconstruction": finished - inverted},
         "peak_memory_bytes": peak,
         "peak_memory_measure": measure,
+        # per inversion step: mean cosine similarity of consecutive frames' features (unwarped; index.html plots it)
+        "feature_similarity": {} if recorder is None else {str(step): value
+                                                           for step, value in sorted(recorder.similarity.items())},
         "frames": frames.shape[0],
         "processes": launch.size,
         "width": frames.shape[-1], "height": frames.shape[-2], "scored": SCORED,
@@ -251,6 +262,13 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
                      "consistency_layer": LAST_DECODER_SELF_ATTENTION, "consistency_timestep": FEATURE_TIMESTEP},
     }
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_report(folder, f"stemref invert ({LABELS[context]}): {args.video}",
+                 summary=f"PSNR {metrics['psnr']:.3f} dB, SSIM {metrics['ssim']:.4f} against the input",
+                 videos=[Video("input | reconstruction", "side_by_side.mp4", together, fps),
+                         Video("reconstruction", "reconstruction.mp4", recon, fps)],
+                 pictures=[] if recorder is None else inversion_pictures(recorder, options.get("num_bases", STEM_BASES),
+                                                                         context),
+                 metrics={k: v for k, v in metrics.items() if k != "settings"}, settings=metrics["settings"])
     return metrics
 
 
@@ -284,6 +302,26 @@ def compare_table(rows: list[dict], video: Path) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def compare_report(folder: Path, rows: list[dict], video: Path) -> Path:
+    """folder/index.html for --compare: each context's page and features side by side, the curves in one plot."""
+    curves = {LABELS[r["context"]]: {int(k): v for k, v in r.get("feature_similarity", {}).items()} for r in rows}
+    pictures = [similarity_plot({k: v for k, v in curves.items() if v})] if any(curves.values()) else []
+    pictures += [Picture(f"{r['context']}-features", f"{LABELS[r['context']]}: features",
+                         "The PCA of the last decoder self-attention layer's features (fitted per context), top, and "
+                         "the similarity of consecutive frames, bottom: compare how steady the colours stay.",
+                         file=f"{r['context']}/explain/features-pca.png")
+                 for r in rows if (folder / r["context"] / "explain" / "features-pca.png").is_file()]
+    table = [{"context": LABELS[r["context"]], "psnr": r["psnr"], "ssim": r["ssim"],
+              "consistency": r["consistency"]["reconstruction"],
+              "seconds": r["seconds"]["inversion"] + r["seconds"]["reconstruction"],
+              "peak_memory_bytes": r["peak_memory_bytes"]} for r in rows]
+    return write_report(folder, f"stemref invert --compare: {video}", links=[
+        (f"{LABELS[r['context']]}: videos and pictures", f"{r['context']}/index.html") for r in rows],
+        pictures=pictures, metrics={"contexts": table, "input consistency": rows[0]["consistency"]["input"]},
+        settings=rows[0]["settings"],
+        summary="Reconstruction after inversion under each self-attention context (STEM supplement, Table A3).")
 
 
 def _number(value: float | None, digits: int) -> str:

@@ -73,12 +73,14 @@ import torch
 import torch.distributed as dist
 
 from ..attention import Processor, RunInfo, sdpa
+from ..attention import Recorder as RunRecorder  # explanations (stemref.explain); `Recorder` below stores maps
 from ..context import EMAttention, context_processor
 from ..distributed import Shard, shard_frames
 from ..frames import check_finite
 from ..inversion import NON_FINITE_HINT, SELF_ATTENTION, Inversion, InversionSettings, check_inversion
 from ..pipeline import StableDiffusion, check_encodable
 from ..sampling import Progress, ddim_inversion_loop, predict_noise
+from . import p2p
 from .attention_store import AttentionStore
 from .fatezero_fusion import Fusion, Recorder
 from .fatezero_plan import FateZeroSettings, Plan, latent_blend_steps, level_grid
@@ -93,15 +95,18 @@ def edit(sd: StableDiffusion, frames_or_inversion: torch.Tensor | Inversion, sou
 def edit_latents(sd: StableDiffusion, frames_or_inversion: torch.Tensor | Inversion, source_prompt: str,
                  target_prompt: str, *, steps: int = 50, context: str = "stem", context_options: dict | None = None,
                  seed: int = 0, memory_budget: int = 2**30, store_dir: str | Path | None = None,
-                 keep_store: bool = False, progress: Progress | None = None, group: dist.ProcessGroup | None = None,
+                 keep_store: bool = False, progress: Progress | None = None, recorder: RunRecorder | None = None,
+                 source_recorder: RunRecorder | None = None, group: dist.ProcessGroup | None = None,
                  **settings) -> torch.Tensor:
     """The edited latents x_0 (F, 4, h, w) of `frames` (F, 3, H, W) in [0, 1], or of a saved `Inversion` of them.
 
     `context` and `context_options` choose the self-attention context of inversion and edit (ignored for an
     Inversion, which names its own), `seed` seeds STEM's EM. `settings` are FateZeroSettings' fields. The
     attention store keeps up to `memory_budget` bytes in memory and spills the rest to `store_dir` (a
-    temporary folder by default), deleted at the end unless `keep_store`. With `group` the processes of the
-    group edit together, each its shard of the frames (module docstring), and each returns its shard's latents.
+    temporary folder by default), deleted at the end unless `keep_store`. `recorder` (stemref.explain) is offered
+    what the edit computes and the blend mask of every step that uses one; `source_recorder` what the inversion
+    (or its replay) computes. With `group` the processes of the group edit together, each its shard of the
+    frames (module docstring), and each returns its shard's latents.
     """
     unknown = sorted(set(settings) - {f.name for f in fields(FateZeroSettings)})
     if unknown:
@@ -124,30 +129,31 @@ def edit_latents(sd: StableDiffusion, frames_or_inversion: torch.Tensor | Invers
     plan = Plan.make(sd, s, inv.steps, source_prompt, target_prompt)  # 1.
     with AttentionStore(memory_budget, store_dir, keep_store) as store:
         if inversion is None:  # 2.
-            inversion = record_inversion(sd, frames, inv, plan, store, progress, shard)
+            inversion = record_inversion(sd, frames, inv, plan, store, progress, source_recorder, shard)
         else:
-            replay_inversion(sd, inversion, plan, store, progress)
-        x = denoise(sd, inversion, plan, store, progress)  # 3.–5.
+            replay_inversion(sd, inversion, plan, store, progress, source_recorder)
+        x = denoise(sd, inversion, plan, store, progress, recorder)  # 3.–5.
     check_finite(x, "the edited latents", NON_FINITE_HINT)
     return x
 
 
 # ---- 2. inversion, recording the store -------------------------------------------------------------------
 def record_inversion(sd: StableDiffusion, frames: torch.Tensor, inv: InversionSettings, plan: Plan,
-                     store: AttentionStore, progress: Progress | None = None, shard: Shard | None = None) -> Inversion:
+                     store: AttentionStore, progress: Progress | None = None,
+                     recorder: RunRecorder | None = None, shard: Shard | None = None) -> Inversion:
     """DDIM-invert `frames` under the inversion's context, recording the store on the way (with a shard: this
     rank's frames, returning its shard's Inversion)."""
-    recorder = Recorder(plan, store, _layer_contexts(sd, inv))
+    storing = Recorder(plan, store, _layer_contexts(sd, inv))
     x = sd.encode_frames(frames if shard is None else frames[shard.start:shard.stop])
-    eps_fn = _recording_eps(sd, inv, x.shape[0], store, shard)
-    with sd.unet.attention(lambda name: recorder):
+    eps_fn = _recording_eps(sd, inv, x.shape[0], store, recorder, shard)
+    with sd.unet.attention(lambda name: storing):
         path = ddim_inversion_loop(sd.scheduler, x, eps_fn, inv.steps, _phase(progress, 0, 2 * inv.steps))
     return Inversion(torch.stack(path), sd.scheduler.timesteps(inv.steps).flip(0).tolist(), inv, shard)
 
 
 @torch.no_grad()
 def replay_inversion(sd: StableDiffusion, inversion: Inversion, plan: Plan, store: AttentionStore,
-                     progress: Progress | None = None) -> None:
+                     progress: Progress | None = None, recorder: RunRecorder | None = None) -> None:
     """Record the store of a saved inversion by running its UNet calls again on its latents.
 
     Call j saw latents[j] at ascending timestep j, so replaying it gives the same maps. STEM draws random
@@ -161,9 +167,9 @@ def replay_inversion(sd: StableDiffusion, inversion: Inversion, plan: Plan, stor
     contexts = _layer_contexts(sd, inv)
     random = any(isinstance(c, EMAttention) for c in contexts.values())
     calls = range(needed[-1] + 1) if random else needed
-    recorder = Recorder(plan, store, contexts)
-    eps_fn = _recording_eps(sd, inv, inversion.latents.shape[1], store, inversion.shard)
-    with sd.unet.attention(lambda name: recorder):
+    storing = Recorder(plan, store, contexts)
+    eps_fn = _recording_eps(sd, inv, inversion.latents.shape[1], store, recorder, inversion.shard)
+    with sd.unet.attention(lambda name: storing):
         for j in calls:
             eps_fn(inversion.latents[j].to(sd.device, sd.dtype), ascending[j], j)
             if progress:
@@ -171,12 +177,13 @@ def replay_inversion(sd: StableDiffusion, inversion: Inversion, plan: Plan, stor
 
 
 def _recording_eps(sd: StableDiffusion, inv: InversionSettings, frames: int, store: AttentionStore,
-                   shard: Shard | None = None):
+                   recorder: RunRecorder | None = None, shard: Shard | None = None):
     cond = sd.encode_prompt(inv.prompt)
     uncond = sd.encode_prompt("") if inv.guidance != 1.0 else None
 
     def eps_fn(x: torch.Tensor, t: int, j: int) -> torch.Tensor:
-        eps = predict_noise(sd, x, t, cond, uncond, inv.guidance, RunInfo(frames=frames, step=j, shard=shard))
+        eps = predict_noise(sd, x, t, cond, uncond, inv.guidance,
+                            RunInfo(frames=frames, step=j, recorder=recorder, shard=shard))
         store.end_step(t)
         return eps
     return eps_fn
@@ -184,7 +191,7 @@ def _recording_eps(sd: StableDiffusion, inv: InversionSettings, frames: int, sto
 
 def _layer_contexts(sd: StableDiffusion, inv: InversionSettings) -> dict[str, Processor]:
     """Each attention layer's processor as the inversion ran it: the context where `inv.layers` matches."""
-    generator = torch.Generator(sd.device).manual_seed(inv.seed)
+    generator = torch.Generator().manual_seed(inv.seed)  # as inversion._chooser: CPU draws on every device
     context = context_processor(inv.context, generator=generator, **inv.options)
     pattern = re.compile(inv.layers)
     return {name: context if pattern.search(name) else sdpa for name in sd.unet.attention_layers}
@@ -197,7 +204,7 @@ def _phase(progress: Progress | None, done: int, total: int) -> Progress | None:
 # ---- 3.–5. the edit ----------------------------------------------------------------------------------------
 @torch.no_grad()
 def denoise(sd: StableDiffusion, inversion: Inversion, plan: Plan, store: AttentionStore,
-            progress: Progress | None = None) -> torch.Tensor:
+            progress: Progress | None = None, recorder: RunRecorder | None = None) -> torch.Tensor:
     """The edit: DDIM from the inversion's x_T with CFG ("" / target), fusing the store; returns x_0 (F, 4, h, w)."""
     s, steps = plan.settings, plan.steps
     x = inversion.x_T.to(sd.device, sd.dtype)
@@ -210,7 +217,11 @@ def denoise(sd: StableDiffusion, inversion: Inversion, plan: Plan, store: Attent
         for i, t in enumerate(plan.timesteps):
             with store.read(t) as reader:
                 fusion.reader = (i, reader)  # 3. the source maps of step i, for 3a–3c inside the UNet
-                eps = predict_noise(sd, x, t, cond, uncond, s.guidance, RunInfo(frames=frames, step=i, shard=shard))
+                info = RunInfo(frames=frames, step=i, recorder=recorder, shard=shard)
+                eps = predict_noise(sd, x, t, cond, uncond, s.guidance, info)
+                if recorder is not None and i in plan.blend_steps and recorder.wants("blend_mask", "", i):
+                    recorder.add("blend_mask", "", i, mask=p2p.blend_mask(fusion.source_blend_map(i), size,
+                                                                          s.blend_threshold, s.mask_resize))
                 x = sd.scheduler.step(eps, t, x, steps)  # 4.
                 if i in blend:  # 5. (official quirk: x_inv is at t_i while x is already at t_{i+1})
                     x_inv = inversion.latents[steps - i].to(x)

@@ -77,7 +77,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import distributed
-from ..attention import AttnCall, RunInfo, from_source, sdpa
+from ..attention import AttnCall, Recorder, RunInfo, from_source, sdpa
 from ..context import AllFrames
 from ..distributed import Shard
 from ..freeu import FreeU
@@ -140,20 +140,30 @@ class Propagation:
         # matched on the source branch's tokens only; fp32 at least: argmax on fp16 cosines would tie too often
         work = torch.promote_types(call.x.dtype, torch.float32)
         tokens = F.normalize(call.x[:B].reshape(B * N, C).to(work), dim=-1)  # (B·N, C)
-        out = _nearest_outputs(features, self.index, tokens, B)  # (3, B, h, N, d): T_base^{i+}[γ^{i+}[p]]
+        nearest = _nearest(features, self.index, tokens)  # (B·N,)
+        recorder = call.info.recorder
+        if recorder is not None and recorder.wants("matches", call.name, call.info.step):
+            recorder.add("matches", call.name, call.info.step, batch=self.index, nearest=nearest.view(B, N),
+                         hw=call.info.hw)
+        out = _gathered_outputs(features, self.index, nearest, B)  # (3, B, h, N, d): T_base^{i+}[γ^{i+}[p]]
         if self.index > 0:  # F_γ = w_i · T_base^{i+}[γ^{i+}] + (1 − w_i) · T_base^{i−}[γ^{i−}]
             w = self.weights.to(out.device, out.dtype).view(1, B, 1, 1, 1)
-            out = w * out + (1 - w) * _nearest_outputs(features, self.index - 1, tokens, B)
+            previous = _nearest(features, self.index - 1, tokens)  # (B·N,)
+            out = w * out + (1 - w) * _gathered_outputs(features, self.index - 1, previous, B)
         return out.reshape(3 * B, *out.shape[2:])  # (3B, h, N, d)
 
 
-def _nearest_outputs(features: KeyframeFeatures, keyframe: int, tokens: torch.Tensor, frames: int) -> torch.Tensor:
-    """For each of the unit-norm `tokens` (B·N, C) of `frames` frames, keyframe `keyframe`'s attention outputs at
-    its token of highest cosine similarity (γ, the nearest-neighbour field), in all three branches: (3, B, h, N, d)."""
-    row = keyframe - features.first
-    keys = F.normalize(features.inputs[row].to(tokens.dtype), dim=-1)  # (N_kf, C)
-    nearest = torch.cat([(chunk @ keys.T).argmax(dim=-1) for chunk in tokens.split(MATCH_CHUNK)])  # (B·N,)
-    out = features.outputs[:, row]  # (3, h, N_kf, d)
+def _nearest(features: KeyframeFeatures, keyframe: int, tokens: torch.Tensor) -> torch.Tensor:
+    """For each of the unit-norm `tokens` (B·N, C), the index of keyframe `keyframe`'s token of highest cosine
+    similarity (γ, the nearest-neighbour field): (B·N,) into its N_kf tokens."""
+    keys = F.normalize(features.inputs[keyframe - features.first].to(tokens.dtype), dim=-1)  # (N_kf, C)
+    return torch.cat([(chunk @ keys.T).argmax(dim=-1) for chunk in tokens.split(MATCH_CHUNK)])  # (B·N,)
+
+
+def _gathered_outputs(features: KeyframeFeatures, keyframe: int, nearest: torch.Tensor, frames: int) -> torch.Tensor:
+    """Keyframe `keyframe`'s attention outputs at the tokens `nearest` (B·N,) of `frames` frames, in all three
+    branches: (3, B, h, N, d)."""
+    out = features.outputs[:, keyframe - features.first]  # (3, h, N_kf, d)
     gathered = out.index_select(2, nearest)  # (3, h, B·N, d)
     return gathered.view(3, out.shape[1], frames, -1, out.shape[-1]).transpose(1, 2)  # (3, B, h, N, d)
 
@@ -224,12 +234,13 @@ def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, nega
                  guidance: float = 7.5, batch: int = 8, pnp_attn: float = 0.5, pnp_conv: float = 0.8,
                  freeu: bool | FreeU | tuple | None = None, keyframes: torch.Tensor | list | None = None,
                  seed: int = 1, blend: str = "official", progress: Progress | None = None,
-                 group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                 recorder: Recorder | None = None, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Edit the inverted video towards `prompt`; returns the edited latents x_0 (F, 4, h, w).
 
     The source prompt is the inversion's. `keyframes` (steps, batches) fixes the keyframe of every batch at
     every step (absolute frame indices); without it they are drawn from `seed`. Equal arguments give
     bit-identical results. `blend` chooses how a frame mixes two keyframes (see the module docstring).
+    `recorder` (stemref.explain) is offered each step's keyframes and every token's keyframe match.
     A sharded `inversion` (from `invert(..., group=)`), or a whole one with `group`, is edited by the
     processes together; each returns its shard's edited latents (module docstring).
     """
@@ -256,9 +267,11 @@ def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, nega
         x_source = path[1 + inversion.timesteps.index(t)]  # the source video's latents at t
         key = table[i] if table is not None else draw_keyframes(generator, ranges, batch)
         inject = injected_layers(i, steps, pnp_attn, pnp_conv)
+        if recorder is not None and recorder.wants("keyframes", "", i):
+            recorder.add("keyframes", "", i, keyframes=list(key), batches=ranges)
         cache: dict[str, KeyframeFeatures] = {}
         pass_shard, key_source, key_x = _keyframe_pass_inputs(x_source, x, key, shard)
-        info = RunInfo(len(key_x), i, inject=inject, shard=pass_shard)
+        info = RunInfo(len(key_x), i, inject=inject, recorder=recorder, shard=pass_shard)
         with sd.unet.attention(self_attention(KeyframeAttention(cache))):
             _branches(sd, key_source, key_x, t, (source, negative, target), info, freeu)
         if pass_shard is not None:
@@ -270,7 +283,7 @@ def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, nega
             frames_b = slice(r.start - start, r.stop - start)
             with sd.unet.attention(self_attention(Propagation(cache, b, blend_weights(b, r, batch, blend, key)))):
                 eps = _branches(sd, x_source[frames_b], x[frames_b], t, (source, negative, target),
-                                RunInfo(len(r), i, inject=inject), freeu)
+                                RunInfo(len(r), i, inject=inject, recorder=recorder), freeu)
             _, eps_uncond, eps_cond = eps.chunk(3)  # the source branch's ε is discarded
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
             denoised[frames_b] = sd.scheduler.step(eps, t, x[frames_b], steps)  # J_{t−1} = DDIM step (DDIM Eq. 12)
