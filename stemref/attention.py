@@ -25,6 +25,8 @@ How each method plugs in (all through `UNet2DConditionModel.set_attention`):
   during inversion and fuses them during editing; `call.info.hw` reshapes maps to the latent grid.
 - EI²'s FFAM (`context.FineCoarse`): a processor on self-attention whose keys and values are the frame's own
   tokens plus the other frames' tokens pooled r×r.
+- Several processes (distributed.py): each holds a contiguous shard of the frames; `RunInfo.shard` says which,
+  and the frame-context processors fetch the few other frames' tokens (or reduce the EM's sums) through it.
 - Explanations (stemref/explain/): an optional `Recorder` in `RunInfo.recorder`. When it is there, the
   attention layer offers it q, k and the output of every call, and processors offer what only they
   compute (STEM's bases, TokenFlow's matches); the recorder keeps what it wants. With no recorder (the
@@ -47,6 +49,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .distributed import Shard
 
 
 class Recorder(Protocol):
@@ -71,6 +75,10 @@ class RunInfo:
     # Gradient checkpointing: when gradients are on, the UNet recomputes each ResNet's and transformer's
     # activations in the backward pass instead of keeping them (tuning's memory saver; no effect on values).
     checkpoint: bool = False
+    # Frame sharding across processes (distributed.py): this call holds only this rank's `frames` of the
+    # video's shard.total; processors whose frames see other frames fetch those through the shard's group.
+    # None: the call holds the whole video.
+    shard: Shard | None = None
     # Explanations: what the run hands out for pictures (see Recorder); None records nothing.
     recorder: Recorder | None = None
 

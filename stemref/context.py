@@ -14,6 +14,25 @@ frame, branch-major (row = branch·F + frame, F = call.info.frames); each branch
 unconditional halves of a guided batch) is a separate video and never sees another branch's frames.
 Cross-attention calls (keys from the text) fall through to plain attention unchanged.
 
+Several processes (`RunInfo.shard`, distributed.py): a call holds only this rank's frames. Each context fetches
+exactly what its frames look at and the single process would have used: 2-frame the first frame (broadcast)
+and the frame before the shard (from the left neighbour); FateZero's "mid" the middle frame (broadcast);
+all-frame every frame's keys and values (all-gathered per layer, queries still one chunk at a time); STEM
+nothing but its EM sums (all-reduced, em.py); 1-frame nothing at all. FineCoarse (a tuned EI² model's own
+attention; tuning runs on one device) refuses a shard.
+
+Fidelity (the official codes' choices, kept as defaults or reproduced by an option):
+- 2-frame: as in Tune-A-Video's and STEM's code, frame 0's "previous frame" is frame 0 itself, so frame 0 sees
+  its own tokens twice (which equals seeing them once: duplicating every key and value leaves the
+  softmax-weighted average unchanged) and frame 1 sees frame 0 twice; frame i ≥ 2 does not see itself.
+- STEM: the official code inverts in 8-frame batches, so its bases summarise 8 frames, not the whole video the
+  paper describes. The default follows the paper (scope=None); scope=8 reproduces the code. The EM runs per
+  head on the projected keys and pools the projected values, as the official code does; the paper's overview
+  figure describes keys and values as projections of the converged bases (the same projections, but
+  responsibilities computed from the layer's input features). The EM's own choices are listed in em.py.
+- FateZero "mid": the middle frame's keys and values replace the frame's own, as the official code does (the
+  paper, as summarised, adds them to the frame's own).
+
 Dimension legend:
   B  branches, F frames per branch, n frames in one EM scope or one query chunk
   h  heads, N tokens per frame, d head dim (dv for values), K bases
@@ -23,7 +42,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .attention import AttnCall, Processor, sdpa, split_frames
+from .distributed import Shard
 from .em import check_em_options, em_bases
 
 # Tokens per EM/attention chunk. The EM makes three passes over each chunk's responsibilities (softmax,
@@ -44,28 +65,70 @@ def per_frame(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall)
 
 
 class SparseCausal:
-    """2-frame context (sparse-causal attention): frame i attends to the tokens of frame 0 and frame i−1.
-
-    As Tune-A-Video and the STEM code do, frame 0's "previous frame" is frame 0 itself, so frame 0 sees
-    its own tokens twice (which equals attending to them once: duplicating every key and value leaves the
-    softmax-weighted average unchanged), and frame 1 sees frame 0 twice. Frame i ≥ 2 does not see itself.
-    """
+    """2-frame context (sparse-causal attention): frame i attends to the tokens of frame 0 and frame i−1 (frame 0's
+    previous frame is itself: module docstring, Fidelity)."""
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
         if call.is_cross:
             return sdpa(q, k, v, call)
-        frames = call.info.frames
-        first = torch.zeros(frames, dtype=torch.long, device=k.device)
-        previous = (torch.arange(frames, device=k.device) - 1).clamp(min=0)
-        keys, values = _gather(k, frames, first, previous), _gather(v, frames, first, previous)  # (B·F, h, 2N, ·)
-        return F.scaled_dot_product_attention(q, keys, values)
+        return _attend_visible(self, q, k, v, call)
 
 
-def _gather(x: torch.Tensor, frames: int, first: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """Per frame, the tokens of frames first[f] and previous[f] side by side: (B·F, h, N, d) -> (B·F, h, 2N, d)."""
-    xf = split_frames(x, frames)  # (B, F, h, N, d)
-    pair = torch.cat([xf[:, first], xf[:, previous]], dim=-2)  # (B, F, h, 2N, d)
-    return pair.reshape(x.shape[0], *pair.shape[2:])  # (B·F, h, 2N, d)
+def visible_frames(context: Processor, xf: torch.Tensor, channels: int,
+                   shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frames the F (local) frames of xf (B, F, h, N, d) attend to under `context` (any but STEM and FineCoarse):
+    a table (B, U, h, N, d) of frames and, per frame f, the table rows it sees in key order, (F, m) long.
+
+    One process: the table is xf itself. With a shard, the table also holds the other ranks' frames that this
+    rank's frames see, fetched here (module docstring); `gather_frames(table, index)` gives every frame's keys.
+    `channels` (the layer's width h·d) decides FateZero's "mid" routing.
+    """
+    frames, device = xf.shape[1], xf.device
+    own = torch.arange(frames, device=device)
+    first_previous = isinstance(context, SparseCausal) or (
+        isinstance(context, SpatialTemporal) and context.mode == "first+previous")
+    if first_previous:
+        table, first, previous = _first_and_previous(xf, shard)
+        pair = [previous, first] if isinstance(context, SpatialTemporal) else [first, previous]
+        return table, torch.stack(pair, dim=1)  # (F, 2)
+    if isinstance(context, SpatialTemporal) and channels >= context.min_channels:
+        total = frames if shard is None else shard.total
+        if shard is None:
+            return xf, torch.full((frames, 1), (total - 1) // 2, device=device)
+        middle = distributed.broadcast_item(xf, (total - 1) // 2, shard, dim=1)  # (B, 1, h, N, d)
+        return middle, torch.zeros((frames, 1), dtype=torch.long, device=device)
+    if isinstance(context, AllFrames):
+        table = xf if shard is None else distributed.all_gather(xf, shard, dim=1)  # (B, F_all, h, N, d)
+        return table, torch.arange(table.shape[1], device=device).expand(frames, -1)  # (F, F_all)
+    if isinstance(context, (SpatialTemporal, SparseCausal)) or context in (sdpa, per_frame):
+        return xf, own[:, None]  # (F, 1)
+    raise ValueError(f"{type(context).__name__} has no fixed table of frames each frame attends to")
+
+
+def _first_and_previous(xf: torch.Tensor, shard: Shard | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(table, first, previous): a table of frames (B, U, h, N, d) and, per frame, the rows of the video's first
+    frame and of its previous frame (frame 0's previous is frame 0), each (F,) long."""
+    frames, device = xf.shape[1], xf.device
+    own = torch.arange(frames, device=device)
+    if shard is None:
+        return xf, torch.zeros_like(own), (own - 1).clamp(min=0)
+    first = distributed.broadcast_item(xf, 0, shard, dim=1)  # (B, 1, h, N, d)
+    left = distributed.left_neighbour(xf, shard, dim=1)  # (B, 1, h, N, d); (B, 0, h, N, d) on rank 0
+    table = torch.cat([first, left, xf], dim=1)  # (B, 1 + l + F, h, N, d)
+    # frame i's previous is table row 1 + l + i − 1; rank 0's frame 0 (no left neighbour) is its own previous
+    previous = (own + left.shape[1]).clamp(min=1)
+    return table, torch.zeros_like(own), previous
+
+
+def _attend_visible(context: Processor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    call: AttnCall) -> torch.Tensor:
+    """Each frame's queries attend to the tokens of the frames `visible_frames` lists for it."""
+    frames, d = call.info.frames, k.shape[-1]
+    # keys and values travel together: one collective per layer, not two
+    kv = split_frames(torch.cat([k, v], dim=-1), frames)  # (B, F, h, N, d + dv)
+    table, index = visible_frames(context, kv, q.shape[1] * q.shape[-1], call.info.shard)
+    keys_values = _rows(gather_frames(table, index))  # (B·F, h, m·N, d + dv)
+    return F.scaled_dot_product_attention(q, keys_values[..., :d], keys_values[..., d:])
 
 
 class AllFrames:
@@ -84,9 +147,8 @@ class AllFrames:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
         if call.is_cross:
             return sdpa(q, k, v, call)
-        frames = call.info.frames
-        k_video = _video_tokens(split_frames(k, frames))  # (B, h, F·N, d)
-        v_video = _video_tokens(split_frames(v, frames))  # (B, h, F·N, dv)
+        frames, shard = call.info.frames, call.info.shard
+        k_video, v_video = _all_tokens(split_frames(k, frames), split_frames(v, frames), shard)  # (B, h, F·N, ·)
         qf = split_frames(q, frames)  # (B, F, h, N, d)
         out = [_unmerge(F.scaled_dot_product_attention(_video_tokens(qc), k_video, v_video), qc.shape[1])
                for qc in qf.split(self.chunk_frames, dim=1)]  # each (B, n, h, N, dv)
@@ -94,14 +156,20 @@ class AllFrames:
 
 
 class EMAttention:
-    """STEM's EM attention: every frame attends to K key/value bases estimated by EM from the video's tokens.
+    """STEM's EM attention (the paper's STEM-SA): every frame attends to K bases estimated from all its video's frames.
 
-    `scope` is how many consecutive frames share one set of bases. None (the paper: "a fixed and global
-    representation for the whole video") estimates them from all F frames. The official code inverts in
-    8-frame batches, so its bases are per 8-frame chunk; scope=8 reproduces that. `chunk` bounds the
-    tokens the EM and the attention process at once (see em.py); it changes nothing but rounding.
-    None processes all tokens at once.
-    `generator` seeds the random initial bases, drawn afresh at every call; with it, runs repeat exactly.
+        μ, ν = em_bases(keys of every frame, values of every frame)   K bases: R rounds of ST-E and ST-M step (em.py)
+        out_f = softmax(q_f μᵀ / √d) ν   for every frame f             scaled dot-product attention to the K bases
+
+    `_stem` is these two lines. Everything else in the class is an option or machinery around them:
+    - `scope`: how many consecutive frames share one set of bases; None (the paper's "fixed and global
+      representation for the whole video") estimates them from all F frames; scope=8 reproduces the official
+      code's 8-frame batches (module docstring, Fidelity).
+    - `chunk` bounds the tokens the EM and the attention process at once (em.py); it changes nothing but
+      rounding. None processes all tokens at once.
+    - `generator` seeds the random initial bases, drawn afresh at every call; with it, runs repeat exactly.
+    - Several processes (RunInfo.shard): the EM's sums are all-reduced (em.py), so every rank attends to the
+      whole video's bases; scopes other than the whole video run in one process only.
 
     Options that change the method, all off by default (bench/README.md measures what they change):
     - `warm_start_iters` R′: start the EM from the bases this layer ended with at the previous step
@@ -117,18 +185,19 @@ class EMAttention:
                  chunk: int | None = DEFAULT_CHUNK, generator: torch.Generator | None = None, *,
                  warm_start_iters: int | None = None, all_frame_if_few_tokens: bool = False,
                  low_precision_products: bool = False):
-        check_em_options(num_bases, iters, tau, chunk)
-        if scope is not None and (not isinstance(scope, int) or scope < 1):
-            raise ValueError(f"scope must be a positive number of frames per set of bases, or None for the whole "
-                             f"video (the official code's batches correspond to scope=8), got {scope!r}")
-        if warm_start_iters is not None and (not isinstance(warm_start_iters, int) or warm_start_iters < 1):
-            raise ValueError(f"warm_start_iters must be a positive number of EM iterations, or None (off), "
-                             f"got {warm_start_iters!r}")
+        _check_stem_options(num_bases, iters, tau, chunk, scope, warm_start_iters)
         self.num_bases, self.iters, self.tau = num_bases, iters, tau
         self.scope, self.chunk, self.generator = scope, chunk, generator
         self.warm_start_iters, self.all_frame_if_few_tokens = warm_start_iters, all_frame_if_few_tokens
         self.low_precision_products = low_precision_products
         self.previous: dict[tuple[str, int], tuple[int, torch.Tensor]] = {}  # (layer, scope) -> (step, μ)
+
+    def _stem(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall,
+              group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """STEM for the n frames (B, n, h, N, ·) of scope `group`: the output (B, n, h, N, dv) and μ (B, h, K, d)."""
+        mu, nu = self.bases(_video_tokens(k), _video_tokens(v), call, group)  # EM over every frame's keys and values
+        out = self.attend_to_bases(_video_tokens(q), mu, nu)  # every frame's queries attend to them: (B, h, n·N, dv)
+        return _unmerge(out, q.shape[1]), mu
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
         if call.is_cross:
@@ -139,32 +208,27 @@ class EMAttention:
                call: AttnCall) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """The self-attention output (B·F, h, N, dv) and, per scope, the key bases (B, h, K, d) it attended to
         (None for a scope that attended to all its tokens: all_frame_if_few_tokens)."""
-        frames = call.info.frames
+        frames, shard = call.info.frames, call.info.shard
+        if shard is not None and self.scope is not None:
+            raise ValueError(f"scope={self.scope} (bases per {self.scope} frames) is not supported across processes; "
+                             "use scope=None (the paper's bases over the whole video) or one process")
         qf, kf, vf = split_frames(q, frames), split_frames(k, frames), split_frames(v, frames)  # (B, F, h, N, ·)
         scope = self.scope or frames
         outs, bases = [], []
-        for i, group in enumerate(zip(qf.split(scope, 1), kf.split(scope, 1), vf.split(scope, 1))):
-            out, mu = self._attend(*group, call, i)
+        for group, (qs, ks, vs) in enumerate(zip(qf.split(scope, 1), kf.split(scope, 1), vf.split(scope, 1))):
+            tokens = ks.shape[3] * (ks.shape[1] if shard is None else shard.total)  # the whole scope's, every rank's
+            if self.all_frame_if_few_tokens and tokens <= self.num_bases:
+                out, mu = _attend_all_tokens(qs, ks, vs, shard), None
+            else:
+                out, mu = self._stem(qs, ks, vs, call, group)  # (B, n, h, N, dv), (B, h, K, d)
             outs.append(out)
             bases.append(mu)
         return _rows(torch.cat(outs, dim=1)), bases  # (B·F, h, N, dv)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall,
-                group: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """n frames (B, n, h, N, ·) share one set of bases; returns (B, n, h, N, dv) and the bases (B, h, K, d)."""
-        k_video, v_video, q_video = _video_tokens(k), _video_tokens(v), _video_tokens(q)  # (B, h, n·N, ·)
-        if self.all_frame_if_few_tokens and k_video.shape[-2] <= self.num_bases:
-            return _unmerge(F.scaled_dot_product_attention(q_video, k_video, v_video), q.shape[1]), None
-        mu, nu = self.bases(k_video, v_video, call, group)  # (B, h, K, d), (B, h, K, dv)
-        recorder = call.info.recorder
-        if recorder is not None and recorder.wants("bases", call.name, call.info.step):
-            recorder.add("bases", call.name, call.info.step, call=call, group=group, keys=k_video, bases=mu,
-                         tau=self.tau, chunk=self.chunk)
-        return _unmerge(self.attend_to_bases(q_video, mu, nu), q.shape[1]), mu  # (B, n, h, N, dv)
-
     def bases(self, k: torch.Tensor, v: torch.Tensor, call: AttnCall,
               group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key and value bases (B, h, K, d), (B, h, K, dv) of scope `group`'s tokens k (B, h, T, d), v (B, h, T, dv)."""
+        """Key and value bases (B, h, K, d), (B, h, K, dv) of scope `group`'s tokens k (B, h, T, d), v (B, h, T, dv):
+        em_bases, started from the previous step's bases with warm_start_iters, offered to RunInfo.recorder."""
         iters, init = self.iters, None
         if self.warm_start_iters is not None:
             if call.info.step is None:
@@ -173,29 +237,46 @@ class EMAttention:
             if step == call.info.step - 1 and mu.shape[:-2] == k.shape[:-2]:
                 iters, init = self.warm_start_iters, mu
         mu, nu = em_bases(k, v, self.num_bases, iters, self.tau, init=init, generator=self.generator,
-                          chunk=self.chunk, low_precision_products=self.low_precision_products)
+                          chunk=self.chunk, low_precision_products=self.low_precision_products, shard=call.info.shard)
         if self.warm_start_iters is not None:
             self.previous[(call.name, group)] = (call.info.step, mu)
+        recorder = call.info.recorder  # --explain's pictures: each token's basis
+        if recorder is not None and recorder.wants("bases", call.name, call.info.step):
+            recorder.add("bases", call.name, call.info.step, call=call, group=group, keys=k, bases=mu,
+                         tau=self.tau, chunk=self.chunk)
         return mu, nu
 
     def attend_to_bases(self, q: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
-        """softmax(q μᵀ / √d) ν for queries q (B, h, L, d); each query is independent, so they go in chunks."""
+        """softmax(q μᵀ / √d) ν for queries q (B, h, L, d): scaled dot-product attention (Vaswani et al. 2017, Eq. 1)
+        with the bases as keys and values. Each query is independent, so they go in chunks."""
         chunks = q.split(self.chunk or q.shape[-2], dim=-2)  # pieces (B, h, c, d)
         return torch.cat([F.scaled_dot_product_attention(qc, mu, nu) for qc in chunks], dim=-2)  # (B, h, L, dv)
+
+
+def _check_stem_options(num_bases: int, iters: int, tau: float, chunk: int | None, scope: int | None,
+                        warm_start_iters: int | None) -> None:
+    """Raise ValueError naming the first bad EMAttention option."""
+    check_em_options(num_bases, iters, tau, chunk)
+    if scope is not None and (not isinstance(scope, int) or scope < 1):
+        raise ValueError(f"scope must be a positive number of frames per set of bases, or None for the whole "
+                         f"video (the official code's batches correspond to scope=8), got {scope!r}")
+    if warm_start_iters is not None and (not isinstance(warm_start_iters, int) or warm_start_iters < 1):
+        raise ValueError(f"warm_start_iters must be a positive number of EM iterations, or None (off), "
+                         f"got {warm_start_iters!r}")
 
 
 class SpatialTemporal:
     """FateZero's spatial-temporal self-attention: per frame, the keys and values of a few chosen frames.
 
     mode "mid" (FateZero's SD configs): in layers of at least `min_channels` channels every frame attends
-    only to the middle frame (F−1)//2, its own frame not included (the official code replaces the keys, it
-    does not add to them); narrower layers attend within their own frame. SD1.5's configs use 640 (the
+    only to the middle frame (F−1)//2, its own frame not included (module docstring, Fidelity); narrower
+    layers attend within their own frame. SD1.5's configs use 640 (the
     32², 16² and 8² levels at 512²) or 1280 (16² and 8² only); `min_channels` compares with the layer's
     width h·d, so any model's `block_out_channels` can be named. mode "first+previous" (Tune-A-Video's
     sparse-causal attention, FateZero's default without an index): every layer, frame i attends to frame
     i−1 (frame 0: itself) then frame 0, keys in that order.
 
-    `key_frames` gives the frame indices each frame attends to, so an editor can rebuild the attention maps.
+    `visible_frames` gives the frames each frame attends to, so an editor can rebuild the attention maps.
     """
 
     MODES = ("mid", "first+previous")
@@ -208,23 +289,10 @@ class SpatialTemporal:
                              f"1280), got {min_channels!r}")
         self.mode, self.min_channels = mode, min_channels
 
-    def key_frames(self, frames: int, channels: int, device: torch.device | None = None) -> torch.Tensor:
-        """(F, m) long: row f lists the frames whose tokens frame f attends to, in key order."""
-        own = torch.arange(frames, device=device)
-        if self.mode == "first+previous":
-            return torch.stack([(own - 1).clamp(min=0), torch.zeros_like(own)], dim=1)  # (F, 2)
-        if channels < self.min_channels:
-            return own[:, None]  # (F, 1)
-        return torch.full((frames, 1), (frames - 1) // 2, device=device)  # (F, 1)
-
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
         if call.is_cross:
             return sdpa(q, k, v, call)
-        frames = call.info.frames
-        index = self.key_frames(frames, q.shape[1] * q.shape[-1], q.device)  # (F, m)
-        keys = _rows(gather_frames(split_frames(k, frames), index))  # (B·F, h, m·N, d)
-        values = _rows(gather_frames(split_frames(v, frames), index))  # (B·F, h, m·N, dv)
-        return F.scaled_dot_product_attention(q, keys, values)
+        return _attend_visible(self, q, k, v, call)
 
 
 def gather_frames(xf: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -253,6 +321,8 @@ class FineCoarse:
         self.r, self.downsample = r, downsample
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
+        if call.info.shard is not None:
+            raise ValueError("FineCoarse (EI²'s tuned attention) runs in one process: it sees every frame of the video")
         if call.is_cross or call.info.frames == 1:
             return sdpa(q, k, v, call)
         frames, (H, W) = call.info.frames, call.info.hw
@@ -296,6 +366,22 @@ def context_processor(name: str, generator: torch.Generator | None = None, **opt
     if name == "fatezero":
         return SpatialTemporal(**options)
     return EMAttention(generator=generator, **options)
+
+
+def _all_tokens(kf: torch.Tensor, vf: torch.Tensor, shard: Shard | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every frame's keys and values as one sequence each, (B, F, h, N, ·) -> (B, h, F·N, ·); with a shard, every
+    rank's frames, all-gathered (keys and values in one collective)."""
+    if shard is None:
+        return _video_tokens(kf), _video_tokens(vf)
+    d = kf.shape[-1]
+    kv = _video_tokens(distributed.all_gather(torch.cat([kf, vf], dim=-1), shard, dim=1))  # (B, h, F_all·N, d + dv)
+    return kv[..., :d], kv[..., d:]
+
+
+def _attend_all_tokens(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, shard: Shard | None) -> torch.Tensor:
+    """Every query of n frames (B, n, h, N, d) attends to every token of the n frames (of every rank): (B, n, h, N, dv)."""
+    k_all, v_all = _all_tokens(kf, vf, shard)  # (B, h, n·N, ·)
+    return _unmerge(F.scaled_dot_product_attention(_video_tokens(qf), k_all, v_all), qf.shape[1])
 
 
 def _video_tokens(xf: torch.Tensor) -> torch.Tensor:

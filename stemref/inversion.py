@@ -3,9 +3,29 @@
     frames ─VAE─► x_0 ─inverse DDIM steps (UNet with the context processor)─► x_1 … x_T
     x_T ─DDIM steps with the same context and prompt─► x̂_0 ─VAE─► reconstructed frames
 
+Each inverse step is DDIM's deterministic update (Song et al., "Denoising Diffusion Implicit Models", Eq. 12
+with σ = 0) run upwards, from level t − Δ to t, which encodes x_0 into x_T as the paper's Sec. 5.4 does by
+reversing the ODE of its Eq. 14 (scheduler.inverse_step, sampling.ddim_inversion_loop):
+
+    x̂_0 = (x_{t−Δ} − √(1 − ᾱ_{t−Δ}) ε) / √ᾱ_{t−Δ},    x_t = √ᾱ_t x̂_0 + √(1 − ᾱ_t) ε,    ε = ε_θ(x_{t−Δ}, t, prompt)
+
+ε is predicted at the target level t from the latent one level below. Undoing the sampling step from t
+exactly would need ε_θ(x_t, t), from the very x_t being computed; using ε_θ(x_{t−Δ}, t) instead is DDIM
+inversion's approximation, and the reason the reconstruction is close but not exact.
+
 The context decides what each frame's self-attention sees: "1-frame" (itself), "2-frame" (the first and
 the previous frame), "all-frame" (every frame) or "stem" (K bases estimated by EM from every frame).
 All latents along the path are kept: TokenFlow and FateZero edit from them.
+
+Fidelity (as STEM's official code): the inversion is guided by the source prompt alone (guidance 1), and the
+reconstruction runs under the same context as the inversion (the EM attention too).
+
+Several processes: with `group=` (a torch.distributed process group, e.g. torch.distributed.group.WORLD),
+every process takes the same arguments, encodes and inverts only its contiguous shard of the frames
+(distributed.py) and returns the Inversion of its shard (`Inversion.shard` says which frames); the
+frame-context processors exchange what crosses shards, so each shard's latents are those a single process
+computes for those frames. `Inversion.whole()` gathers the shards (on every rank) for saving or editing in one
+process; `reconstruct` of a sharded Inversion returns the shard's frames.
 
 Dimension legend: S steps, F frames, h × w latent grid (H/8 × W/8).
 """
@@ -14,11 +34,15 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 
-from .attention import Recorder, RunInfo
+from . import distributed
+from .attention import Processor, Recorder, RunInfo
 from .context import CONTEXTS, context_processor
+from .distributed import Shard, shard_frames
 from .files import read_stemref_file, save_stemref_file
 from .frames import check_finite, non_finite_hint
 from .pipeline import StableDiffusion, check_encodable
@@ -27,6 +51,7 @@ from .sampling import (NoiseFn, Progress, check_guidance, check_seed, ddim_inver
 
 SELF_ATTENTION = r"attn1$"
 FORMAT = "stemref.inversion/1"
+Chooser = Callable[[str], Processor | None]  # attention-layer name -> its processor (None: keep the installed one)
 
 
 @dataclass
@@ -44,9 +69,25 @@ class InversionSettings:
 class Inversion:
     """latents[0] are the encoded frames x_0; latents[i] the latents at timesteps[i - 1]; latents[-1] is x_T."""
 
-    latents: torch.Tensor  # (S + 1, F, 4, h, w)
+    latents: torch.Tensor  # (S + 1, F, 4, h, w); with a shard, this rank's frames only
     timesteps: list[int]  # ascending, e.g. [1, 21, …, 981]
     settings: InversionSettings
+    shard: Shard | None = field(default=None, compare=False, repr=False)  # the frames this process holds
+
+    def whole(self) -> "Inversion":
+        """Every process's frames in one Inversion, on every rank (a collective); itself when not sharded."""
+        if self.shard is None:
+            return self
+        return Inversion(distributed.all_gather(self.latents, self.shard, dim=1), self.timesteps, self.settings)
+
+    def local(self, group: dist.ProcessGroup | None) -> "Inversion":
+        """This rank's shard of a whole Inversion over `group` (no communication); itself without a group."""
+        if self.shard is not None:
+            raise ValueError("this Inversion is already one process's shard; call whole() first to reshard it")
+        shard = shard_frames(self.latents.shape[1], group)
+        if shard is None:
+            return self
+        return Inversion(self.latents[:, shard.start:shard.stop], self.timesteps, self.settings, shard)
 
     def __post_init__(self):
         if not isinstance(self.latents, torch.Tensor) or not self.latents.is_floating_point():
@@ -77,6 +118,8 @@ class Inversion:
     def save(self, path: str | Path, cache: dict | None = None) -> Path:
         """One .safetensors file: the latents, and the settings as JSON in its metadata (with `cache`, a cache
         entry's identity: stemref.edit.cache)."""
+        if self.shard is not None:
+            raise ValueError("this Inversion holds one process's frames; save inversion.whole() (from one rank)")
         meta = {"format": FORMAT, "timesteps": self.timesteps, "settings": asdict(self.settings),
                 **({"cache": cache} if cache is not None else {})}
         return save_stemref_file(path, {"latents": self.latents}, meta, "inversion")
@@ -135,7 +178,7 @@ def check_inversion(inversion: object) -> Inversion:
 def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 50, context: str | None = "stem",
            guidance: float = 1.0, layers: str = SELF_ATTENTION, seed: int = 0, batch: int | None = None,
            progress: Progress | None = None, vae_progress: Progress | None = None, recorder: Recorder | None = None,
-           **options) -> Inversion:
+           group: dist.ProcessGroup | None = None, **options) -> Inversion:
     """DDIM-invert `frames` (F, 3, H, W) in [0, 1] under `context` in the layers matching `layers`.
 
     `guidance` 1 (the default, as STEM and TokenFlow invert) uses the prompt only. `batch` bounds memory for
@@ -145,37 +188,56 @@ def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 
     context=None keeps the processors installed in the UNet (a tuned video UNet's own self-attention,
     edit/tuning.py). `progress` follows the DDIM steps, `vae_progress` the frames through the VAE encoder.
     `recorder` (stemref.explain) is offered what every UNet call computes; it changes nothing in the result.
+    `group`: share the work among the processes of a torch.distributed group (module docstring); every
+    process passes all frames and gets back the Inversion of its shard.
     """
-    check_encodable(frames)
     settings = InversionSettings(prompt, steps, context, guidance, layers, seed, options)
-    _check_settings(settings, batch)
-    # everything that can refuse the settings runs before the (slow) VAE encode
-    timesteps = sd.scheduler.timesteps(steps).flip(0).tolist()  # ascending
-    eps_fn, chooser = _noise_fn(sd, settings, batch, recorder), _chooser(sd, settings, frames)
-    x = sd.encode_frames(frames, progress=vae_progress)
-    with sd.unet.attention(chooser):
-        path = ddim_inversion_loop(sd.scheduler, x, eps_fn, steps, progress)
+    shard, timesteps, chooser, eps_fn = _prepare(sd, frames, settings, batch, group, recorder)  # refuse before work
+    x = sd.encode_frames(frames if shard is None else frames[shard.start:shard.stop], progress=vae_progress)  # x_0
+    with sd.unet.attention(chooser):  # the context's processor in the chosen self-attention layers
+        path = ddim_inversion_loop(sd.scheduler, x, eps_fn, steps, progress)  # x_0, x_1, …, x_T
     latents = torch.stack(path)  # (S + 1, F, 4, h, w)
     check_finite(latents, "the inverted latents", non_finite_hint(sd.dtype))
-    return Inversion(latents, timesteps, settings)
+    return Inversion(latents, timesteps, settings, shard)
+
+
+def _prepare(sd: StableDiffusion, frames: torch.Tensor, s: InversionSettings, batch: int | None,
+             group: dist.ProcessGroup | None,
+             recorder: Recorder | None) -> tuple[Shard | None, list[int], Chooser, NoiseFn]:
+    """Check everything `invert` is given, before the (slow) VAE encode, and return what it runs with: this
+    process's shard, the ascending timesteps, the layer-to-processor chooser and the noise predictor."""
+    check_encodable(frames)
+    _check_settings(s, batch)
+    shard = shard_frames(frames.shape[0], group)
+    _check_shardable(s, shard)
+    timesteps = sd.scheduler.timesteps(s.steps).flip(0).tolist()  # ascending
+    eps_fn, chooser = _noise_fn(sd, s, batch, recorder, shard), _chooser(sd, s, frames)
+    return shard, timesteps, chooser, eps_fn
 
 
 def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = None,
-                progress: Progress | None = None, vae_progress: Progress | None = None) -> torch.Tensor:
+                progress: Progress | None = None, vae_progress: Progress | None = None,
+                group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Denoise x_T back to frames (F, 3, H, W) with the inversion's prompt, guidance and context.
 
-    `progress` follows the DDIM steps, `vae_progress` the frames through the VAE decoder.
+    `progress` follows the DDIM steps, `vae_progress` the frames through the VAE decoder. A sharded Inversion
+    (from `invert(..., group=)`), or a whole one with `group`, is reconstructed by the processes together:
+    each returns its shard's frames.
     """
-    s = check_inversion(inversion).settings
+    check_inversion(inversion)
+    if group is not None and inversion.shard is None:
+        inversion = inversion.local(group)
+    s = inversion.settings
     _check_settings(s, batch)
+    _check_shardable(s, inversion.shard)
     # the stored timesteps, not settings.steps, define the path (they agree for every file invert wrote)
     steps = len(inversion.timesteps)
     if sd.scheduler.timesteps(steps).flip(0).tolist() != inversion.timesteps:
         raise ValueError(f"the inversion's timesteps {inversion.timesteps[:3]}… are not this scheduler's "
                          f"{steps}-step DDIM path; reconstruct with the scheduler (weights) it was inverted with")
     with sd.unet.attention(_chooser(sd, s)):
-        x = ddim_sample_loop(sd.scheduler, inversion.x_T.to(sd.device, sd.dtype), _noise_fn(sd, s, batch), steps,
-                             progress=progress)
+        x = ddim_sample_loop(sd.scheduler, inversion.x_T.to(sd.device, sd.dtype),
+                             _noise_fn(sd, s, batch, shard=inversion.shard), steps, progress=progress)
     check_finite(x, "the reconstructed latents", non_finite_hint(sd.dtype))
     return sd.decode_latents(x, progress=vae_progress)
 
@@ -192,7 +254,7 @@ def replay(sd: StableDiffusion, inversion: Inversion, steps: list[int], recorder
     """
     s = check_inversion(inversion).settings
     _check_settings(s, batch)
-    eps_fn = _noise_fn(sd, s, batch, recorder)
+    eps_fn = _noise_fn(sd, s, batch, recorder, inversion.shard)
     with sd.unet.attention(_chooser(sd, s)):
         for j in steps:
             eps_fn(inversion.latents[j].to(sd.device, sd.dtype), inversion.timesteps[j], j)
@@ -216,7 +278,19 @@ def _check_settings(s: InversionSettings, batch: int | None) -> None:
         raise ValueError(f"layers={s.layers!r} is not a valid regular expression: {e}") from e
 
 
-def _chooser(sd: StableDiffusion, s: InversionSettings, frames: torch.Tensor | None = None):
+def _check_shardable(s: InversionSettings, shard: Shard | None) -> None:
+    """Refuse, before any work, the settings that cannot run across processes."""
+    if shard is None:
+        return
+    if s.context is None:
+        raise ValueError("context=None (a tuned video UNet's own attention) runs in one process: its temporal "
+                         "layers see every frame; invert without a group")
+    if s.context == "stem" and s.options.get("scope") is not None:
+        raise ValueError(f"scope={s.options['scope']} is not supported across processes; use scope=None (the "
+                         "paper's bases over the whole video) or one process")
+
+
+def _chooser(sd: StableDiffusion, s: InversionSettings, frames: torch.Tensor | None = None) -> Chooser:
     """processor-for-layer-name for `sd.unet.attention`; with `frames`, first checks that STEM can run on them.
 
     context None keeps every layer's installed processor (a tuned video UNet's own self-attention)."""
@@ -248,13 +322,15 @@ def _check_stem_tokens(sd: StableDiffusion, frames: torch.Tensor, layers: list[s
                          f"frames (at least {16 * 2 ** halvings} px on a side) or more frames")
 
 
-def _noise_fn(sd: StableDiffusion, s: InversionSettings, batch: int | None, recorder: Recorder | None = None) -> NoiseFn:
-    """ε of the whole video per call, or of `batch` frames at a time (1-frame context only)."""
+def _noise_fn(sd: StableDiffusion, s: InversionSettings, batch: int | None, recorder: Recorder | None = None,
+              shard: Shard | None = None) -> NoiseFn:
+    """ε of the whole video (this rank's shard of it) per call, or of `batch` frames at a time (1-frame only)."""
     cond = sd.encode_prompt(s.prompt)
     uncond = sd.encode_prompt("") if s.guidance != 1.0 else None
 
     def eps_fn(x: torch.Tensor, t: int, step: int) -> torch.Tensor:
         chunks = x.split(batch) if batch else [x]
-        return torch.cat([predict_noise(sd, c, t, cond, uncond, s.guidance, RunInfo(frames=c.shape[0], step=step, recorder=recorder))
+        return torch.cat([predict_noise(sd, c, t, cond, uncond, s.guidance,
+                                        RunInfo(frames=c.shape[0], step=step, recorder=recorder, shard=shard))
                           for c in chunks])
     return eps_fn

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a mallard swimming in a pond"
 FAST = ["--steps", "2", "--frames", "3", "--size", "64", "--device", "cpu", "--dtype", "fp32"]
 METRIC_KEYS = {"context", "psnr", "ssim", "consistency", "seconds", "peak_memory_bytes", "peak_memory_measure",
-               "frames", "width", "height", "scored", "steps", "settings", "feature_similarity"}
+               "frames", "processes", "width", "height", "scored", "steps", "settings", "feature_similarity"}
 
 
 @pytest.fixture(scope="module")

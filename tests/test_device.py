@@ -12,6 +12,7 @@ inversion loops and one loss per tuning step; once per call, only at the listed 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,7 @@ def tokenflow_with_blend_weights(cast: str):
     spec = importlib.util.spec_from_loader("stemref.edit.tokenflow_bug", loader=None)
     buggy = importlib.util.module_from_spec(spec)
     buggy.__package__ = "stemref.edit"
+    sys.modules[spec.name] = buggy  # dataclasses look their class's module up there (KeyframeFeatures' `int` field)
     exec(compile(source.replace(fixed, cast), "tokenflow_bug.py", "exec"), buggy.__dict__)
     return buggy
 

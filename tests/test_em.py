@@ -2,13 +2,16 @@
 
 The naive EM below works on one head at a time, token by token and basis by basis, in float64; it is the
 independent reference for em_bases and for the EM attention in test_context.py.
+
+It is also the reference for em.plain_em (the paper's lines, all tokens at once), which in turn is the
+reference for every chunking of em_bases here and for em_bases sharded over processes in test_distributed.py.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from stemref.em import em_bases, m_step, responsibilities
+from stemref.em import em_bases, em_iteration, plain_em, responsibilities, weighted_means
 
 EPS = 1e-4
 H, T, D, DV, K = 2, 37, 8, 5, 6
@@ -78,20 +81,22 @@ def test_responsibilities_are_a_softmax_over_bases():
         torch.testing.assert_close(z[h], naive_e_step(k[h], mu[h], 0.01), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("em", [plain_em, em_bases])
 @pytest.mark.parametrize("iters,tau", [(5, 0.01), (1, 0.01), (3, 0.5)])
-def test_em_with_init_equals_naive_em(iters, tau):
+def test_em_with_init_equals_naive_em(em, iters, tau):
     k, v = clustered_tokens(2)
     mu0 = naive_init(k, K, 3)
-    mu, nu = em_bases(k, v, num_bases=K, iters=iters, tau=tau, init=mu0)
+    mu, nu = em(k, v, num_bases=K, iters=iters, tau=tau, init=mu0)
     ref_mu, ref_nu = naive_em_heads(k, v, mu0, iters, tau)
     assert mu.shape == (H, K, D) and nu.shape == (H, K, DV)
     torch.testing.assert_close(mu, ref_mu, rtol=0, atol=1e-10)
     torch.testing.assert_close(nu, ref_nu, rtol=0, atol=1e-10)
 
 
-def test_em_initial_draw_is_mean_plus_std_times_generator_noise():
+@pytest.mark.parametrize("em", [plain_em, em_bases])
+def test_em_initial_draw_is_mean_plus_std_times_generator_noise(em):
     k, v = clustered_tokens(4, lead=(3, H))  # a leading branch dim
-    mu, nu = em_bases(k, v, num_bases=K, generator=torch.Generator().manual_seed(5))
+    mu, nu = em(k, v, num_bases=K, generator=torch.Generator().manual_seed(5))
     ref_mu, ref_nu = naive_em_heads(k, v, naive_init(k, K, 5), 5, 0.01)
     torch.testing.assert_close(mu, ref_mu, rtol=0, atol=1e-10)
     torch.testing.assert_close(nu, ref_nu, rtol=0, atol=1e-10)
@@ -117,10 +122,14 @@ def test_bases_are_nonnegative_combinations_of_the_tokens_with_the_last_responsi
     z = torch.stack([naive_e_step(k[h], before_last[h], 0.01) for h in range(H)])  # (h, T, K)
     weights = z / (z.sum(1, keepdim=True) + EPS)  # (h, T, K)
     for chunk in (None, 5):
-        pooled_k, pooled_other, pooled_v = m_step(k, before_last, 0.01, k, other, v, chunk=chunk)
+        pooled_k, pooled_other, pooled_v = weighted_means(k, before_last, 0.01, pool=[k, other, v], chunk=chunk)
         torch.testing.assert_close(pooled_k, mu, rtol=0, atol=1e-12)
         torch.testing.assert_close(pooled_other, weights.transpose(1, 2) @ other, rtol=0, atol=1e-12)
         torch.testing.assert_close(pooled_v, nu, rtol=0, atol=1e-12)
+        # an EM iteration is the keys pooling themselves: with values, the last iteration's (μ, ν)
+        assert em_iteration(k, before_last, 0.01, chunk=chunk)[1] is None
+        torch.testing.assert_close(em_iteration(k, before_last, 0.01, chunk=chunk)[0], mu, rtol=0, atol=1e-12)
+        torch.testing.assert_close(em_iteration(k, before_last, 0.01, v, chunk=chunk)[1], nu, rtol=0, atol=1e-12)
 
 
 def test_generator_makes_runs_repeat_and_seeds_differ():
@@ -131,19 +140,19 @@ def test_generator_makes_runs_repeat_and_seeds_differ():
     assert not torch.allclose(a[0], c[0])
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 8, T - 1, T, T + 10])
-def test_chunked_em_equals_unchunked_float64(chunk):
+@pytest.mark.parametrize("chunk", [None, 1, 5, 8, T - 1, T, T + 10])
+def test_streamed_em_equals_plain_em_float64(chunk):
     k, v = clustered_tokens(9, lead=(2, H))
-    whole = em_bases(k, v, num_bases=K, generator=torch.Generator().manual_seed(3))
+    whole = plain_em(k, v, num_bases=K, generator=torch.Generator().manual_seed(3))
     parts = em_bases(k, v, num_bases=K, generator=torch.Generator().manual_seed(3), chunk=chunk)
     torch.testing.assert_close(parts[0], whole[0], rtol=0, atol=1e-10)
     torch.testing.assert_close(parts[1], whole[1], rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 8, T - 1])
-def test_chunked_em_equals_unchunked_float32(chunk):
+@pytest.mark.parametrize("chunk", [None, 1, 5, 8, T - 1])
+def test_streamed_em_equals_plain_em_float32(chunk):
     k, v = clustered_tokens(10, dtype=torch.float32)
-    whole = em_bases(k, v, num_bases=K, generator=torch.Generator().manual_seed(4))
+    whole = plain_em(k, v, num_bases=K, generator=torch.Generator().manual_seed(4))
     parts = em_bases(k, v, num_bases=K, generator=torch.Generator().manual_seed(4), chunk=chunk)
     assert parts[0].dtype == torch.float32
     torch.testing.assert_close(parts[0], whole[0], rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import stemref
 from stemref.attention import AttnCall, RunInfo
-from stemref.context import SpatialTemporal, context_processor
+from stemref.context import SpatialTemporal, context_processor, gather_frames, visible_frames
 from stemref.edit import fatezero, fatezero_fusion, p2p
 from stemref.edit.attention_store import AttentionStore, StepReader, write_safetensors
 from stemref.edit.fatezero import FateZeroSettings, Plan, edit, edit_latents
@@ -229,7 +229,8 @@ def test_maps_recomputed_from_the_store_equal_maps_stored_directly(tiny_sd, inve
                     got = fatezero_fusion.probabilities(q, k)
                 else:
                     context_ = fatezero._layer_contexts(tiny_sd, inv.settings)[name]
-                    got = fatezero_fusion.frame_maps(q, k, fatezero_fusion.key_frames(context_, 3, q.shape[1] * q.shape[-1], q.device))
+                    table, index = visible_frames(context_, k[None], q.shape[1] * q.shape[-1])
+                    got = fatezero_fusion.probabilities(q, gather_frames(table, index)[0])
             assert torch.equal(got, expected), name
             checked += 1
         assert checked == STEPS * 2 * 11  # 11 self and 11 cross layers below the top level (as SD1.5's), every step

@@ -19,6 +19,11 @@ second edit of the same video skips it. Missing weights are downloaded into --we
 resumable, checksummed) unless --offline. Everything is written into a hidden folder that becomes OUT only
 when the run succeeds.
 
+Several processes: `torchrun --nproc-per-node N -m stemref.edit ...` (and torchrun's --nnodes/--rdzv-* flags for
+several machines) shares the frames among N processes (NCCL on GPUs, each on cuda:LOCAL_RANK; gloo on the
+CPU): the same files as one process, with `processes = N` in config.toml. Rank 0 reads and writes the cache
+(which every rank must be able to read) and writes the output; tune-a-video and ei2 run in one process only.
+
 The methods (their options, `prepare` and `edit` steps) are registered in edit_methods.py; the editors
 themselves are in stemref/edit/. This module is the command: settings, checks, outputs.
 """
@@ -30,17 +35,20 @@ import math
 import re
 import sys
 import tomllib
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .checks import (check_cache_folder, check_fps, check_free_space, check_num_bases, check_prompt, check_seed,
                      check_steps, check_video_path, checked, warn_if_large)
 from .errors import ArgumentParser, UserError, run, warn
+from .launch import DEFAULT_TIMEOUT, Launch, check_frames, check_settings_agree, failed_ranks, finish, start
 from .model import DTYPES, check_model_arguments, load_model, model_inputs
 from .output import PANEL_GAP, check_output_folder, output_folder
-from .progress import progress_printer
+from .progress import progress_printer, silent_printer
 from .download import stderr_progress
 from .edit_methods import METHODS, Job, Option
 from .measure import SCORED, clock, consistency, peak_memory, reset_peak_memory, source_fps
@@ -95,9 +103,13 @@ COMMON = (
     Option("reuse", bool, True, "read and write the cache (--no-reuse: always recompute, store nothing)"),
     Option("out", Path, None, "output folder (default: out/<video name>, or the first out/<video name>-N not taken)"),
     Option("overwrite", bool, False, "replace --out if an earlier stemref run wrote it"),
+    Option("timeout", float, DEFAULT_TIMEOUT, "under torchrun: seconds a process waits for the others before the "
+           "run stops with an error"),
     Option("explain", bool, False, "index.html: also the pictures that cost extra work (today: replay one inversion "
            "step when the inversion came from the cache)"),
 )
+RECORDED = ("processes",)  # written into config.toml as facts of the run, ignored when read back
+SINGLE_PROCESS_METHODS = ("tune-a-video", "ei2")  # one-shot tuning runs on one device (clips of ≤ 24 frames)
 
 
 
@@ -194,6 +206,8 @@ def read_config(path: Path) -> dict[str, Any]:
     settings = {}
     for key, value in table.items():
         name = key.replace("-", "_")
+        if name in RECORDED:
+            continue
         if name not in options:
             raise UserError(f"--config {path}: unknown setting {key!r}; the settings are the long options of "
                             "`python -m stemref.edit --help`, with underscores")
@@ -281,58 +295,90 @@ def check_settings(s: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+class ProcessFailure(Exception):
+    """Another process of a torchrun run failed or was killed (exit 1)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    launch = Launch()
 
     def body():
+        nonlocal launch
         s = resolve_settings(parser, argv)
-        method = METHODS[s["method"]]
-        model_args = argparse.Namespace(weights=s["weights"], device=s["device"], dtype=s["dtype"],
-                                        model_config=s["model_config"])
-        inputs = run_inputs(s, model_args)
+        launch, device = start(s["device"], s["timeout"])
+        try:
+            edit_video(s, launch, device)
+        except dist.DistError as e:
+            raise ProcessFailure(failed_ranks(launch) if launch.group is not None else str(e)) from None
+
+    try:
+        return run(body, failures=(DownloadError, ProcessFailure))
+    finally:
+        finish(launch)
+
+
+def edit_video(s: dict[str, Any], launch: Launch, device: str) -> None:
+    """The command's work, in one process or as one rank of several under torchrun (only rank 0 writes)."""
+    # the output folder is rank 0's alone; every other setting must be the same on every rank
+    check_settings_agree(launch, {k: v for k, v in s.items() if k not in ("out", "overwrite")})
+    if launch.group is not None and s["method"] in SINGLE_PROCESS_METHODS:
+        raise UserError(f"--method {s['method']} tunes a model on one device (clips of at most 24 frames); run it "
+                        "without torchrun")
+    method = METHODS[s["method"]]
+    model_args = argparse.Namespace(weights=s["weights"], device=device, dtype=s["dtype"],
+                                    model_config=s["model_config"])
+    inputs = run_inputs(s, model_args)
+    cache_root = (s["cache"] or default_root()) if s["reuse"] else None
+    if launch.main:
         if s["width"] is not None:
             warn_if_large(max(s["width"], s["height"]), "--width/--height")
         else:
             warn_if_large(s["size"])
         check_output_folder(s["out"], s["overwrite"], inputs)
-        cache_root = (s["cache"] or default_root()) if s["reuse"] else None
         if cache_root is not None:
             check_cache_folder(cache_root)
         ensure_weights(s)
-        check_model_arguments(model_args)
-        started = clock(torch.device("cpu"))
-        with output_folder(s["out"], s["overwrite"], inputs) as tmp:
-            frames = read_frames(s)
+    launch.barrier()  # the other ranks use the weights rank 0 may have just downloaded
+    check_model_arguments(model_args)
+    started = clock(torch.device("cpu"))
+    with output_folder(s["out"], s["overwrite"], inputs) if launch.main else nullcontext() as tmp:
+        frames = read_frames(s, quiet=not launch.main)
+        check_frames(launch, len(frames))
+        H, W = frames.shape[-2:]
+        if launch.main:
             if s["frames"] is not None and len(frames) < s["frames"]:
                 warn(f"{s['video']} has only {len(frames)} frames from --start {s['start']} with --stride "
                      f"{s['stride']}; editing those {len(frames)} instead of --frames {s['frames']}")
-            if len(frames) > LONG_RUN_FRAMES:
+            if len(frames) > LONG_RUN_FRAMES * launch.size:
                 warn(f"{len(frames)} frames: an edit takes roughly {len(frames)}× the time of one frame; "
                      "consider --frames or --stride")
-            H, W = frames.shape[-2:]
-            print(f"video: {len(frames)} frames of {W}×{H} from {s['video']}", file=sys.stderr, flush=True)
-            if s["inversion"] == "stem":
-                check_num_bases(s["num_bases"], len(frames), H, W, s["scope"])
-            if cache_root is not None:  # the inversion's latents x_0 … x_T in float32, at most
-                check_free_space(cache_root, (s["steps"] + 1) * len(frames) * 4 * (H // 8) * (W // 8) * 4,
-                                 "this run's inversion")
-            with progress_printer("loading weights", unit="part") as report:
-                sd = load_model(model_args, progress=report)
-            for text, flag in [(s["source"], "--source"), *((t, "--target") for t in s["target"]),
-                               (s["negative"], "--negative")]:  # refuse over-long prompts now, naming the flag
-                checked(flag, sd.tokenizer.refuse_long, [text])
-            job = Job(sd, frames, s, cache_root)
-            reset_peak_memory(sd.device)
-            prepared = method.prepare(job)
-            edits = []
-            for target in s["target"]:
-                t0 = clock(sd.device)
-                edits.append(method.edit(job, prepared, target))
-                job.timings.setdefault("edits", []).append(clock(sd.device) - t0)
+            print(f"video: {len(frames)} frames of {W}×{H} from {s['video']}"
+                  + (f", shared by {launch.size} processes" if launch.group is not None else ""),
+                  file=sys.stderr, flush=True)
+        if s["inversion"] == "stem":
+            check_num_bases(s["num_bases"], len(frames), H, W, s["scope"])
+        if cache_root is not None and launch.main:  # the inversion's latents x_0 … x_T in float32, at most
+            check_free_space(cache_root, (s["steps"] + 1) * len(frames) * 4 * (H // 8) * (W // 8) * 4,
+                             "this run's inversion")
+        job = Job(None, frames, s, cache_root, launch=launch)
+        with job.progress("loading weights", unit="part") as report:
+            job.sd = sd = load_model(model_args, progress=report)
+        for text, flag in [(s["source"], "--source"), *((t, "--target") for t in s["target"]),
+                           (s["negative"], "--negative")]:  # refuse over-long prompts now, naming the flag
+            checked(flag, sd.tokenizer.refuse_long, [text])
+        reset_peak_memory(sd.device)
+        prepared = method.prepare(job)
+        edits = []
+        for target in s["target"]:
+            t0 = clock(sd.device)
+            edits.append(method.edit(job, prepared, target))
+            job.timings.setdefault("edits", []).append(clock(sd.device) - t0)
+        if launch.main:
             write_outputs(tmp, job, edits, started)
+    launch.barrier()  # the other ranks end when rank 0's output folder is in place
+    if launch.main:
         print(f"wrote {s['out']}", file=sys.stderr)
-
-    return run(body, failures=(DownloadError,))
 
 
 def run_inputs(s: dict[str, Any], model_args: argparse.Namespace) -> list[Path]:
@@ -365,10 +411,10 @@ def ensure_weights(s: dict[str, Any]) -> None:
         download(weights, base_url=s["hub_url"], progress=stderr_progress(line))
 
 
-def read_frames(s: dict[str, Any]) -> torch.Tensor:
+def read_frames(s: dict[str, Any], quiet: bool = False) -> torch.Tensor:
     resize = (s["height"], s["width"]) if s["width"] is not None else None
     size = None if resize else s["size"]
-    with progress_printer("reading video", unit="frame") as report:
+    with (silent_printer if quiet else progress_printer)("reading video", unit="frame") as report:
         return read_video(s["video"], s["start"], s["stride"], s["frames"], size, s["square"], resize=resize,
                           progress=report)
 
@@ -387,7 +433,7 @@ def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: fl
         together = side_by_side(frames, *edits, labels=labels, gap=PANEL_GAP)
         write_video(folder / f"side_by_side{suffix}", together, fps)
         report(len(edits) + 1, len(edits) + 1)
-    (folder / "config.toml").write_text(to_toml(s), encoding="utf-8")
+    (folder / "config.toml").write_text(to_toml(s) + f"processes = {job.launch.size}\n", encoding="utf-8")
     with job.progress("metrics", unit="video") as report:
         source_consistency = consistency(sd, frames, s["source"])
         report(1, len(edits) + 1)

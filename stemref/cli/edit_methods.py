@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .progress import progress_printer
+from .launch import Launch
+from .progress import progress_printer, silent_printer
 from .measure import clock
+from .. import distributed
 from ..context import CONTEXTS
 from ..edit import fatezero, tokenflow, tuning
 from ..edit import tuned as tuned_editing
@@ -53,6 +55,7 @@ class Job:
     settings: dict[str, Any]
     cache_root: Path | None
     timings: dict[str, float] = field(default_factory=dict)
+    launch: Launch = Launch()  # several processes under torchrun: only rank 0 reports, caches and writes
     pictures: list[Picture] = field(default_factory=list)  # for index.html, each edit's named after it
 
     def explained(self, pictures: list[Picture], target: str | None = None) -> None:
@@ -64,10 +67,11 @@ class Job:
         self.pictures.extend(pictures)
 
     def progress(self, label: str, unit: str = "step") -> progress_printer:
-        return progress_printer(label, unit)
+        return progress_printer(label, unit) if self.launch.main else silent_printer(label, unit)
 
     def say(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        if self.launch.main:
+            print(message, file=sys.stderr, flush=True)
 
     @cached_property
     def frames_digest(self) -> str:
@@ -200,15 +204,19 @@ def cached_inversion(job: Job, sd: StableDiffusion | None = None, prompt: str | 
                    "prompt": prompt, "steps": s["steps"], "context": s["inversion"], "options": options,
                    "seed": s["seed"], "weights": weights_fingerprint(sd), "dtype": str(sd.dtype)}
     context = None if s["inversion"] == "model" else s["inversion"]
+    group = job.launch.group
     recorder = inversion_recorder(sd.unet, s["steps"])
 
     def compute() -> Inversion:
         with job.progress("encoding frames", unit="frame") as encoding, \
                 job.progress(f"{s['inversion']} inversion") as report:
             return invert(sd, job.frames, prompt, s["steps"], context, seed=s["seed"], progress=report,
-                          vae_progress=encoding, recorder=recorder, **options)
-    inversion = job.cached("inversion", "inversions", description,
-                           lambda path: Inversion.load(path).check_of(job.frames), compute)
+                          vae_progress=encoding, group=group,
+                          recorder=recorder if group is None else None, **options)
+    load = lambda path: Inversion.load(path).check_of(job.frames)
+    if group is not None:  # the pictures need every frame in one process: a sharded run draws none
+        return _sharded_cached_inversion(job, description, load, compute)
+    inversion = job.cached("inversion", "inversions", description, load, compute)
     if recorder.features is None and s["explain"]:  # reused from the cache: one inversion step again
         started = clock(sd.device)
         replay(sd, inversion, [recorder.feature_step], recorder)
@@ -219,6 +227,27 @@ def cached_inversion(job: Job, sd: StableDiffusion | None = None, prompt: str | 
     return inversion
 
 
+def _sharded_cached_inversion(job: Job, description: dict, load: Callable[[Path], Inversion],
+                              compute: Callable[[], Inversion]) -> Inversion:
+    """Job.cached for several processes: rank 0 looks the inversion up and tells the others; on a hit every rank
+    reads the file (the cache folder must be the same on every machine) and keeps its shard; on a miss the ranks
+    invert together, rank 0 gathers the shards and stores the whole inversion. Returns this rank's shard."""
+    launch, cache, key = job.launch, Cache(job.cache_root, "inversions", notice=job.say), key_of(description)
+    found = cache.get(key, description, load) if launch.main else None
+    hit = distributed.broadcast_object(None if found is None else str(cache.path(key)), launch.group)
+    if hit is not None:
+        job.say(f"inversion: reusing {hit}")
+        job.timings["inversion"] = 0.0
+        return (found if launch.main else load(Path(hit))).local(launch.group)
+    started = clock(job.sd.device)
+    inversion = compute()
+    job.timings["inversion"] = clock(job.sd.device) - started
+    whole = distributed.gather_to_first(inversion.latents.cpu(), launch.on_cpu(inversion.shard), dim=1)  # on rank 0
+    if launch.main and cache.put(key, description, Inversion(whole, inversion.timesteps, inversion.settings)):
+        job.say(f"inversion: cached as {cache.path(key)}")
+    return inversion
+
+
 def tokenflow_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
     s = job.settings
     recorder = tokenflow_recorder(job.sd.unet, s["steps"])
@@ -226,22 +255,27 @@ def tokenflow_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
         latents = tokenflow.edit_latents(job.sd, inversion, target, negative_prompt=s["negative"],
                                          guidance=s["guidance"], batch=s["batch"], pnp_attn=s["pnp_attn"],
                                          pnp_conv=s["pnp_conv"], freeu=s["freeu"], seed=s["seed"], blend=s["blend"],
-                                         progress=report, recorder=recorder)
-    job.explained(tokenflow_pictures(recorder, len(job.frames)), target)
-    return decode(job, latents)
+                                         progress=report, recorder=None if inversion.shard is not None else recorder)
+    if inversion.shard is None:  # the pictures need every frame in one process
+        job.explained(tokenflow_pictures(recorder, len(job.frames)), target)
+    return decode(job, latents, inversion)
 
 
 def fatezero_edit(job: Job, inversion: Inversion, target: str) -> torch.Tensor:
     s = job.settings
+    store_dir, sharded = s["store_dir"], job.launch.group is not None
+    if store_dir is not None and sharded:  # each rank spills its own frames' store
+        store_dir = Path(store_dir) / f"rank{job.launch.rank}"
     source, edit = fatezero_recorders(job.sd.unet, job.sd.tokenizer, s["source"], target)
     # FateZero inverts again for each target (recording attention), so its count is 2 × --steps
     with job.progress(f"FateZero: {_short(target)} (inversion + edit)") as report:
         latents = fatezero.edit_latents(job.sd, inversion, s["source"], target, guidance=s["guidance"],
                                         negative_prompt=s["negative"], memory_budget=s["store_memory"] * 2**20,
-                                        store_dir=s["store_dir"], progress=report, recorder=edit,
-                                        source_recorder=source, **fatezero_settings(s, target))
-    job.explained(fatezero_pictures(source, edit, job.sd.tokenizer, s["source"], target, job.frames), target)
-    return decode(job, latents)
+                                        store_dir=store_dir, progress=report, recorder=None if sharded else edit,
+                                        source_recorder=None if sharded else source, **fatezero_settings(s, target))
+    if not sharded:  # the pictures need every frame in one process
+        job.explained(fatezero_pictures(source, edit, job.sd.tokenizer, s["source"], target, job.frames), target)
+    return decode(job, latents, inversion)
 
 
 def fatezero_settings(s: dict[str, Any], target: str | None = None) -> dict[str, Any]:
@@ -355,12 +389,15 @@ def tuned_edit(job: Job, prepared: tuple[StableDiffusion, Inversion], target: st
     return decode(job, latents)
 
 
-def decode(job: Job, latents: torch.Tensor) -> torch.Tensor:
+def decode(job: Job, latents: torch.Tensor, inversion: Inversion | None = None) -> torch.Tensor | None:
     """VAE-decode every method's edited latents (F, 4, h, w) to frames (F, 3, H, W) on the CPU, with progress;
-    non-finite latents (fp16 overflow) are refused here, before anything is written."""
+    non-finite latents (fp16 overflow) are refused here, before anything is written. Of a sharded inversion's
+    edit, each rank decodes its shard and rank 0 gets every frame (the others None)."""
     check_finite(latents, "the edited latents", non_finite_hint(job.sd.dtype))
     with job.progress("decoding", unit="frame") as report:
-        return job.sd.decode_latents(latents, progress=report).cpu()
+        frames = job.sd.decode_latents(latents, progress=report).cpu()
+    shard = None if inversion is None else inversion.shard
+    return frames if shard is None else distributed.gather_to_first(frames, job.launch.on_cpu(shard))
 
 
 METHODS: dict[str, Method] = {

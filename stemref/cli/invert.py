@@ -11,6 +11,10 @@
         DIR/compare.md, .json       one row per context: the layout of the STEM supplement's Table A3
         DIR/index.html              the contexts side by side: features, consistency curves, the table
 
+Under `torchrun --nproc-per-node N -m stemref.invert ...` the N processes share the frames (NCCL on GPUs,
+gloo on the CPU; see launch.py); rank 0 writes the same files as one process would, with "processes" in
+metrics.json.
+
 Everything is written into a hidden folder beside DIR that becomes DIR only at the end, so a failed run
 leaves nothing behind. The library functions are `stemref.invert` and `stemref.reconstruct`
 (inversion.py); this module is the command only.
@@ -21,21 +25,25 @@ import argparse
 import json
 import shutil
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .checks import (check_fps, check_num_bases, check_prompt, check_seed, check_steps, check_video_path, checked,
                      warn_if_large)
 from .errors import ArgumentParser, UserError, run, warn
+from .launch import DEFAULT_TIMEOUT, Launch, check_frames, check_settings_agree, failed_ranks, finish, start
 from .model import add_model_arguments, check_model_arguments, load_model, model_inputs
 from .output import PANEL_GAP, output_folder
-from .progress import progress_printer
+from .progress import progress_printer, silent_printer
 from .measure import FEATURE_TIMESTEP, SCORED, clock, consistency, peak_memory, reset_peak_memory, source_fps
+from .. import distributed
 from ..context import CONTEXTS
 from ..explain import Picture, inversion_pictures, inversion_recorder, similarity_plot
-from ..inversion import invert, reconstruct
+from ..inversion import Inversion, invert, reconstruct
 from ..metrics import LAST_DECODER_SELF_ATTENTION, psnr, ssim
 from ..pipeline import StableDiffusion
 from ..report import Video, write_report
@@ -50,52 +58,85 @@ PAPER_TABLE_A3 = {"1-frame": (24.122, 0.8137), "2-frame": (25.967, 0.8595), "all
                   "stem": (31.572, 0.9606)}
 
 
+class ProcessFailure(Exception):
+    """Another process of a torchrun run failed or was killed (exit 1)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    launch = Launch()
 
     def body():
+        nonlocal launch
         _check_arguments(args)
-        contexts = tuple(PAPER_TABLE_A3) if args.compare else (args.context,)
-        # --compare keeps the contexts that finished when interrupted, for a rerun with the same arguments
-        resume = json.loads(json.dumps({k: v for k, v in vars(args).items() if k != "overwrite"}, default=str))
-        with output_folder(args.out, args.overwrite, [args.video, *model_inputs(args)],
-                           resume=resume if args.compare else None) as tmp:
-            with progress_printer("reading video", "frame") as report:
-                frames = read_video(args.video, args.start, args.stride, args.frames, args.size, args.square,
-                                    progress=report)
-            if args.num_bases is not None:
-                check_num_bases(args.num_bases, len(frames), *frames.shape[-2:], args.scope)
-            if len(frames) < args.frames:
-                warn(f"{args.video} has only {len(frames)} frames from --start {args.start} at --stride "
-                     f"{args.stride}; using {len(frames)}, not --frames {args.frames}")
-            fps = args.fps or source_fps(args.video, args.stride)
-            with progress_printer("loading weights", "part") as report:
-                sd = load_model(args, progress=report)
-            checked("--prompt", sd.tokenizer.refuse_long, [args.prompt])  # before minutes of inversion
+        launch, args.device = start(args.device, args.timeout)
+        try:
+            invert_video(args, launch)
+        except dist.DistError as e:
+            raise ProcessFailure(failed_ranks(launch) if launch.group is not None else str(e)) from None
+
+    try:
+        return run(body, failures=(ProcessFailure,))
+    finally:
+        finish(launch)
+
+
+def invert_video(args: argparse.Namespace, launch: Launch) -> None:
+    """The command's work, in one process or as one rank of several under torchrun (only rank 0 writes)."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "device")}
+    check_settings_agree(launch, settings)
+    printer = progress_printer if launch.main else silent_printer
+    contexts = tuple(PAPER_TABLE_A3) if args.compare else (args.context,)
+    # --compare keeps the contexts that finished when interrupted, for a rerun with the same arguments
+    resume = json.loads(json.dumps({k: v for k, v in vars(args).items() if k != "overwrite"}, default=str))
+    with output_folder(args.out, args.overwrite, [args.video, *model_inputs(args)],
+                       resume=resume if args.compare else None) if launch.main else nullcontext() as tmp:
+        with printer("reading video", "frame") as report:
+            frames = read_video(args.video, args.start, args.stride, args.frames, args.size, args.square,
+                                progress=report)
+        check_frames(launch, len(frames))
+        if args.num_bases is not None:
+            check_num_bases(args.num_bases, len(frames), *frames.shape[-2:], args.scope)
+        if len(frames) < args.frames and launch.main:
+            warn(f"{args.video} has only {len(frames)} frames from --start {args.start} at --stride "
+                 f"{args.stride}; using {len(frames)}, not --frames {args.frames}")
+        fps = args.fps or source_fps(args.video, args.stride)
+        with printer("loading weights", "part") as report:
+            sd = load_model(args, progress=report)
+        checked("--prompt", sd.tokenizer.refuse_long, [args.prompt])  # before minutes of inversion
+        input_consistency = None
+        if launch.main:
             with progress_printer("input consistency", "frame") as report:
                 input_consistency = consistency(sd, frames, args.prompt, report)
-            rows = []
-            for context in contexts:
-                folder = tmp / context if args.compare else tmp
-                if args.compare and (folder / "metrics.json").is_file():  # finished before an interruption
+        rows = []
+        for context in contexts:
+            folder = tmp / context if args.compare and launch.main else tmp
+            # rank 0 decides (the partial folder is its own) and tells the others
+            kept = args.compare and launch.main and (folder / "metrics.json").is_file()
+            if launch.group is not None:
+                kept = distributed.broadcast_object(kept, launch.group)
+            if kept:  # finished before an interruption
+                if launch.main:
                     rows.append(json.loads((folder / "metrics.json").read_text()))
                     print(f"{context}: kept from the interrupted run", file=sys.stderr)
-                    continue
-                if args.compare:
-                    shutil.rmtree(folder, ignore_errors=True)  # an unfinished context starts over
+                continue
+            if args.compare and launch.main:
+                shutil.rmtree(folder, ignore_errors=True)  # an unfinished context starts over
+            if launch.main:
                 folder.mkdir(exist_ok=True)
-                rows.append(_invert_and_reconstruct(sd, frames, context, args, folder, fps, input_consistency))
-            if args.compare:
-                (tmp / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
-                (tmp / "compare.md").write_text(compare_table(rows, args.video))
-                compare_report(tmp, rows, args.video)
-        H, W = frames.shape[-2:]
-        print(f"{len(frames)} frames of {W}×{H}, {args.steps} steps", file=sys.stderr)
-        for row in rows:
-            print(f"{row['context']}: PSNR {row['psnr']:.3f} dB, SSIM {row['ssim']:.4f}", file=sys.stderr)
-        print(f"wrote {args.out}", file=sys.stderr)
-
-    return run(body)
+            rows.append(_invert_and_reconstruct(sd, frames, context, args, folder, fps, input_consistency, launch))
+        if args.compare and launch.main:
+            (tmp / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+            (tmp / "compare.md").write_text(compare_table(rows, args.video))
+            compare_report(tmp, rows, args.video)
+    launch.barrier()  # the other ranks end when rank 0's output folder is in place
+    if not launch.main:
+        return
+    H, W = frames.shape[-2:]
+    print(f"{len(frames)} frames of {W}×{H}, {args.steps} steps", file=sys.stderr)
+    for row in rows:
+        print(f"{row['context']}: PSNR {row['psnr']:.3f} dB, SSIM {row['ssim']:.4f}", file=sys.stderr)
+    print(f"wrote {args.out}", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -123,6 +164,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output folder (its files: see above)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if an earlier stemref run wrote it (never another folder)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help=f"under torchrun: seconds a process waits for the others before the run stops with "
+                             f"an error (default {DEFAULT_TIMEOUT:g})")
     add_model_arguments(parser)
     return parser
 
@@ -162,24 +206,34 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 
 def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: str, args: argparse.Namespace,
-                            folder: Path, fps: float, input_consistency: float | None) -> dict:
-    """One context: invert, reconstruct, write the four files into `folder`, return the metrics."""
+                            folder: Path, fps: float, input_consistency: float | None,
+                            launch: Launch = Launch()) -> dict | None:
+    """One context: invert, reconstruct, write the four files into `folder`, return the metrics (rank 0; the
+    other ranks of a torchrun run invert and reconstruct their shards, hand them to rank 0 and return None)."""
+    printer = progress_printer if launch.main else silent_printer
     options = {} if context != "stem" else {key: value for key, value in
                                             (("num_bases", args.num_bases), ("scope", args.scope)) if value}
     batch = args.batch if context == "1-frame" else None
     reset_peak_memory(sd.device)
     started = clock(sd.device)
-    recorder = inversion_recorder(sd.unet, args.steps)
-    with progress_printer(f"{context} VAE encode", "frame") as encoding, \
-            progress_printer(f"{context} inversion") as stepping:
+    # the pictures need every frame in one process: a sharded run records none
+    recorder = inversion_recorder(sd.unet, args.steps) if launch.group is None else None
+    with printer(f"{context} VAE encode", "frame") as encoding, printer(f"{context} inversion") as stepping:
         inversion = invert(sd, frames, args.prompt, args.steps, context, seed=args.seed, batch=batch,
-                           progress=stepping, vae_progress=encoding, recorder=recorder, **options)
+                           progress=stepping, vae_progress=encoding, recorder=recorder, group=launch.group,
+                           **options)
     inverted = clock(sd.device)
-    with progress_printer(f"{context} reconstruction") as stepping, \
-            progress_printer(f"{context} VAE decode", "frame") as decoding:
+    with printer(f"{context} reconstruction") as stepping, printer(f"{context} VAE decode", "frame") as decoding:
         recon = reconstruct(sd, inversion, batch=batch, progress=stepping, vae_progress=decoding).cpu()
     finished = clock(sd.device)
     peak, measure = peak_memory(sd.device)
+    if inversion.shard is not None:  # rank 0 gathers every shard (in host memory, over gloo) and writes
+        shard = launch.on_cpu(inversion.shard)
+        recon = distributed.gather_to_first(recon, shard)
+        latents = distributed.gather_to_first(inversion.latents.cpu(), shard, dim=1)
+        if not launch.main:
+            return None
+        inversion = Inversion(latents, inversion.timesteps, inversion.settings)
 
     with progress_printer(f"{context} consistency", "frame") as report:
         recon_consistency = consistency(sd, recon, args.prompt, report)
@@ -197,8 +251,10 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
         "peak_memory_bytes": peak,
         "peak_memory_measure": measure,
         # per inversion step: mean cosine similarity of consecutive frames' features (unwarped; index.html plots it)
-        "feature_similarity": {str(step): value for step, value in sorted(recorder.similarity.items())},
+        "feature_similarity": {} if recorder is None else {str(step): value
+                                                           for step, value in sorted(recorder.similarity.items())},
         "frames": frames.shape[0],
+        "processes": launch.size,
         "width": frames.shape[-1], "height": frames.shape[-2], "scored": SCORED,
         "steps": args.steps,
         "settings": {**asdict(inversion.settings), "batch": batch, "video": str(args.video), "start": args.start,
@@ -211,7 +267,8 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
                  summary=f"PSNR {metrics['psnr']:.3f} dB, SSIM {metrics['ssim']:.4f} against the input",
                  videos=[Video("input | reconstruction", "side_by_side.mp4", together, fps),
                          Video("reconstruction", "reconstruction.mp4", recon, fps)],
-                 pictures=inversion_pictures(recorder, options.get("num_bases", STEM_BASES), context),
+                 pictures=[] if recorder is None else inversion_pictures(recorder, options.get("num_bases", STEM_BASES),
+                                                                         context),
                  metrics={k: v for k, v in metrics.items() if k != "settings"}, settings=metrics["settings"])
     return metrics
 

@@ -67,6 +67,13 @@ class progress_printer:  # noqa: N801 (a function to its callers: progress=progr
         self.end()
 
 
+class silent_printer(progress_printer):  # noqa: N801
+    """A progress_printer that draws nothing: the other ranks of a run under torchrun (rank 0 reports)."""
+
+    def show(self, text: str) -> None:
+        pass
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \

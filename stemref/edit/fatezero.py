@@ -53,6 +53,13 @@ already at t_{i+1}). Not kept: FateZero's random VAE sample (stemref encodes the
 Tune-A-Video temporal modules (identity at init), and its silence about reweight, window or blend words
 that are not in their prompt (stemref refuses them, naming word and prompt).
 
+Several processes (`group=`, distributed.py): each rank encodes, inverts and edits its contiguous shard of the
+frames and keeps the store of its own frames (spilling as usual). The contexts fetch what crosses shards as in
+inversion (FateZero's middle frame is broadcast, 2-frame's first and previous frames, all-frame's keys and
+values); the fusion fetches the same frames' source and edited keys and edited values, and under STEM the
+edit's bases come from all-reduced sums over the source responsibilities (fatezero_fusion.py), so every rank
+fuses exactly what the single process fuses. Each rank returns its shard's edited latents.
+
 Dimension legend:
   F frames, h × w latent grid, S steps, L = 77 text tokens
 """
@@ -63,10 +70,12 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..attention import Processor, RunInfo, sdpa
 from ..attention import Recorder as RunRecorder  # explanations (stemref.explain); `Recorder` below stores maps
 from ..context import EMAttention, context_processor
+from ..distributed import Shard, shard_frames
 from ..frames import check_finite, non_finite_hint
 from ..inversion import SELF_ATTENTION, Inversion, InversionSettings, check_inversion
 from ..pipeline import StableDiffusion, check_encodable
@@ -87,7 +96,8 @@ def edit_latents(sd: StableDiffusion, frames_or_inversion: torch.Tensor | Invers
                  target_prompt: str, *, steps: int = 50, context: str = "stem", context_options: dict | None = None,
                  seed: int = 0, memory_budget: int = 2**30, store_dir: str | Path | None = None,
                  keep_store: bool = False, progress: Progress | None = None, recorder: RunRecorder | None = None,
-                 source_recorder: RunRecorder | None = None, **settings) -> torch.Tensor:
+                 source_recorder: RunRecorder | None = None, group: dist.ProcessGroup | None = None,
+                 **settings) -> torch.Tensor:
     """The edited latents x_0 (F, 4, h, w) of `frames` (F, 3, H, W) in [0, 1], or of a saved `Inversion` of them.
 
     `context` and `context_options` choose the self-attention context of inversion and edit (ignored for an
@@ -95,7 +105,8 @@ def edit_latents(sd: StableDiffusion, frames_or_inversion: torch.Tensor | Invers
     attention store keeps up to `memory_budget` bytes in memory and spills the rest to `store_dir` (a
     temporary folder by default), deleted at the end unless `keep_store`. `recorder` (stemref.explain) is offered
     what the edit computes and the blend mask of every step that uses one; `source_recorder` what the inversion
-    (or its replay) computes.
+    (or its replay) computes. With `group` the processes of the group edit together, each its shard of the
+    frames (module docstring), and each returns its shard's latents.
     """
     unknown = sorted(set(settings) - {f.name for f in fields(FateZeroSettings)})
     if unknown:
@@ -103,7 +114,9 @@ def edit_latents(sd: StableDiffusion, frames_or_inversion: torch.Tensor | Invers
                          f"known: {', '.join(f.name for f in fields(FateZeroSettings))}")
     s = FateZeroSettings(**settings)
     if isinstance(frames_or_inversion, Inversion):
-        inversion, frames = check_inversion(frames_or_inversion), None
+        inversion, frames, shard = check_inversion(frames_or_inversion), None, None
+        if group is not None and inversion.shard is None:
+            inversion = inversion.local(group)
         if inversion.settings.prompt != source_prompt:
             raise ValueError(f"the inversion was made with the prompt {inversion.settings.prompt!r}, not the source "
                              f"prompt {source_prompt!r}; FateZero's source maps come from the inversion's prompt")
@@ -111,12 +124,13 @@ def edit_latents(sd: StableDiffusion, frames_or_inversion: torch.Tensor | Invers
     else:
         frames, inversion = frames_or_inversion, None
         check_encodable(frames)
+        shard = shard_frames(frames.shape[0], group)
         check_seed(seed)
         inv = InversionSettings(source_prompt, steps, context, 1.0, SELF_ATTENTION, seed, dict(context_options or {}))
     plan = Plan.make(sd, s, inv.steps, source_prompt, target_prompt)  # 1.
     with AttentionStore(memory_budget, store_dir, keep_store) as store:
         if inversion is None:  # 2.
-            inversion = record_inversion(sd, frames, inv, plan, store, progress, source_recorder)
+            inversion = record_inversion(sd, frames, inv, plan, store, progress, source_recorder, shard)
         else:
             replay_inversion(sd, inversion, plan, store, progress, source_recorder)
         x = denoise(sd, inversion, plan, store, progress, recorder)  # 3.–5.
@@ -127,14 +141,15 @@ def edit_latents(sd: StableDiffusion, frames_or_inversion: torch.Tensor | Invers
 # ---- 2. inversion, recording the store -------------------------------------------------------------------
 def record_inversion(sd: StableDiffusion, frames: torch.Tensor, inv: InversionSettings, plan: Plan,
                      store: AttentionStore, progress: Progress | None = None,
-                     recorder: RunRecorder | None = None) -> Inversion:
-    """DDIM-invert `frames` under the inversion's context, recording the store on the way."""
+                     recorder: RunRecorder | None = None, shard: Shard | None = None) -> Inversion:
+    """DDIM-invert `frames` under the inversion's context, recording the store on the way (with a shard: this
+    rank's frames, returning its shard's Inversion)."""
     storing = Recorder(plan, store, _layer_contexts(sd, inv))
-    x = sd.encode_frames(frames)
-    eps_fn = _recording_eps(sd, inv, x.shape[0], store, recorder)
+    x = sd.encode_frames(frames if shard is None else frames[shard.start:shard.stop])
+    eps_fn = _recording_eps(sd, inv, x.shape[0], store, recorder, shard)
     with sd.unet.attention(lambda name: storing):
         path = ddim_inversion_loop(sd.scheduler, x, eps_fn, inv.steps, _phase(progress, 0, 2 * inv.steps))
-    return Inversion(torch.stack(path), sd.scheduler.timesteps(inv.steps).flip(0).tolist(), inv)
+    return Inversion(torch.stack(path), sd.scheduler.timesteps(inv.steps).flip(0).tolist(), inv, shard)
 
 
 @torch.no_grad()
@@ -154,7 +169,7 @@ def replay_inversion(sd: StableDiffusion, inversion: Inversion, plan: Plan, stor
     random = any(isinstance(c, EMAttention) for c in contexts.values())
     calls = range(needed[-1] + 1) if random else needed
     storing = Recorder(plan, store, contexts)
-    eps_fn = _recording_eps(sd, inv, inversion.latents.shape[1], store, recorder)
+    eps_fn = _recording_eps(sd, inv, inversion.latents.shape[1], store, recorder, inversion.shard)
     with sd.unet.attention(lambda name: storing):
         for j in calls:
             eps_fn(inversion.latents[j].to(sd.device, sd.dtype), ascending[j], j)
@@ -163,12 +178,13 @@ def replay_inversion(sd: StableDiffusion, inversion: Inversion, plan: Plan, stor
 
 
 def _recording_eps(sd: StableDiffusion, inv: InversionSettings, frames: int, store: AttentionStore,
-                   recorder: RunRecorder | None = None):
+                   recorder: RunRecorder | None = None, shard: Shard | None = None):
     cond = sd.encode_prompt(inv.prompt)
     uncond = sd.encode_prompt("") if inv.guidance != 1.0 else None
 
     def eps_fn(x: torch.Tensor, t: int, j: int) -> torch.Tensor:
-        eps = predict_noise(sd, x, t, cond, uncond, inv.guidance, RunInfo(frames=frames, step=j, recorder=recorder))
+        eps = predict_noise(sd, x, t, cond, uncond, inv.guidance,
+                            RunInfo(frames=frames, step=j, recorder=recorder, shard=shard))
         store.end_step(t)
         return eps
     return eps_fn
@@ -193,7 +209,7 @@ def denoise(sd: StableDiffusion, inversion: Inversion, plan: Plan, store: Attent
     """The edit: DDIM from the inversion's x_T with CFG ("" / target), fusing the store; returns x_0 (F, 4, h, w)."""
     s, steps = plan.settings, plan.steps
     x = inversion.x_T.to(sd.device, sd.dtype)
-    frames, size = x.shape[0], tuple(x.shape[-2:])
+    frames, size, shard = x.shape[0], tuple(x.shape[-2:]), inversion.shard
     fusion = Fusion(sd, plan, _layer_contexts(sd, inversion.settings), level_grid(size, plan.blend_level))
     cond = sd.encode_prompt(plan.target_prompt)
     uncond = sd.encode_prompt(s.negative_prompt) if s.guidance != 1.0 else None
@@ -202,7 +218,7 @@ def denoise(sd: StableDiffusion, inversion: Inversion, plan: Plan, store: Attent
         for i, t in enumerate(plan.timesteps):
             with store.read(t) as reader:
                 fusion.reader = (i, reader)  # 3. the source maps of step i, for 3a–3c inside the UNet
-                info = RunInfo(frames=frames, step=i, recorder=recorder)
+                info = RunInfo(frames=frames, step=i, recorder=recorder, shard=shard)
                 eps = predict_noise(sd, x, t, cond, uncond, s.guidance, info)
                 if recorder is not None and i in plan.blend_steps and recorder.wants("blend_mask", "", i):
                     recorder.add("blend_mask", "", i, mask=p2p.blend_mask(fusion.source_blend_map(i), size,

@@ -3,13 +3,21 @@
 Both run every attention layer; both consult the Plan (fatezero_plan.py) for whether a layer at a step is
 fused, and otherwise run the layer's plain context.
 
+The paper (FateZero, Qi et al., ICCV 2023, section "FateZero Video Editing"). "Inversion Attention Fusion":
+DDIM inversion under the source prompt keeps the self- and cross-attention maps s_t^src, c_t^src of every
+step t, and the edit's attention at step t is fused with them; cross-attention as in Prompt-to-Prompt (Hertz
+et al., ICLR 2023: word swap, refinement, re-weighting; p2p.py), self-attention replaced. "Attention Map
+Blending": M_t = HeavisideStep(c_t^src, τ), a binary mask thresholded from the source cross-attention of the
+edited words, and s_t^fused = M_t ⊙ s_t^edit + (1 − M_t) ⊙ s_t^src (`Fusion._self`; M: `Fusion._self_mask`,
+recipe and the official code's additions in fatezero.py, step 3b).
+
 Recomputed maps. The store (attention_store.py) never holds a map. A layer's q and k are its own projections
 of its input tokens x (`AttnCall.x`), so the Recorder keeps x of every frame of the conditional branch (for
 cross-attention also the source prompt's keys, for STEM the bases μ), and the Fusion recomputes
 q = to_q(x), k = to_k(x) and the map softmax(q kᵀ/√d) at edit time: the maps come back bit for bit.
 
 Self-attention maps under a fixed context. For every context but STEM, frame f attends to the tokens of a
-fixed list of frames (`key_frames`), so a map is softmax(q_f K_fᵀ/√d) over the same key set in inversion and
+fixed list of frames (`context.visible_frames`), so a map is softmax(q_f K_fᵀ/√d) over the same key set in inversion and
 edit, and S = M ⊙ S_edit + (1 − M) ⊙ S_src mixes like with like.
 
 Self-attention maps under STEM. Frame f attends to K bases μ estimated by EM from all tokens of the video:
@@ -28,6 +36,11 @@ mask) decides only *where* each query looks, as FateZero intends. z̄ is recompu
 stored x and μ_src. Outside the self window (and in the unconditional branch) STEM runs as during
 inversion, with fresh bases.
 
+Several processes (RunInfo.shard): a rank holds its frames' store and edits its frames. Under a fixed context
+the Fusion fetches, with `visible_frames`, the source keys and the edited keys and values of the frames its
+frames see (one transfer per layer); under STEM, z̄ᵀk_edit, z̄ᵀv_edit and Σ_t z are sums over tokens,
+all-reduced across the ranks (em.weighted_means), so every rank forms the single process's μ_edit and ν_edit.
+
 Dimension legend:
   F frames, h heads, N query tokens of a layer, d head dim, L = 77 text tokens, K bases, G EM scopes,
   C channels
@@ -37,8 +50,9 @@ from __future__ import annotations
 import torch
 
 from ..attention import AttnCall, Processor, split_heads
-from ..context import AllFrames, EMAttention, SparseCausal, SpatialTemporal, gather_frames
-from ..em import compute_dtype, m_step
+from ..context import EMAttention, gather_frames, visible_frames
+from ..distributed import Shard
+from ..em import compute_dtype, weighted_means
 from ..pipeline import StableDiffusion
 from . import p2p
 from .attention_store import AttentionStore, StepReader
@@ -46,18 +60,6 @@ from .fatezero_plan import Plan
 
 
 # ---- attention maps ----------------------------------------------------------------------------------------
-def key_frames(context: Processor, frames: int, channels: int, device: torch.device) -> torch.Tensor:
-    """(F, m) long: the frames whose tokens each frame's self-attention sees under `context` (not STEM)."""
-    own = torch.arange(frames, device=device)
-    if isinstance(context, SpatialTemporal):
-        return context.key_frames(frames, channels, device)
-    if isinstance(context, SparseCausal):
-        return torch.stack([torch.zeros_like(own), (own - 1).clamp(min=0)], dim=1)  # (F, 2)
-    if isinstance(context, AllFrames):
-        return own.expand(frames, frames)  # (F, F)
-    return own[:, None]  # per-frame attention: sdpa, per_frame
-
-
 def probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """softmax(q kᵀ/√d) over the keys, the softmax in float32 (float64 for float64): (..., N, d), (..., M, d) -> (..., N, M).
 
@@ -66,12 +68,6 @@ def probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """
     scores = (q.contiguous() @ k.contiguous().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (..., N, M)
     return torch.softmax(scores, dim=-1, dtype=compute_dtype(q)).to(q.dtype)
-
-
-def frame_maps(q: torch.Tensor, k: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Self-attention maps of frames that attend to the frames index[f]: q (n, h, N, d), k (F, h, N, d),
-    index (n, m) into k's rows -> (n, h, N, m·N)."""
-    return probabilities(q, gather_frames(k[None], index)[0])
 
 
 def _video(x: torch.Tensor) -> torch.Tensor:
@@ -176,35 +172,43 @@ class Fusion:
         c = c_edit
         if fuse:
             c_src = probabilities(*self.source_qk(call, q))
+            # Inversion Attention Fusion of the cross-attention: Prompt-to-Prompt's edits of c^src, inside the gate
             c = p2p.fuse_cross(c_src, c_edit, plan.gate[i], mapper=plan.mapper, refine=plan.refine,
                                reweight=plan.reweight)
         return c @ v
 
     def _self(self, q, k, v, call: AttnCall, context: Processor) -> torch.Tensor:
-        """3a: the self-attention output from S = M ⊙ S_edit + (1 − M) ⊙ S_src, under a fixed context or STEM."""
+        """3a: the self-attention output from S = M ⊙ S_edit + (1 − M) ⊙ S_src (FateZero's Attention Map Blending),
+        under a fixed context or STEM."""
         frames, chunk = q.shape[0], self.plan.settings.chunk_frames
         mask = self._self_mask(call)  # (F, 1, N, 1) or None
         q_src, k_src = self.source_qk(call, q)
         if isinstance(context, EMAttention):
-            return self._self_stem(q, k, v, q_src, k_src, self._stored(call, "mu", q), context, mask)
-        index = key_frames(context, frames, q.shape[1] * q.shape[-1], q.device)  # (F, m)
+            return self._self_stem(q, k, v, q_src, k_src, self._stored(call, "mu", q), context, mask, call.info.shard)
+        d = k.shape[-1]
+        # the source keys and the edited keys and values of the frames each frame sees: one table, one transfer
+        table, index = visible_frames(context, torch.cat([k_src, k, v], dim=-1)[None], q.shape[1] * d,
+                                      call.info.shard)  # (1, U, h, N, 2d + dv), (F, m)
         outs = []
         for f in range(0, frames, chunk):
             rows = slice(f, f + chunk)
-            p_src = frame_maps(q_src[rows], k_src, index[rows])  # (n, h, N, m·N)
-            p_edit = frame_maps(q[rows], k, index[rows])
-            p = p2p.fuse_self(p_src, p_edit, None if mask is None else mask[rows])
-            outs.append(p @ gather_frames(v[None], index[rows])[0])  # (n, h, N, dv)
+            seen = gather_frames(table, index[rows])[0]  # (n, h, m·N, 2d + dv)
+            p_src = probabilities(q_src[rows], seen[..., :d])  # (n, h, N, m·N)
+            p_edit = probabilities(q[rows], seen[..., d:2 * d])
+            p = p2p.fuse_self(p_src, p_edit, None if mask is None else mask[rows])  # FateZero's s_t^fused
+            outs.append(p @ seen[..., 2 * d:].contiguous())  # (n, h, N, dv)
         return torch.cat(outs)
 
-    def _self_stem(self, q, k, v, q_src, k_src, mu_src, context: EMAttention, mask) -> torch.Tensor:
-        """STEM inside the self window: the edit's bases from the source's responsibilities (module docstring)."""
+    def _self_stem(self, q, k, v, q_src, k_src, mu_src, context: EMAttention, mask,
+                   shard: Shard | None) -> torch.Tensor:
+        """STEM inside the self window: the edit's bases from the source's responsibilities (module docstring; not in
+        either paper: the maps fused are query-to-basis maps, (h, n·N, K), not FateZero's token-to-token maps)."""
         scope = context.scope or q.shape[0]
         outs = []
         for g, f in enumerate(range(0, q.shape[0], scope)):
             rows = slice(f, f + scope)
             mu_edit, nu_edit = bases_from_source(_video(k_src[rows]), mu_src[g], _video(k[rows]), _video(v[rows]),
-                                                 context.tau, context.chunk)  # (h, K, ·)
+                                                 context.tau, context.chunk, shard)  # (h, K, ·)
             a_src = probabilities(_video(q_src[rows]), mu_src[g])  # (h, n·N, K)
             a_edit = probabilities(_video(q[rows]), mu_edit)
             m = None if mask is None else mask[rows].reshape(1, -1, 1)  # (1, n·N, 1)
@@ -255,11 +259,12 @@ def source_qk(layer, reader: StepReader, name: str, is_cross: bool,
 
 
 def bases_from_source(k_src: torch.Tensor, mu_src: torch.Tensor, k_edit: torch.Tensor, v_edit: torch.Tensor,
-                      tau: float, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                      tau: float, chunk: int | None, shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """μ_edit = z̄ᵀ k_edit, ν_edit = z̄ᵀ v_edit with z̄ the source tokens' responsibilities to the source bases.
 
     k_src, k_edit (h, T, d), v_edit (h, T, dv), mu_src (h, K, d) -> (h, K, d), (h, K, dv): one M-step of the
-    source's EM (em.m_step), pooling the edit's keys and values.
+    source's EM (em.weighted_means): responsibilities from the source, pooling the edit's keys and values. With a
+    shard, the tokens are this rank's and the sums are all-reduced: every rank gets the whole video's bases.
     """
-    mu, nu = m_step(k_src, mu_src, tau, k_edit, v_edit, chunk=chunk)
+    mu, nu = weighted_means(k_src, mu_src, tau, pool=[k_edit, v_edit], chunk=chunk, shard=shard)
     return mu.to(k_edit.dtype), nu.to(v_edit.dtype)

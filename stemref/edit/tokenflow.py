@@ -52,6 +52,16 @@ the default):
   batch: its keyframe is drawn among its own frames and its blend weights come from the same formula
   (distances to i·B + B//2).
 
+Several processes (`group=`, distributed.py): every rank holds a contiguous shard of the frames (and of the
+inversion's path) and draws the same keyframe table from the same seed. Each step, the keyframes' latents are
+all-gathered (K small latents); the keyframe pass is split evenly over the ranks by keyframe (not by the frames
+they own, so no rank idles), its extended attention all-gathering the edited keyframes' keys and values per
+layer; with fewer keyframes than ranks every rank runs the whole keyframe pass instead (it then needs no
+communication at all). Then each rank fetches, per layer, the features of the keyframes its frames' batches
+use (their own and the previous batch's) from whichever ranks computed them, and runs its part of every
+batch that overlaps its shard: a batch cut by a shard boundary is run in two pieces, exactly as one, since
+the batch pass works frame by frame. Each rank returns its shard's edited latents.
+
 Dimension legend:
   F frames, B frames per batch (the last batch may be shorter), K keyframes (one per batch)
   h heads, N tokens per frame at a layer, C channels, d head dim
@@ -63,10 +73,13 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from .. import distributed
 from ..attention import AttnCall, Recorder, RunInfo, from_source, sdpa
 from ..context import AllFrames
+from ..distributed import Shard
 from ..freeu import FreeU
 from ..frames import check_finite, non_finite_hint
 from ..inversion import Inversion, check_inversion
@@ -87,6 +100,7 @@ class KeyframeFeatures:
 
     inputs: torch.Tensor  # (K, N, C) the source keyframes' self-attention inputs (the tokens matched against)
     outputs: torch.Tensor  # (3, K, h, N, d) all three branches' self-attention outputs (before to_out)
+    first: int = 0  # the keyframe (batch) number of row 0: a process holds only the keyframes it uses
 
 
 class KeyframeAttention:
@@ -142,14 +156,14 @@ class Propagation:
 def _nearest(features: KeyframeFeatures, keyframe: int, tokens: torch.Tensor) -> torch.Tensor:
     """For each of the unit-norm `tokens` (B·N, C), the index of keyframe `keyframe`'s token of highest cosine
     similarity (γ, the nearest-neighbour field): (B·N,) into its N_kf tokens."""
-    keys = F.normalize(features.inputs[keyframe].to(tokens.dtype), dim=-1)  # (N_kf, C)
+    keys = F.normalize(features.inputs[keyframe - features.first].to(tokens.dtype), dim=-1)  # (N_kf, C)
     return torch.cat([(chunk @ keys.T).argmax(dim=-1) for chunk in tokens.split(MATCH_CHUNK)])  # (B·N,)
 
 
 def _gathered_outputs(features: KeyframeFeatures, keyframe: int, nearest: torch.Tensor, frames: int) -> torch.Tensor:
     """Keyframe `keyframe`'s attention outputs at the tokens `nearest` (B·N,) of `frames` frames, in all three
     branches: (3, B, h, N, d)."""
-    out = features.outputs[:, keyframe]  # (3, h, N_kf, d)
+    out = features.outputs[:, keyframe - features.first]  # (3, h, N_kf, d)
     gathered = out.index_select(2, nearest)  # (3, h, B·N, d)
     return gathered.view(3, out.shape[1], frames, -1, out.shape[-1]).transpose(1, 2)  # (3, B, h, N, d)
 
@@ -220,15 +234,21 @@ def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, nega
                  guidance: float = 7.5, batch: int = 8, pnp_attn: float = 0.5, pnp_conv: float = 0.8,
                  freeu: bool | FreeU | tuple | None = None, keyframes: torch.Tensor | list | None = None,
                  seed: int = 1, blend: str = "official", progress: Progress | None = None,
-                 recorder: Recorder | None = None) -> torch.Tensor:
+                 recorder: Recorder | None = None, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Edit the inverted video towards `prompt`; returns the edited latents x_0 (F, 4, h, w).
 
     The source prompt is the inversion's. `keyframes` (steps, batches) fixes the keyframe of every batch at
     every step (absolute frame indices); without it they are drawn from `seed`. Equal arguments give
     bit-identical results. `blend` chooses how a frame mixes two keyframes (see the module docstring).
     `recorder` (stemref.explain) is offered each step's keyframes and every token's keyframe match.
+    A sharded `inversion` (from `invert(..., group=)`), or a whole one with `group`, is edited by the
+    processes together; each returns its shard's edited latents (module docstring).
     """
-    frames, steps = check_inversion(inversion).x_T.shape[0], len(inversion.timesteps)
+    if group is not None and check_inversion(inversion).shard is None:
+        inversion = inversion.local(group)
+    shard = check_inversion(inversion).shard
+    frames = inversion.x_T.shape[0] if shard is None else shard.total
+    steps = len(inversion.timesteps)
     ranges = batch_ranges(frames, _positive_int(batch, "batch"))
     table = _keyframe_table(keyframes, steps, ranges)
     _check_settings(guidance, pnp_attn, pnp_conv, blend)
@@ -242,6 +262,8 @@ def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, nega
     generator = torch.Generator().manual_seed(seed)
     self_attention = lambda processor: (lambda name: processor if name.endswith("attn1") else None)
     x = path[-1]
+    start = 0 if shard is None else shard.start
+    mine = [(b, r) for b, r in enumerate(ranges) if shard is None or _overlap(r, shard)]  # this rank's batches
     for i, t in enumerate(timesteps):
         x_source = path[1 + inversion.timesteps.index(t)]  # the source video's latents at t
         key = table[i] if table is not None else draw_keyframes(generator, ranges, batch)
@@ -249,11 +271,17 @@ def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, nega
         if recorder is not None and recorder.wants("keyframes", "", i):
             recorder.add("keyframes", "", i, keyframes=list(key), batches=ranges)
         cache: dict[str, KeyframeFeatures] = {}
+        pass_shard, key_source, key_x = _keyframe_pass_inputs(x_source, x, key, shard)
+        info = RunInfo(len(key_x), i, inject=inject, recorder=recorder, shard=pass_shard)
         with sd.unet.attention(self_attention(KeyframeAttention(cache))):
-            _branches(sd, x_source[key], x[key], t, (source, negative, target), RunInfo(len(key), i, inject=inject, recorder=recorder), freeu)
+            _branches(sd, key_source, key_x, t, (source, negative, target), info, freeu)
+        if pass_shard is not None:
+            wants = [_keyframes_used(ranges, shard.range_of(r)) for r in range(shard.size)]
+            cache = _share_keyframe_features(cache, pass_shard, wants)
         denoised = torch.empty_like(x)
-        for b, r in enumerate(ranges):
-            frames_b = slice(r.start, r.stop)
+        for b, r in mine:
+            r = r if shard is None else _overlap(r, shard)  # the batch's frames on this rank
+            frames_b = slice(r.start - start, r.stop - start)
             with sd.unet.attention(self_attention(Propagation(cache, b, blend_weights(b, r, batch, blend, key)))):
                 eps = _branches(sd, x_source[frames_b], x[frames_b], t, (source, negative, target),
                                 RunInfo(len(r), i, inject=inject, recorder=recorder), freeu)
@@ -271,6 +299,52 @@ def edit_latents(sd: StableDiffusion, inversion: Inversion, prompt: str, *, nega
 def edit(sd: StableDiffusion, inversion: Inversion, prompt: str, **options) -> torch.Tensor:
     """`edit_latents` decoded: the edited frames (F, 3, H, W) in [0, 1]. Takes the same keyword arguments."""
     return sd.decode_latents(edit_latents(sd, inversion, prompt, **options))
+
+
+def _overlap(a: range, shard: Shard) -> range:
+    return range(max(a.start, shard.start), min(a.stop, shard.stop))
+
+
+def _keyframes_used(ranges: list[range], frames: range) -> range:
+    """The keyframes (batch numbers) that the batches overlapping `frames` read: each its own and the previous."""
+    batches = [b for b, r in enumerate(ranges) if max(r.start, frames.start) < min(r.stop, frames.stop)]
+    return range(max(batches[0] - 1, 0), batches[-1] + 1)
+
+
+def _keyframe_pass_inputs(x_source: torch.Tensor, x: torch.Tensor, key: list[int],
+                          shard: Shard | None) -> tuple[Shard | None, torch.Tensor, torch.Tensor]:
+    """(keyframe-pass shard, source latents, latents) of the keyframes this rank runs in the keyframe pass.
+
+    One process: all keyframes. Several: the K keyframes' latents are all-gathered from the ranks that hold
+    them, and each rank runs an even share of the keyframes (the returned shard of K items); with fewer
+    keyframes than ranks every rank runs all of them (shard None: nothing to exchange).
+    """
+    if shard is None:
+        return None, x_source[key], x[key]
+    own = [f - shard.start for f in key if shard.start <= f < shard.stop]
+    holders = shard.split([sum(1 for f in key if f in shard.range_of(r)) for r in range(shard.size)])
+    both = distributed.all_gather(torch.stack([x_source[own], x[own]], dim=1), holders)  # (K, 2, 4, h, w)
+    if len(key) < shard.size:
+        return None, both[:, 0], both[:, 1]
+    pass_shard = Shard(shard.group, shard.rank, distributed.even_starts(len(key), shard.size))
+    mine = both[pass_shard.start:pass_shard.stop]
+    return pass_shard, mine[:, 0], mine[:, 1]
+
+
+def _share_keyframe_features(cache: dict[str, KeyframeFeatures], pass_shard: Shard,
+                             wants: list[range]) -> dict[str, KeyframeFeatures]:
+    """Each layer's features of the keyframes wants[rank], fetched from the ranks that ran them (one transfer
+    per layer: inputs and outputs travel as one (K, N·C + 3·h·N·d) table)."""
+    shared = {}
+    for name, f in cache.items():  # the same layers in the same order on every rank
+        K, N, C = f.inputs.shape
+        three, _, h, _, d = f.outputs.shape
+        table = torch.cat([f.inputs.reshape(K, N * C), f.outputs.transpose(0, 1).reshape(K, -1)], dim=1)
+        got = distributed.fetch(table, pass_shard, wants)  # (k, N·C + 3·h·N·d)
+        k = got.shape[0]
+        outputs = got[:, N * C:].reshape(k, three, h, N, d).transpose(0, 1)  # (3, k, h, N, d)
+        shared[name] = KeyframeFeatures(got[:, :N * C].reshape(k, N, C), outputs, wants[pass_shard.rank].start)
+    return shared
 
 
 def _branches(sd: StableDiffusion, x_source: torch.Tensor, x: torch.Tensor, t: int, prompts: tuple, info: RunInfo,
