@@ -119,11 +119,12 @@ def fatezero_pictures(source: Recorder, edit: Recorder, tokenizer, source_prompt
 def tuning_pictures(losses: list[float], method: str) -> list[Picture]:
     if not losses:
         return []
-    window = max(1, len(losses) // 20)
-    smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
-              for i in range(len(losses))]
-    svg = line_plot({"loss": list(enumerate(losses)), f"mean of {window}": list(enumerate(smooth))},
-                    f"{method} tuning loss", "tuning step", "ε-prediction MSE")
+    window = len(losses) // 20  # a running mean over fewer than 2 steps would only redraw the loss
+    curves = {"loss": list(enumerate(losses))}
+    if window > 1:
+        recent = [losses[max(0, i - window + 1): i + 1] for i in range(len(losses))]
+        curves[f"mean of {window}"] = [(i, sum(r) / len(r)) for i, r in enumerate(recent)]
+    svg = line_plot(curves, f"{method} tuning loss", "tuning step", "ε-prediction MSE")
     return [Picture("tuning-loss", f"{method} one-shot tuning loss",
                     "The diffusion loss at each tuning step (one random timestep each, so it jumps); the running mean "
                     "should fall as the tuned layers learn this video's motion, and a flat mean means the tuning "
