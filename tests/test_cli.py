@@ -206,7 +206,7 @@ def test_compare_writes_four_contexts_and_table(tiny_root, clip, tmp_path):
     settings = page.split("<h2>Settings</h2>")[1]
     assert "<th>prompt</th>" in settings and not re.search(r"<th>(context|options|batch)</th>", settings)
     contexts_table = page.split("<h2>Metrics</h2>")[1].split("<h2>")[0]  # the per-context rows carry them
-    assert "<th>options.num_bases</th>" in contexts_table and "<th>batch</th>" in contexts_table
+    assert "<th>num_bases</th>" in contexts_table and "<th>batch</th>" in contexts_table
     rows = json.loads((out / "compare.json").read_text())
     assert [row["context"] for row in rows] == contexts
     for row in rows:
