@@ -126,6 +126,14 @@ def test_fatezero_word_maps_and_blend_mask(tiny_sd, frames):
     pictures = fatezero_pictures(source, edit, tiny_sd.tokenizer, "a rabbit on a hill", "a bear on a hill", frames)
     assert [p.name for p in pictures] == ["words-source", "words-edit", "blend-mask"]
     assert all(p.image.shape[0] == 3 and 0 <= p.image.min() and p.image.max() <= 1 for p in pictures)
+    # each word's row is labelled on its first frame: the label's shaded box has colours the heat map never
+    # draws (its green rises only once its red is full), and only there
+    image = pictures[0].image  # 5 word rows × 4 frame columns of equal cells, 2-pixel gaps
+    h, w = (image.shape[1] + 2) // 5, (image.shape[2] + 2) // 4
+    off_map = (image[0] < 0.99) & (image[1] > 0.01)  # (H, W)
+    for r in range(5):
+        cells = [off_map[r * h: r * h + h - 2, c * w: c * w + w - 2] for c in range(4)]
+        assert cells[0].any() and not any(cell.any() for cell in cells[1:])
 
 
 def test_tuning_loss_curve():

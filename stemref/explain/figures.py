@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..edit.p2p import word_positions
+from ..video import side_by_side
 from .pictures import (basis_frames, correspondence_frames, heat, mask_frames, pca_rgb, position_colours, sheet,
                        similarity_frames, spaced, upscale)
 from .plots import keyframe_chart, line_plot
@@ -98,12 +99,14 @@ def fatezero_pictures(source: Recorder, edit: Recorder, tokenizer, source_prompt
                                     ("words-edit", edit, target_prompt, "edit, target prompt")):
         rows, words = _word_rows(rec, tokenizer, prompt)
         if rows:
+            cells = upscale(torch.stack(rows))  # (words, columns, 3, h, w)
+            cells[:, 0] = torch.cat([side_by_side(row[:1], labels=[word]) for row, word in zip(cells, words)])
             pictures.append(Picture(
                 name, f"Cross-attention of each word ({side})",
-                f"One row per word ({', '.join(words)}, top to bottom), one column per frame: where the word's token "
-                "attends, averaged over the 16×16-level layers, the heads and the steps (brighter is more); a word "
-                "whose map stays on its object across the frames is one FateZero can edit there.",
-                image=sheet(upscale(torch.stack(rows)))))
+                f"One row per word ({', '.join(map(repr, words))}, top to bottom, written on its first frame), one "
+                "column per frame: where the word's token attends, averaged over the 16×16-level layers, the heads "
+                "and the steps (brighter is more); a word whose map stays on its object across the frames is one "
+                "FateZero can edit there.", image=sheet(cells)))
     if edit.masks:
         steps = spaced(sorted(edit.masks), MAX_ROWS)
         small = F.interpolate(frames.float(), size=edit.masks[steps[0]].shape[-2:], mode="area")
@@ -141,7 +144,7 @@ def _word_rows(rec: Recorder, tokenizer, prompt: str) -> tuple[list[torch.Tensor
         positions = [p for p in word_positions(tokenizer, prompt, index) if p < mean.shape[1]]
         if word and positions:
             per_word.append(mean[:, positions].sum(dim=1))  # (F, h', w')
-            words.append(repr(word))
+            words.append(word)
     if not per_word:
         return [], []
     maps = torch.stack(per_word)  # (words, F, h', w')
