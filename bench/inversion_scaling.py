@@ -358,15 +358,31 @@ def timed_stem(sync, **options):
     return stem
 
 
-def best_of(rounds: int, runs: dict) -> dict:
-    """Minimum wall time of each named run over `rounds` rounds; every other round runs them in reverse (ABBA)."""
+def best_of(rounds: int, runs: dict, sync=lambda: None) -> dict:
+    """Minimum wall time of each named run over `rounds` rounds; every other round runs them in reverse (ABBA).
+
+    `sync` waits for the device (torch.cuda.synchronize on a GPU) before the clock starts and before it stops."""
     best = {name: math.inf for name in runs}
     for r in range(rounds):
         for name, run in (list(runs.items()) if r % 2 == 0 else list(reversed(runs.items()))):
+            sync()
             start = time.perf_counter()
             run()
+            sync()
             best[name] = min(best[name], time.perf_counter() - start)
     return best
+
+
+def device_sync(device: str):
+    import torch
+
+    return (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+
+
+def target_dtype(a: argparse.Namespace):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16}[a.dtype]
 
 
 def verdict(ratio: float, target: float) -> str:
@@ -381,19 +397,20 @@ def em_targets(a: argparse.Namespace, frames: int, heads: int = 8) -> None:
     from stemref.context import EMAttention
 
     print(f"\n**EM attention vs per-frame attention**: {frames} frames, {heads} heads, K={a.num_bases}, 5 EM "
-          f"iterations, chunk {a.chunk} tokens, fp32; minimum of {a.em_rounds} interleaved rounds\n")
+          f"iterations, chunk {a.chunk} tokens, {a.dtype} on {a.device}; minimum of {a.em_rounds} interleaved rounds\n")
     print("| tokens per frame | head dim | per-frame SDPA | `em_bases` | attend to bases | STEM / per-frame |")
     print("|---:|---:|---:|---:|---:|---:|")
     g = torch.Generator().manual_seed(a.seed)
     top = None
     for n_tokens, d in SD15_LEVELS:
-        q, k, v = (torch.randn(frames, heads, n_tokens, d, generator=g) for _ in range(3))  # (F, h, N, d)
+        q, k, v = (torch.randn(frames, heads, n_tokens, d, generator=g).to(a.device, target_dtype(a))
+                   for _ in range(3))  # (F, h, N, d)
         qv, kv, vv = (x.transpose(0, 1).reshape(1, heads, frames * n_tokens, d) for x in (q, k, v))  # (1, h, F·N, d)
         stem = EMAttention(a.num_bases, chunk=a.chunk)
         mu, nu = em_bases(kv, vv, a.num_bases, chunk=a.chunk, generator=g)
         best = best_of(a.em_rounds, {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
                                      "em": lambda: em_bases(kv, vv, a.num_bases, chunk=a.chunk, generator=g),
-                                     "attend": lambda: stem.attend_to_bases(qv, mu, nu)})
+                                     "attend": lambda: stem.attend_to_bases(qv, mu, nu)}, device_sync(a.device))
         ratio = (best["em"] + best["attend"]) / best["sdpa"]
         cell = verdict(ratio, EM_TARGET) if n_tokens == 4096 else f"{ratio:.2f}×"
         print(f"| {n_tokens} | {d} | {best['sdpa'] * 1e3:,.0f} ms | {best['em'] * 1e3:,.0f} ms | "
@@ -415,7 +432,7 @@ def low_precision_table(a: argparse.Namespace, q, k, v, stem) -> None:
                                           generator=torch.Generator().manual_seed(a.seed)))
             for name, lp in (("bf16 keys/values, fp32 products (default)", False),
                              ("bf16 keys/values, bf16 products (`low_precision_products`)", True))}
-    best = best_of(a.em_rounds, runs)
+    best = best_of(a.em_rounds, runs, device_sync(a.device))
     print(f"\nThe top level's ({SD15_LEVELS[0][0]} tokens per frame) EM on bf16 keys and values, against the fp32 "
           "EM of the same rounded inputs with the same initial draw (CPU: no bf16 matrix units, so this shows what "
           "the option does to the bases, not a GPU's speed); distance = max |attention output − fp32's| / "
@@ -442,10 +459,10 @@ def forward_targets(a: argparse.Namespace, unet, size: int, frames: int) -> None
     from stemref.attention import RunInfo
     from stemref.context import per_frame
 
-    sync = lambda: None
+    sync = device_sync(a.device)
     g = torch.Generator().manual_seed(a.seed + 1)
-    x = torch.randn(frames, 4, size // 8, size // 8, generator=g)  # (F, 4, h, w)
-    prompt = torch.randn(1, 77, 768, generator=g).expand(frames, -1, -1)  # (F, L, D), one prompt for every frame
+    x = torch.randn(frames, 4, size // 8, size // 8, generator=g).to(a.device, target_dtype(a))  # (F, 4, h, w)
+    prompt = torch.randn(1, 77, 768, generator=g).to(a.device, target_dtype(a)).expand(frames, -1, -1)  # (F, L, D)
     one = TimedProcessor(per_frame, sync)
     stem_parts = timed_stem(sync, num_bases=a.num_bases, chunk=a.chunk,
                             generator=torch.Generator().manual_seed(a.seed))
@@ -461,7 +478,7 @@ def forward_targets(a: argparse.Namespace, unet, size: int, frames: int) -> None
         forwards[name] = forward
     with unet.attention(lambda layer: per_frame if layer.endswith("attn1") else None):
         unet(x[:1], 500, prompt[:1], RunInfo(frames=1))  # one-off allocations and kernel choices, for neither side
-    best = best_of(a.repeats, forwards)  # A B, then B A, ...
+    best = best_of(a.repeats, forwards, sync)  # A B, then B A, ...
     ratio = best["stem"] / best["1-frame"]
     attn_one, levels_one, _, _ = one.last
     attn_stem, levels_stem, parts, layers = stem.last
@@ -497,12 +514,12 @@ def option_effects(a: argparse.Namespace, unet, size: int, frames: int) -> None:
     from stemref.context import EMAttention
     from stemref.scheduler import DDIMScheduler
 
-    sync = lambda: None
+    sync = device_sync(a.device)
     scheduler = DDIMScheduler()
     t0, t1 = scheduler.timesteps(50).flip(0).tolist()[:2]
     g = torch.Generator().manual_seed(a.seed + 1)
-    x0 = torch.randn(frames, 4, size // 8, size // 8, generator=g)  # (F, 4, h, w)
-    prompt = torch.randn(1, 77, 768, generator=g).expand(frames, -1, -1)  # (F, L, D)
+    x0 = torch.randn(frames, 4, size // 8, size // 8, generator=g).to(a.device, target_dtype(a))  # (F, 4, h, w)
+    prompt = torch.randn(1, 77, 768, generator=g).to(a.device, target_dtype(a)).expand(frames, -1, -1)  # (F, L, D)
 
     def stem(seed=a.seed, **options):
         return EMAttention(a.num_bases, chunk=a.chunk, generator=torch.Generator().manual_seed(seed), **options)
@@ -510,8 +527,10 @@ def option_effects(a: argparse.Namespace, unet, size: int, frames: int) -> None:
     def forward(processor, x, t, step):
         timed = TimedProcessor(processor, sync, keep_outputs=True)
         with unet.attention(lambda layer: timed if layer.endswith("attn1") else None):
+            sync()
             start = time.perf_counter()
             eps = unet(x, t, prompt, RunInfo(frames=frames, step=step))
+            sync()
             return eps, time.perf_counter() - start, timed
 
     warm2, warm1 = stem(warm_start_iters=2), stem(warm_start_iters=1)
@@ -540,11 +559,13 @@ def run_targets(a: argparse.Namespace) -> None:
         torch.set_num_threads(a.threads)
     frames = a.target_frames
     load_before = os.getloadavg()
-    print(f"Issue 10's targets: CPU fp32, {torch.get_num_threads()} of {os.cpu_count()} cores, torch "
+    where = (torch.cuda.get_device_name(a.device) if a.device.startswith("cuda")
+             else f"CPU, {torch.get_num_threads()} of {os.cpu_count()} cores")
+    print(f"Issue 10's targets: {where}, {a.dtype}, torch "
           f"{torch.__version__}; STEM K={a.num_bases}, chunk {a.chunk} tokens")
     with torch.inference_mode():
         em_targets(a, frames)
-        unet = random_unet("cpu", torch.float32, a.seed)
+        unet = random_unet(a.device, target_dtype(a), a.seed)
         for size in a.target_sizes:
             forward_targets(a, unet, size, frames)
         if a.options_size:
@@ -593,8 +614,6 @@ def main() -> None:
         print(json.dumps(measure(a.child[0], int(a.child[1]), a)))
         return
     if a.targets:
-        if a.device != "cpu" or a.dtype != "fp32":
-            parser.error("--targets measures issue 10's CPU fp32 targets: leave --device and --dtype at cpu, fp32")
         if any(n < 64 or n % 8 for n in a.target_sizes + ([a.options_size] if a.options_size else [])):
             parser.error("--target-sizes and --options-size must be multiples of 8 of at least 64")
         run_targets(a)

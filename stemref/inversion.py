@@ -228,7 +228,8 @@ def _chooser(sd: StableDiffusion, s: InversionSettings, frames: torch.Tensor | N
                          "'up_blocks.1.attentions.0.transformer_blocks.0.attn1')")
     if s.context == "stem" and frames is not None:
         _check_stem_tokens(sd, frames, chosen)
-    generator = torch.Generator(sd.device).manual_seed(s.seed)
+    # a CPU generator, as txt2img, TokenFlow and tuning draw: the same seed gives the same bases on every device
+    generator = torch.Generator().manual_seed(s.seed)
     processor = context_processor(s.context, generator=generator, **s.options)
     return lambda name: processor if name in chosen else None
 

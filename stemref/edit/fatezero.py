@@ -175,7 +175,7 @@ def _recording_eps(sd: StableDiffusion, inv: InversionSettings, frames: int, sto
 
 def _layer_contexts(sd: StableDiffusion, inv: InversionSettings) -> dict[str, Processor]:
     """Each attention layer's processor as the inversion ran it: the context where `inv.layers` matches."""
-    generator = torch.Generator(sd.device).manual_seed(inv.seed)
+    generator = torch.Generator().manual_seed(inv.seed)  # as inversion._chooser: CPU draws on every device
     context = context_processor(inv.context, generator=generator, **inv.options)
     pattern = re.compile(inv.layers)
     return {name: context if pattern.search(name) else sdpa for name in sd.unet.attention_layers}

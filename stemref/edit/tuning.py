@@ -34,6 +34,7 @@ Dimension legend: F frames, h × w latent grid, L text tokens, D text width.
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -304,7 +305,9 @@ class Trainer:
         """One AdamW step on the ε-MSE of latents x0 (F, 4, h, w) noised by `noise` to timestep t (1,); the loss."""
         for layer in self.spectral:  # STAM's spectral-norm estimates follow the weights (Miyato: once per step)
             layer.power_iteration_()
-        with torch.autocast(self.sd.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+        # entered only when asked: torch.autocast refuses device types it has no policy for, even disabled
+        amp = torch.autocast(self.sd.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
+        with amp:
             loss = diffusion_loss(self.unet, x0, noise, t, self.context, self.sd.scheduler, self.info)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimiser)
@@ -341,7 +344,8 @@ def tune(sd: StableDiffusion, frames: torch.Tensor, prompt: str, method: str = "
         x0 = posterior.mean + posterior.std * draw(posterior.mean.shape)
         x0 = x0 * sd.vae.config.scaling_factor  # (F, 4, h, w)
         noise = draw(x0.shape)
-        t = torch.randint(0, sd.scheduler.config.num_train_timesteps, (1,), generator=generator).to(sd.device)
+        # t stays on the CPU: the schedule is looked up there and only ᾱ_t moves to the device (no device → host read)
+        t = torch.randint(0, sd.scheduler.config.num_train_timesteps, (1,), generator=generator)
         losses.append(trainer.step(x0, noise, t))
         if progress:
             progress(step + 1, steps, losses[-1])
@@ -354,6 +358,10 @@ def _check_settings(sd: StableDiffusion, s: TuneSettings) -> None:
     if not isinstance(s.lr, (int, float)) or not 0 < s.lr < 1:
         raise ValueError(f"lr must be a learning rate between 0 and 1 (3e-5 is the papers'), got {s.lr!r}")
     sd.encode_prompt(s.prompt)  # an over-long prompt is refused before any work
+    if sd.dtype == torch.float16:
+        raise ValueError("tuning a float16 model: AdamW's eps (1e-8) and squared gradients underflow in float16 and "
+                         "the weights turn NaN after one step; load the model in float32 (autocast='fp16' then runs "
+                         "the UNet in float16 on CUDA) or in bfloat16")
     if s.autocast not in (None, "fp16", "bf16"):
         raise ValueError(f"autocast must be None, 'fp16' or 'bf16', got {s.autocast!r}")
     if s.autocast is not None and (sd.device.type != "cuda" or sd.dtype != torch.float32):
