@@ -15,6 +15,7 @@ import errno
 import json
 import math
 import os
+import re
 import runpy
 import shutil
 import signal
@@ -203,6 +204,11 @@ def test_compare_writes_four_contexts_and_table(tiny_root, clip, tmp_path):
                                                             "index.html"])
     page = (out / "index.html").read_text()
     assert all(f"href='{c}/index.html'" in page and (out / c / "index.html").is_file() for c in contexts)
+    # the Settings table holds what every context shares: no one context's name, options or --batch
+    settings = page.split("<h2>Settings</h2>")[1]
+    assert "<th>prompt</th>" in settings and not re.search(r"<th>(context|options|batch)</th>", settings)
+    contexts_table = page.split("<h2>Metrics</h2>")[1].split("<h2>")[0]  # the per-context rows carry them
+    assert "<th>num_bases</th>" in contexts_table and "<th>batch</th>" in contexts_table
     rows = json.loads((out / "compare.json").read_text())
     assert [row["context"] for row in rows] == contexts
     for row in rows:

@@ -126,12 +126,26 @@ def test_fatezero_word_maps_and_blend_mask(tiny_sd, frames):
     pictures = fatezero_pictures(source, edit, tiny_sd.tokenizer, "a rabbit on a hill", "a bear on a hill", frames)
     assert [p.name for p in pictures] == ["words-source", "words-edit", "blend-mask"]
     assert all(p.image.shape[0] == 3 and 0 <= p.image.min() and p.image.max() <= 1 for p in pictures)
+    # each word's row is labelled on its first frame: the label's shaded box has colours the heat map never
+    # draws (its green rises only once its red is full), and only there
+    image = pictures[0].image  # 5 word rows × 4 frame columns of equal cells, 2-pixel gaps
+    h, w = (image.shape[1] + 2) // 5, (image.shape[2] + 2) // 4
+    off_map = (image[0] < 0.99) & (image[1] > 0.01)  # (H, W)
+    for r in range(5):
+        cells = [off_map[r * h: r * h + h - 2, c * w: c * w + w - 2] for c in range(4)]
+        assert cells[0].any() and not any(cell.any() for cell in cells[1:])
 
 
 def test_tuning_loss_curve():
     (picture,) = tuning_pictures([0.5, 0.4, 0.45, 0.3], "ei2")
     lines = [e for e in ET.fromstring(picture.svg).iter() if e.tag == "polyline"]
-    assert [len(e.get("points").split()) for e in lines] == [4, 4]
+    assert [len(e.get("points").split()) for e in lines] == [4]  # too few steps for a running mean
+    losses = [1.0, 0.0] * 20  # 40 steps: a running mean of 2, which is 0.5 from the second step on
+    (picture,) = tuning_pictures(losses, "ei2")
+    lines = [e for e in ET.fromstring(picture.svg).iter() if e.tag == "polyline"]
+    assert [len(e.get("points").split()) for e in lines] == [40, 40] and "mean of 2" in picture.svg
+    heights = {float(point.split(",")[1]) for point in lines[1].get("points").split()[1:]}
+    assert len(heights) == 1  # flat at 0.5
     assert tuning_pictures([], "ei2") == []
 
 
@@ -192,6 +206,8 @@ def test_edit_with_a_cached_inversion_replays_one_step_only_with_explain(tiny_ro
     assert main([*args, "--out", str(runs["explained"]), "--explain"]) == 0
     pictures = {name: sorted(p.name for p in (out / "explain").iterdir()) for name, out in runs.items()}
     assert "features-pca.png" in pictures["first"] and "features-pca.png" not in pictures["cached"]
+    assert "--explain replays one step" in (runs["cached"] / "index.html").read_text()  # the page says why
+    assert "--explain" not in (runs["explained"] / "index.html").read_text().split("<h2>Settings</h2>")[0]
     assert pictures["explained"] == pictures["first"]
     metrics = json.loads((runs["explained"] / "metrics.json").read_text())
     assert metrics["seconds"]["explain"] > 0 and "explain" not in json.loads(

@@ -55,6 +55,8 @@ def test_walkthrough_runs_without_the_test_extras():
     assert re.search(r"nearest token in keyframe \d .*\n(  (\d\d ){7}\d\d\n){8}", out["4_tokenflow_step.py"])
     # 5: the fused map is the reweighted source map inside the window and the fresh one outside
     assert out["5_fatezero_word_swap.py"].count(": True") == 2
+    # the blend map is drawn on its own range, which the script states next to the 0.7 threshold
+    assert re.search(r"its own range, [01]\.\d\d to 1 × its maximum", out["5_fatezero_word_swap.py"])
     # 6: both methods tuned and printed a finite loss per step
     for method in ("tune-a-video", "ei2"):
         losses = re.search(rf"{method}\s*: .* loss per step \[(.*)\]", out["6_tuning.py"]).group(1).split(", ")

@@ -63,6 +63,8 @@ print("step 9: outside the window the edit keeps its own map:",
 
 a = p2p.blend_map([c_src], rabbit, (8, 8))  # (F, 1, 8, 8): where 'rabbit' is, dilated by a 3 × 3 max-pool
 mask = p2p.blend_mask(a, (8, 8), threshold=0.7)  # (F, 1, 8, 8) bool: > 0.7 of each frame's maximum
+low = (a[0, 0].min() / a[0, 0].max()).item()
+print(f"the blend map below is drawn on its own range, {low:.2f} to 1 × its maximum: a mid shade can be above 0.7")
 print("blend map of 'rabbit'   blend mask (> 0.7 of the maximum; # = inside)")
 for line, row in zip(picture(a[0, 0]), mask[0, 0].tolist()):
     print(line + "       " + " ".join("#" if inside else "." for inside in row))

@@ -473,7 +473,7 @@ def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: fl
                     f"side_by_side{suffix}", together, fps)]
     write_report(folder, f"stemref edit ({s['method']}): {s['video']}", videos=videos, metrics=metrics,
                  settings={o.name: s[o.name] for o in COMMON + METHODS[s["method"]].options},
-                 pictures=job.pictures,
+                 pictures=job.pictures, notes=job.notes,
                  summary=f"{s['source']!r} → " + ", ".join(map(repr, s["target"])))
 
 

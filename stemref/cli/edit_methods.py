@@ -57,6 +57,7 @@ class Job:
     timings: dict[str, float] = field(default_factory=dict)
     launch: Launch = Launch()  # several processes under torchrun: only rank 0 reports, caches and writes
     pictures: list[Picture] = field(default_factory=list)  # for index.html, each edit's named after it
+    notes: list[str] = field(default_factory=list)  # for index.html: why a picture is missing
 
     def explained(self, pictures: list[Picture], target: str | None = None) -> None:
         """Keep pictures for the report; an edit's get its target in the title and its number in the file name."""
@@ -222,7 +223,9 @@ def cached_inversion(job: Job, sd: StableDiffusion | None = None, prompt: str | 
         replay(sd, inversion, [recorder.feature_step], recorder)
         job.timings["explain"] = job.timings.get("explain", 0.0) + clock(sd.device) - started
     if recorder.features is None:
-        job.say("note: the inversion came from the cache, so its pictures are left out; --explain replays one step")
+        note = "the inversion came from the cache, so its pictures are left out; --explain replays one step"
+        job.say(f"note: {note}")
+        job.notes.append(f"Note: {note}.")
     job.explained(inversion_pictures(recorder, s["num_bases"], s["inversion"]))
     return inversion
 

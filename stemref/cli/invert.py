@@ -314,14 +314,18 @@ def compare_report(folder: Path, rows: list[dict], video: Path) -> Path:
                          "the similarity of consecutive frames, bottom: compare how steady the colours stay.",
                          file=f"{r['context']}/explain/features-pca.png")
                  for r in rows if (folder / r["context"] / "explain" / "features-pca.png").is_file()]
-    table = [{"context": LABELS[r["context"]], "psnr": r["psnr"], "ssim": r["ssim"],
-              "consistency": r["consistency"]["reconstruction"],
+    # the settings all contexts share; the others (context, --batch, the context's options) go in its row
+    common = {k: v for k, v in rows[0]["settings"].items() if all(r["settings"].get(k) == v for r in rows)}
+    own = [{k: v for k, v in r["settings"].items() if k not in common and k not in ("context", "options")}
+           for r in rows]
+    table = [{"context": LABELS[r["context"]], **mine, **r["settings"].get("options", {}), "psnr": r["psnr"],
+              "ssim": r["ssim"], "consistency": r["consistency"]["reconstruction"],
               "seconds": r["seconds"]["inversion"] + r["seconds"]["reconstruction"],
-              "peak_memory_bytes": r["peak_memory_bytes"]} for r in rows]
+              "peak_memory_bytes": r["peak_memory_bytes"]} for r, mine in zip(rows, own)]
     return write_report(folder, f"stemref invert --compare: {video}", links=[
         (f"{LABELS[r['context']]}: videos and pictures", f"{r['context']}/index.html") for r in rows],
         pictures=pictures, metrics={"contexts": table, "input consistency": rows[0]["consistency"]["input"]},
-        settings=rows[0]["settings"],
+        settings=common,
         summary="Reconstruction after inversion under each self-attention context (STEM supplement, Table A3).")
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..edit.p2p import word_positions
+from ..video import side_by_side
 from .pictures import (basis_frames, correspondence_frames, heat, mask_frames, pca_rgb, position_colours, sheet,
                        similarity_frames, spaced, upscale)
 from .plots import keyframe_chart, line_plot
@@ -98,12 +99,14 @@ def fatezero_pictures(source: Recorder, edit: Recorder, tokenizer, source_prompt
                                     ("words-edit", edit, target_prompt, "edit, target prompt")):
         rows, words = _word_rows(rec, tokenizer, prompt)
         if rows:
+            cells = upscale(torch.stack(rows))  # (words, columns, 3, h, w)
+            cells[:, 0] = torch.cat([side_by_side(row[:1], labels=[word]) for row, word in zip(cells, words)])
             pictures.append(Picture(
                 name, f"Cross-attention of each word ({side})",
-                f"One row per word ({', '.join(words)}, top to bottom), one column per frame: where the word's token "
-                "attends, averaged over the 16×16-level layers, the heads and the steps (brighter is more); a word "
-                "whose map stays on its object across the frames is one FateZero can edit there.",
-                image=sheet(upscale(torch.stack(rows)))))
+                f"One row per word ({', '.join(map(repr, words))}, top to bottom, written on its first frame), one "
+                "column per frame: where the word's token attends, averaged over the 16×16-level layers, the heads "
+                "and the steps (brighter is more); a word whose map stays on its object across the frames is one "
+                "FateZero can edit there.", image=sheet(cells)))
     if edit.masks:
         steps = spaced(sorted(edit.masks), MAX_ROWS)
         small = F.interpolate(frames.float(), size=edit.masks[steps[0]].shape[-2:], mode="area")
@@ -119,11 +122,12 @@ def fatezero_pictures(source: Recorder, edit: Recorder, tokenizer, source_prompt
 def tuning_pictures(losses: list[float], method: str) -> list[Picture]:
     if not losses:
         return []
-    window = max(1, len(losses) // 20)
-    smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
-              for i in range(len(losses))]
-    svg = line_plot({"loss": list(enumerate(losses)), f"mean of {window}": list(enumerate(smooth))},
-                    f"{method} tuning loss", "tuning step", "ε-prediction MSE")
+    window = len(losses) // 20  # a running mean over fewer than 2 steps would only redraw the loss
+    curves = {"loss": list(enumerate(losses))}
+    if window > 1:
+        recent = [losses[max(0, i - window + 1): i + 1] for i in range(len(losses))]
+        curves[f"mean of {window}"] = [(i, sum(r) / len(r)) for i, r in enumerate(recent)]
+    svg = line_plot(curves, f"{method} tuning loss", "tuning step", "ε-prediction MSE")
     return [Picture("tuning-loss", f"{method} one-shot tuning loss",
                     "The diffusion loss at each tuning step (one random timestep each, so it jumps); the running mean "
                     "should fall as the tuned layers learn this video's motion, and a flat mean means the tuning "
@@ -140,7 +144,7 @@ def _word_rows(rec: Recorder, tokenizer, prompt: str) -> tuple[list[torch.Tensor
         positions = [p for p in word_positions(tokenizer, prompt, index) if p < mean.shape[1]]
         if word and positions:
             per_word.append(mean[:, positions].sum(dim=1))  # (F, h', w')
-            words.append(repr(word))
+            words.append(word)
     if not per_word:
         return [], []
     maps = torch.stack(per_word)  # (words, F, h', w')
