@@ -85,8 +85,8 @@ def nothing_written(parent: Path) -> bool:
 
 def test_txt2img_writes_the_library_image(tiny_root, sd32, tmp_path):
     out = tmp_path / "fox.png"
-    code = txt2img_cli.main(["--weights", str(tiny_root), "--prompt", "a fox", "--steps", "2", "--size", "72", "64",
-                             "--seed", "3", "--out", str(out), "--device", "cpu", "--dtype", "fp32"])
+    code = txt2img_cli.main(["--weights", str(tiny_root), "--prompt", "a fox", "--steps", "2", "--width", "64",
+                             "--height", "72", "--seed", "3", "--out", str(out), "--device", "cpu", "--dtype", "fp32"])
     assert code == 0
     expected = txt2img(sd32, "a fox", steps=2, guidance=7.5, seed=3, size=(72, 64))  # (1, 3, 72, 64)
     expected = (expected[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # (H, W, 3)
@@ -478,7 +478,9 @@ def test_invert_checks_every_argument_before_reading_or_loading(tiny_root, clip,
 @pytest.mark.parametrize("args, message", [
     (["--guidance", "nan"], "guidance must be a finite number"),
     (["--steps", "0"], "--steps 0"),
-    (["--size", "64", "60"], "multiples of 8"),
+    (["--width", "64", "--height", "60"], "multiple"),
+    (["--width", "64"], "--width and --height go together"),
+    (["--size", "64", "--width", "64", "--height", "64"], "not both"),
     (["--negative", "\udcff"], "--negative is not valid UTF-8"),
     (["--out", "{tmp}/existing.png"], "exists; choose another name or pass --overwrite"),
     (["--out", "{tmp}/folder.png"], "is a folder"),
@@ -655,9 +657,9 @@ def test_txt2img_warns_about_a_huge_size_before_loading(tiny_root, tmp_path, mon
         raise KeyboardInterrupt
 
     monkeypatch.setattr(txt2img_cli, "load_model", stop)
-    code = txt2img_cli.main(["--weights", str(tiny_root), "--prompt", "a fox", "--size", "512", "2048",
-                             "--out", str(tmp_path / "fox.png"), "--device", "cpu"])
-    assert code == 130 and capsys.readouterr().err.startswith("warning: --size 2048: SD1.5 was trained at 512 px")
+    code = txt2img_cli.main(["--weights", str(tiny_root), "--prompt", "a fox", "--height", "512",
+                             "--width", "2048", "--out", str(tmp_path / "fox.png"), "--device", "cpu"])
+    assert code == 130 and capsys.readouterr().err.startswith("warning: --width 2048: SD1.5 was trained at 512 px")
 
 
 def test_out_of_memory_is_one_line(tiny_root, clip, tmp_path, monkeypatch, capsys):

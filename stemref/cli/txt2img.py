@@ -32,8 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the starting noise (default 0)")
-    parser.add_argument("--size", type=int, nargs="+", default=[512], metavar="PX",
-                        help="side, or height width, multiples of 8 (default 512)")
+    parser.add_argument("--size", type=int, default=None, metavar="PX",
+                        help="a square image's side, a multiple of 8 (default 512)")
+    parser.add_argument("--width", type=int, default=None, metavar="PX",
+                        help="width, a multiple of 8; with --height, instead of --size (default: --size)")
+    parser.add_argument("--height", type=int, default=None, metavar="PX",
+                        help="height, a multiple of 8; with --width, instead of --size (default: --size)")
     parser.add_argument("--out", type=Path, default=Path("txt2img.png"),
                         help="image file: .png, .jpg or .webp (default txt2img.png)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -44,12 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         # every argument is checked before the weights are loaded
         if args.out.suffix.lower() not in SUFFIXES:
             raise UserError(f"--out {args.out}: use a .png, .jpg or .webp name")
-        if len(args.size) > 2:
-            raise UserError("--size takes one side or height and width")
-        size = args.size[0] if len(args.size) == 1 else tuple(args.size)
-        checked("--size", check_size, size)
+        size = _size(args)  # (height, width), as the library takes it; the flags name width and height
+        flag = "--size" if args.width is None else "--width" if size[1] >= size[0] else "--height"
+        checked("--size" if args.width is None else "--width/--height", check_size, size)
         checked("--guidance", check_guidance, args.guidance)
-        warn_if_large(max(args.size))
+        warn_if_large(max(size), flag)
         check_steps(args.steps)
         check_seed(args.seed)
         check_prompt(args.prompt)
@@ -82,3 +85,16 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _size(args: argparse.Namespace) -> tuple[int, int]:
+    """(height, width) from --size or from --width and --height, never both: one size order, width first, as
+    in every other command."""
+    if (args.width is None) != (args.height is None):
+        raise UserError("--width and --height go together; or give one --size for a square image")
+    if args.width is not None:
+        if args.size is not None:
+            raise UserError("give --size (a square) or --width and --height, not both")
+        return args.height, args.width
+    side = 512 if args.size is None else args.size
+    return side, side
