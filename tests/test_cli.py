@@ -172,16 +172,19 @@ def test_invert_refuses_non_empty_out_unless_overwrite(tiny_root, clip, tmp_path
     args = [str(clip), "--prompt", PROMPT, "--context", "1-frame", "--weights", str(tiny_root), "--out", str(out),
             *FAST, "--steps", "1", "--frames", "2"]
     assert invert_cli.main(args) == 0
-    (out / "reconstruction.mp4").write_bytes(b"a stemref file, replaced by the user: still stemref's to replace")
+    (out / "reconstruction.mp4").write_bytes(b"a stemref file, edited by the user: now the user's")
     (out / "notes.txt").write_text("added by the user")
     assert invert_cli.main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
-    # a file stemref did not write is listed and kept, never deleted by --overwrite
+    # files stemref did not write, or that changed since it wrote them, are listed and kept, never deleted
     assert invert_cli.main([*args, "--overwrite"]) == 2
     line = error_line(capsys.readouterr().err)
-    assert "1 file(s) that stemref did not write (notes.txt)" in line and "Move them elsewhere" in line
+    assert "2 file(s) that stemref did not write or that were changed since (notes.txt, reconstruction.mp4)" in line
+    assert "Move them elsewhere" in line
     assert (out / "notes.txt").read_text() == "added by the user"
+    assert (out / "reconstruction.mp4").read_bytes() == b"a stemref file, edited by the user: now the user's"
     (out / "notes.txt").unlink()
+    (out / "reconstruction.mp4").unlink()
     assert invert_cli.main([*args, "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [  # replaced whole
         MARKER, "explain", "index.html", "inversion.safetensors", "metrics.json", "reconstruction.mp4",
@@ -765,7 +768,7 @@ def test_an_output_of_an_older_stemref_counts_files_newer_than_its_marker_as_the
     (out / "notes.txt").write_text("the user's")
     os.utime(out / "metrics.json", (1, 1))
     os.utime(out / MARKER, (2, 2))
-    with pytest.raises(UserError, match=r"1 file\(s\) that stemref did not write \(notes.txt\)"):
+    with pytest.raises(UserError, match=r"1 file\(s\) that stemref did not write or that were changed since \(notes.txt\)"):
         check_output_folder(out, overwrite=True)
     (out / "notes.txt").unlink()
     check_output_folder(out, overwrite=True)

@@ -43,8 +43,9 @@ def _refuse_foreign(folder: Path, path: Path) -> None:
     if added := _added(folder):
         shown = ", ".join(added[:MAX_LISTED]) + (f" and {len(added) - MAX_LISTED} more" if len(added) > MAX_LISTED
                                                  else "")
-        raise UserError(f"--out {path} holds {len(added)} file(s) that stemref did not write ({shown}); --overwrite "
-                        "would delete them. Move them elsewhere first, or choose a new folder")
+        raise UserError(f"--out {path} holds {len(added)} file(s) that stemref did not write or that were changed "
+                        f"since ({shown}); --overwrite would delete them. Move them elsewhere first, or choose a new "
+                        "folder")
 
 
 def _added(folder: Path) -> list[str]:
@@ -55,7 +56,9 @@ def _added(folder: Path) -> list[str]:
     info = _marker(folder)
     present = _entries(folder)
     if isinstance(info.get("files"), list):
-        return sorted(set(present) - set(info["files"]))
+        stamps = info.get("stamps") if isinstance(info.get("stamps"), dict) else {}
+        changed = {name for name, stamp in stamps.items() if name in present and _stamp(folder / name) != stamp}
+        return sorted(set(present) - set(info["files"]) | changed)
     written = (folder / MARKER).stat().st_mtime
     return [name for name in present if (folder / name).lstat().st_mtime > written]
 
@@ -236,9 +239,20 @@ def _renamed(e: BaseException, tmp: Path, path: Path) -> BaseException:
 def _write_marker(folder: Path, resume: dict | None, files: list[str] | None = None) -> None:
     """Who made the folder (a running process's partial folder is never taken for a stale one), and when it is
     finished, what it wrote (`files`: --overwrite deletes nothing else)."""
-    info = {"written_by": "stemref", "host": socket.gethostname(), "pid": os.getpid(), "resume": resume,
-            **({"files": files} if files is not None else {})}
+    info = {"written_by": "stemref", "host": socket.gethostname(), "pid": os.getpid(), "resume": resume}
+    if files is not None:  # with each file's size and time, so that a file the user edited counts as theirs
+        info |= {"files": files, "stamps": {name: _stamp(folder / name) for name in files
+                                            if (folder / name).is_file() and not (folder / name).is_symlink()}}
     (folder / MARKER).write_text(json.dumps(info) + "\n")
+
+
+def _stamp(path: Path) -> list[int] | None:
+    """A file's size and modification time (ns): a rename keeps them, an edit changes them."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
 
 def _marker(folder: Path) -> dict:
