@@ -230,7 +230,7 @@ def test_bad_config_and_video(tiny_root, tmp_path, capsys):
 
 
 def test_example_configs_parse():
-    from stemref.cli.edit import read_config
+    from stemref.cli.edit_settings import read_config
 
     folder = Path(__file__).parent.parent / "examples" / "configs"
     names = {p.stem for p in folder.glob("*.toml")}
@@ -276,7 +276,8 @@ TRICKY = 'a\x7f b\x00c\x1f\x08\t\n\r\x0c "quoted" \\back\\slash\u2028 ünïcöd�
 
 @pytest.mark.parametrize("method", ["tokenflow", "fatezero", "tune-a-video", "ei2"])
 def test_config_toml_reads_back_every_string_setting_with_control_characters(tmp_path, method):
-    from stemref.cli.edit import COMMON, METHODS, all_options, read_config, to_toml
+    from stemref.cli.edit_methods import METHODS
+    from stemref.cli.edit_settings import COMMON, all_options, read_config, to_toml
 
     s = {o.name: o.default for o in all_options()}
     s["method"] = method
