@@ -123,7 +123,14 @@ def _survivor(rank: int, folder: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
     launch = Launch(dist.group.WORLD, rank, 2, dist.group.WORLD, dist.FileStore(f"{folder}/alive", 2))
-    if rank == 1:
+    ready = Path(folder, "rank0-ready")
+    if rank == 0:
+        dist.barrier()  # both ranks are through gloo's connection set-up: rank 1 may now die
+        ready.write_text("")
+    else:
+        dist.barrier()
+        while not ready.exists():  # dying while rank 0 still connects would fail its init, not test the probe
+            time.sleep(0.01)
         os._exit(0)  # dies without a word, as a killed process would
     Path(folder, f"rank{rank}.txt").write_text(failed_ranks(launch, wait=2.0))
 
