@@ -96,14 +96,15 @@ def ablation(argv: list[str] | None) -> None:
     check_output_folder(out, args.overwrite, inputs)
     ensure_weights(s)
     with output_folder(out, args.overwrite, inputs) as tmp:
-        frames = read_frames(s)
+        video = read_frames(s)
+        frames = video.frames
         with progress_printer("loading weights", unit="part") as report:
             sd = load_model(model_args, progress=report)
         cache_root = (s["cache"] or default_root()) if s["reuse"] else None
         rows, edits = [], []
         for label, settings in variants:
             print(f"variant {label}", file=sys.stderr, flush=True)
-            rows.append(variant_row(Job(sd, frames, settings, cache_root), label, edits))
+            rows.append(variant_row(Job(sd, frames, settings, cache_root, frames_digest=video.digest), label, edits))
         scores = clip_rows(s, sd.device, frames, edits)
         write_outputs(tmp, args.figure, s, frames, rows, edits, scores)
     print(f"wrote {out}", file=sys.stderr)

@@ -12,6 +12,7 @@ collective of this module:
     gather_to_first   the results (latents, frames) on rank 0, which writes them
     broadcast_item    one frame to every rank: the first frame (2-frame), FateZero's middle frame
     broadcast_object  rank 0's decision (e.g. whether the cache holds the inversion) to every rank
+    gather_objects    every rank's small value (a settings hash, a digest of the frames it read) on every rank
     fetch             contiguous ranges of items from whichever ranks hold them (point to point): the
                       previous frame from the left neighbour, TokenFlow's keyframe features for a batch
 
@@ -185,10 +186,16 @@ def broadcast_object(value: object, group: dist.ProcessGroup) -> object:
     return box[0]
 
 
-def check_same(value: str, group: dist.ProcessGroup) -> None:
-    """Raise ValueError on every rank unless every rank of `group` passed the same string (e.g. a settings hash)."""
+def gather_objects(value: object, group: dist.ProcessGroup) -> list:
+    """Every rank's `value` (any picklable object), in rank order, on every rank of `group`."""
     values = [None] * dist.get_world_size(group)
     dist.all_gather_object(values, value, group=group)
+    return values
+
+
+def check_same(value: str, group: dist.ProcessGroup) -> None:
+    """Raise ValueError on every rank unless every rank of `group` passed the same string (e.g. a settings hash)."""
+    values = gather_objects(value, group)
     differing = [r for r, v in enumerate(values) if v != values[0]]
     if differing:
         raise ValueError(f"the processes disagree on the settings: rank(s) {', '.join(map(str, differing))} differ "

@@ -21,8 +21,8 @@ Fidelity (as STEM's official code): the inversion is guided by the source prompt
 reconstruction runs under the same context as the inversion (the EM attention too).
 
 Several processes: with `group=` (a torch.distributed process group, e.g. torch.distributed.group.WORLD),
-every process takes the same arguments, encodes and inverts only its contiguous shard of the frames
-(distributed.py) and returns the Inversion of its shard (`Inversion.shard` says which frames); the
+every process takes the same arguments (all frames, or only its own shard of them with `total=`), encodes
+and inverts only its contiguous shard of the frames (distributed.py) and returns the Inversion of its shard (`Inversion.shard` says which frames); the
 frame-context processors exchange what crosses shards, so each shard's latents are those a single process
 computes for those frames. `Inversion.whole()` gathers the shards (on every rank) for saving or editing in one
 process; `reconstruct` of a sharded Inversion returns the shard's frames.
@@ -178,7 +178,7 @@ def check_inversion(inversion: object) -> Inversion:
 def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 50, context: str | None = "stem",
            guidance: float = 1.0, layers: str = SELF_ATTENTION, seed: int = 0, batch: int | None = None,
            progress: Progress | None = None, vae_progress: Progress | None = None, recorder: Recorder | None = None,
-           group: dist.ProcessGroup | None = None, **options) -> Inversion:
+           group: dist.ProcessGroup | None = None, total: int | None = None, **options) -> Inversion:
     """DDIM-invert `frames` (F, 3, H, W) in [0, 1] under `context` in the layers matching `layers`.
 
     `guidance` 1 (the default, as STEM and TokenFlow invert) uses the prompt only. `batch` bounds memory for
@@ -189,11 +189,13 @@ def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 
     edit/tuning.py). `progress` follows the DDIM steps, `vae_progress` the frames through the VAE encoder.
     `recorder` (stemref.explain) is offered what every UNet call computes; it changes nothing in the result.
     `group`: share the work among the processes of a torch.distributed group (module docstring); every
-    process passes all frames and gets back the Inversion of its shard.
+    process passes all frames and gets back the Inversion of its shard. With `total` (the video's frame count),
+    `frames` may instead be only this process's shard, the frames shard_frames(total, group) gives it: a
+    process need not hold the others' frames.
     """
     settings = InversionSettings(prompt, steps, context, guidance, layers, seed, options)
-    shard, timesteps, chooser, eps_fn = _prepare(sd, frames, settings, batch, group, recorder)  # refuse before work
-    x = sd.encode_frames(frames if shard is None else frames[shard.start:shard.stop], progress=vae_progress)  # x_0
+    shard, local, timesteps, chooser, eps_fn = _prepare(sd, frames, settings, batch, group, recorder, total)
+    x = sd.encode_frames(local, progress=vae_progress)  # x_0 of this process's frames
     with sd.unet.attention(chooser):  # the context's processor in the chosen self-attention layers
         path = ddim_inversion_loop(sd.scheduler, x, eps_fn, steps, progress)  # x_0, x_1, …, x_T
     latents = torch.stack(path)  # (S + 1, F, 4, h, w)
@@ -202,17 +204,30 @@ def invert(sd: StableDiffusion, frames: torch.Tensor, prompt: str, steps: int = 
 
 
 def _prepare(sd: StableDiffusion, frames: torch.Tensor, s: InversionSettings, batch: int | None,
-             group: dist.ProcessGroup | None,
-             recorder: Recorder | None) -> tuple[Shard | None, list[int], Chooser, NoiseFn]:
+             group: dist.ProcessGroup | None, recorder: Recorder | None, total: int | None = None
+             ) -> tuple[Shard | None, torch.Tensor, list[int], Chooser, NoiseFn]:
     """Check everything `invert` is given, before the (slow) VAE encode, and return what it runs with: this
-    process's shard, the ascending timesteps, the layer-to-processor chooser and the noise predictor."""
+    process's shard and its frames, the ascending timesteps, the layer-to-processor chooser and the noise
+    predictor."""
     check_encodable(frames)
     _check_settings(s, batch)
-    shard = shard_frames(frames.shape[0], group)
+    shard = shard_frames(frames.shape[0] if total is None else total, group)
+    local = _local_frames(frames, shard, total)
     _check_shardable(s, shard)
     timesteps = sd.scheduler.timesteps(s.steps).flip(0).tolist()  # ascending
-    eps_fn, chooser = _noise_fn(sd, s, batch, recorder, shard), _chooser(sd, s, frames)
-    return shard, timesteps, chooser, eps_fn
+    video = (frames.shape[0] if shard is None else shard.total, *frames.shape[-2:])
+    eps_fn, chooser = _noise_fn(sd, s, batch, recorder, shard), _chooser(sd, s, video)
+    return shard, local, timesteps, chooser, eps_fn
+
+
+def _local_frames(frames: torch.Tensor, shard: Shard | None, total: int | None) -> torch.Tensor:
+    """This process's frames (n, 3, H, W): its shard of all F `frames`, or `frames` itself when it is that shard."""
+    if total is None or frames.shape[0] == total:
+        return frames if shard is None else frames[shard.start:shard.stop]
+    if shard is None or frames.shape[0] != shard.count:
+        mine = "" if shard is None else f", or this process's shard of them ({shard.count} frames)"
+        raise ValueError(f"{frames.shape[0]} frames given with total={total}: pass all {total} frames{mine}")
+    return frames
 
 
 def reconstruct(sd: StableDiffusion, inversion: Inversion, batch: int | None = None,
@@ -290,8 +305,9 @@ def _check_shardable(s: InversionSettings, shard: Shard | None) -> None:
                          "paper's bases over the whole video) or one process")
 
 
-def _chooser(sd: StableDiffusion, s: InversionSettings, frames: torch.Tensor | None = None) -> Chooser:
-    """processor-for-layer-name for `sd.unet.attention`; with `frames`, first checks that STEM can run on them.
+def _chooser(sd: StableDiffusion, s: InversionSettings, video: tuple[int, int, int] | None = None) -> Chooser:
+    """processor-for-layer-name for `sd.unet.attention`; with `video` (F, H, W), first checks that STEM can run
+    on its frames.
 
     context None keeps every layer's installed processor (a tuned video UNet's own self-attention)."""
     if s.context is None:
@@ -301,24 +317,25 @@ def _chooser(sd: StableDiffusion, s: InversionSettings, frames: torch.Tensor | N
     if not chosen:
         raise ValueError(f"layers={s.layers!r} matches no attention layer (names look like "
                          "'up_blocks.1.attentions.0.transformer_blocks.0.attn1')")
-    if s.context == "stem" and frames is not None:
-        _check_stem_tokens(sd, frames, chosen)
+    if s.context == "stem" and video is not None:
+        _check_stem_tokens(sd, video, chosen)
     # a CPU generator, as txt2img, TokenFlow and tuning draw: the same seed gives the same bases on every device
     generator = torch.Generator().manual_seed(s.seed)
     processor = context_processor(s.context, generator=generator, **s.options)
     return lambda name: processor if name in chosen else None
 
 
-def _check_stem_tokens(sd: StableDiffusion, frames: torch.Tensor, layers: list[str]) -> None:
+def _check_stem_tokens(sd: StableDiffusion, video: tuple[int, int, int], layers: list[str]) -> None:
     """STEM's EM estimates the spread of the keys of all frames: each chosen layer needs at least 2 tokens."""
     levels = len(sd.unet.config.block_out_channels)
     halvings = max(levels - 1 if name.startswith("mid_block") else
                    int(name.split(".")[1]) if name.startswith("down_blocks") else levels - 1 - int(name.split(".")[1])
                    for name in layers)
-    h, w = (-(-(side // 8) // 2 ** halvings) for side in frames.shape[-2:])  # ceil: strided convs round up
-    if frames.shape[0] * h * w < 2:
-        raise ValueError(f"STEM needs at least 2 tokens in each attention layer it runs in, but {frames.shape[0]} "
-                         f"frame(s) of {frames.shape[-1]}×{frames.shape[-2]} give 1 in the smallest; use larger "
+    F, H, W = video
+    h, w = (-(-(side // 8) // 2 ** halvings) for side in (H, W))  # ceil: strided convs round up
+    if F * h * w < 2:
+        raise ValueError(f"STEM needs at least 2 tokens in each attention layer it runs in, but {F} "
+                         f"frame(s) of {W}×{H} give 1 in the smallest; use larger "
                          f"frames (at least {16 * 2 ** halvings} px on a side) or more frames")
 
 

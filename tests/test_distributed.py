@@ -148,9 +148,13 @@ def test_sharded_em_is_the_plain_em_of_the_whole_video(ranks):
 # ---- inversion and reconstruction ---------------------------------------------------------------------------
 def _inversions(group, inversion_file):
     sd = stemref.tiny_model(0, dtype=torch.float64)  # tiny_sd, built again in this process
-    frames, out = video(), {}
+    frames, out, shard = video(), {}, shard_frames(FRAMES, group)
     for name, options in INVERSIONS.items():
-        inv = stemref.invert(sd, frames, SOURCE, steps=STEPS, group=group, **options)
+        if name == "stem":  # only this rank's frames, as the command's ranks > 0 hold them
+            inv = stemref.invert(sd, frames[shard.start:shard.stop], SOURCE, steps=STEPS, group=group, total=FRAMES,
+                                 **options)
+        else:
+            inv = stemref.invert(sd, frames, SOURCE, steps=STEPS, group=group, **options)
         out[name] = inv.latents
         if name == "stem":
             out["stem-reconstruction"] = stemref.reconstruct(sd, inv)
@@ -169,6 +173,11 @@ def test_sharded_inversion_equals_one_process(tiny_sd, ranks):
                 assert_same(got["stem-whole"], inv.latents, f"gathered stem on rank {r}")
                 assert_same(got["stem-reconstruction"], stemref.reconstruct(tiny_sd, inv)[starts[r]:starts[r + 1]],
                             f"stem reconstruction on rank {r} of {size}")
+
+
+def test_frames_of_a_shard_need_the_group_and_the_total(tiny_sd):
+    with pytest.raises(ValueError, match="3 frames given with total=7: pass all 7 frames$"):
+        stemref.invert(tiny_sd, video()[:3], SOURCE, steps=STEPS, total=FRAMES)
 
 
 # ---- TokenFlow ------------------------------------------------------------------------------------------------

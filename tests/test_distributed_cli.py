@@ -143,3 +143,64 @@ def test_survivors_name_the_rank_that_died(tmp_path):
     while not processes.join(timeout=120):  # returns at each process's end (rank 1's first)
         pass
     assert (tmp_path / "rank0.txt").read_text() == "rank(s) 1 failed or were killed; this run was stopped"
+
+
+READS = {  # case -> (start, stride, count) of read_shared; bunny.mp4 has 16 frames
+    "shard": (1, 2, 5),  # frames 1, 3, …, 9: rank 1's shard is frames 3 and 4, source frames 7 and 9
+    "short": (10, 2, 8),  # only frames 10, 12, 14: rank 1's guessed shard of 8 is past the end, it reads again
+    "other file": (0, 1, 4),  # rank 1's file differs (mirrored frames)
+    "unreadable": (0, 1, 4),  # rank 0 cannot read its file
+}
+
+
+def _reader(rank: int, folder: str) -> None:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from stemref.cli.launch import Launch, read_shared
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    launch = Launch(dist.group.WORLD, rank, 2, dist.group.WORLD)
+    results, frames = {}, {}
+    for case, (start, stride, count) in READS.items():
+        calls = []
+
+        def read(first: int, n: int | None) -> torch.Tensor:
+            calls.append([first, n])
+            path = CLIP.with_name("missing.mp4") if case == "unreadable" and rank == 0 else CLIP
+            video = read_video(path, first, stride, n, size=64)
+            return video.flip(-1) if case == "other file" and rank == 1 else video
+        try:
+            shared = read_shared(launch, read, start, stride, count)
+            results[case] = {"calls": calls, "total": shared.total, "digest": shared.digest}
+            frames[case] = shared.frames.contiguous()
+        except Exception as e:  # noqa: BLE001 (the test compares the messages)
+            results[case] = {"calls": calls, "error": f"{type(e).__name__}: {e}"}
+    dist.destroy_process_group()
+    Path(folder, f"rank{rank}.json").write_text(json.dumps(results))
+    save_file(frames, f"{folder}/rank{rank}.safetensors")
+
+
+def test_ranks_after_the_first_read_only_their_shard_and_must_read_rank_0s_frames(tmp_path):
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from stemref.edit.cache import tensor_digest
+
+    mp.start_processes(_reader, args=(str(tmp_path),), nprocs=2, join=True, start_method="spawn")
+    (zero, one), (frames0, frames1) = ([json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)],
+                                       [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)])
+    for case, (start, stride, count), shard, reads in [("shard", READS["shard"], slice(3, 5), [[7, 2]]),
+                                                       ("short", READS["short"], slice(2, 3), [[18, 4], [14, 1]])]:
+        whole = read_video(CLIP, start, stride, count, size=64)
+        assert zero[case]["calls"] == [[start, count]] and one[case]["calls"] == reads, case
+        assert torch.equal(frames0[case], whole), case
+        assert torch.equal(frames1[case], whole[shard]), case  # bit for bit the frames rank 0 holds there
+        assert zero[case]["total"] == one[case]["total"] == len(whole), case
+        assert zero[case]["digest"] == one[case]["digest"] == tensor_digest(whole), case  # the cache key's
+    for rank in (zero, one):  # every rank refuses, with one message naming the rank and the fix
+        assert rank["other file"]["error"] == ("UserError: rank(s) 1 read other frames of the video than rank 0 "
+                                               "(another file at the same path?); give every machine the same "
+                                               "video file")
+        assert rank["unreadable"]["error"].endswith("missing.mp4: no such file or folder; check the path "
+                                                    f"(relative paths start at {Path.cwd()})")

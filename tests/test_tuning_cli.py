@@ -113,7 +113,7 @@ def test_paper_configs(name, expected):
     s = resolve_settings(build_parser(), ["--config", str(config)])
     assert {k: s[k] for k in expected} == expected
     assert {k: s[k] for k in METHODS[s["method"]]} == METHODS[s["method"]]
-    frames = read_frames({**s, "frames": 2})
+    frames = read_frames({**s, "frames": 2}).frames
     assert frames.shape == (2, 3, 512, 512)
     wide = read_video(s["video"], 0, 1, 2, None)  # (2, 3, 288, 512): the source frames unchanged
     squeezed = torch.nn.functional.interpolate(frames, size=wide.shape[-2:], mode="area")

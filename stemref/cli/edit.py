@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from .checks import check_cache_folder, check_free_space, check_num_bases, checked, warn_if_large
 from .errors import ArgumentParser, UserError, run, warn
-from .launch import Launch, check_frames, check_settings_agree, failed_ranks, finish, start
+from .launch import Launch, SharedFrames, check_settings_agree, failed_ranks, finish, read_shared, start
 from .model import check_model_arguments, load_model, model_inputs
 from .output import PANEL_GAP, check_output_folder, output_folder
 from .progress import progress_printer, silent_printer
@@ -175,25 +175,24 @@ def edit_video(s: dict[str, Any], launch: Launch, device: str) -> None:
     check_model_arguments(model_args)
     started = clock(torch.device("cpu"))
     with output_folder(s["out"], s["overwrite"], inputs) if launch.main else nullcontext() as tmp:
-        frames = read_frames(s, quiet=not launch.main)
-        check_frames(launch, len(frames))
-        H, W = frames.shape[-2:]
+        video = read_frames(s, launch)  # on ranks > 0 only their shard
+        frames, F, (H, W) = video.frames, video.total, video.frames.shape[-2:]
         if launch.main:
-            if s["frames"] is not None and len(frames) < s["frames"]:
-                warn(f"{s['video']} has only {len(frames)} frames from --start {s['start']} with --stride "
-                     f"{s['stride']}; editing those {len(frames)} instead of --frames {s['frames']}")
-            if len(frames) > LONG_RUN_FRAMES * launch.size:
-                warn(f"{len(frames)} frames: an edit takes roughly {len(frames)}× the time of one frame; "
+            if s["frames"] is not None and F < s["frames"]:
+                warn(f"{s['video']} has only {F} frames from --start {s['start']} with --stride "
+                     f"{s['stride']}; editing those {F} instead of --frames {s['frames']}")
+            if F > LONG_RUN_FRAMES * launch.size:
+                warn(f"{F} frames: an edit takes roughly {F}× the time of one frame; "
                      "consider --frames or --stride")
-            print(f"video: {len(frames)} frames of {W}×{H} from {s['video']}"
+            print(f"video: {F} frames of {W}×{H} from {s['video']}"
                   + (f", shared by {launch.size} processes" if launch.group is not None else ""),
                   file=sys.stderr, flush=True)
         if s["inversion"] == "stem":
-            check_num_bases(s["num_bases"], len(frames), H, W, s["scope"])
+            check_num_bases(s["num_bases"], F, H, W, s["scope"])
         if cache_root is not None and launch.main:  # the inversion's latents x_0 … x_T in float32, at most
-            check_free_space(cache_root, (s["steps"] + 1) * len(frames) * 4 * (H // 8) * (W // 8) * 4,
+            check_free_space(cache_root, (s["steps"] + 1) * F * 4 * (H // 8) * (W // 8) * 4,
                              "this run's inversion")
-        job = Job(None, frames, s, cache_root, launch=launch)
+        job = Job(None, frames, s, cache_root, launch=launch, total=F, frames_digest=video.digest)
         with job.progress("loading weights", unit="part") as report:
             job.sd = sd = load_model(model_args, progress=report)
         for text, flag in [(s["source"], "--source"), *((t, "--target") for t in s["target"]),
@@ -243,12 +242,16 @@ def ensure_weights(s: dict[str, Any]) -> None:
         download(weights, base_url=s["hub_url"], progress=stderr_progress(line))
 
 
-def read_frames(s: dict[str, Any], quiet: bool = False) -> torch.Tensor:
+def read_frames(s: dict[str, Any], launch: Launch = Launch()) -> SharedFrames:
+    """The selected frames: all of them in one process and on rank 0, only the rank's shard on the others."""
     resize = (s["height"], s["width"]) if s["width"] is not None else None
     size = None if resize else s["size"]
-    with (silent_printer if quiet else progress_printer)("reading video", unit="frame") as report:
-        return read_video(s["video"], s["start"], s["stride"], s["frames"], size, s["square"], resize=resize,
-                          progress=report)
+
+    def read(start: int, count: int | None) -> torch.Tensor:
+        with (progress_printer if launch.main else silent_printer)("reading video", unit="frame") as report:
+            return read_video(s["video"], start, s["stride"], count, size, s["square"], resize=resize,
+                              progress=report)
+    return read_shared(launch, read, s["start"], s["stride"], s["frames"])
 
 
 def write_outputs(folder: Path, job: Job, edits: list[torch.Tensor], started: float) -> None:

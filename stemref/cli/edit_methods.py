@@ -10,7 +10,6 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +50,22 @@ class Job:
     """What a method's steps get: the model, the frames, the resolved settings and the command's reporting."""
 
     sd: StableDiffusion
-    frames: torch.Tensor  # (F, 3, H, W) in [0, 1]
+    frames: torch.Tensor  # (F, 3, H, W) in [0, 1]; on ranks > 0 under torchrun only this rank's shard of them
     settings: dict[str, Any]
     cache_root: Path | None
     timings: dict[str, float] = field(default_factory=dict)
     launch: Launch = Launch()  # several processes under torchrun: only rank 0 reports, caches and writes
     pictures: list[Picture] = field(default_factory=list)  # for index.html, each edit's named after it
     notes: list[str] = field(default_factory=list)  # for index.html: why a picture is missing
+    total: int = 0  # F, the video's frame count: len(frames) unless frames is only this rank's shard
+    frames_digest: str = ""  # tensor_digest of all F frames, the cache key's: rank 0's under torchrun
+
+    def __post_init__(self):
+        self.total = self.total or len(self.frames)
+        if not self.frames_digest:
+            if self.total != len(self.frames):
+                raise ValueError("a Job of one rank's shard of the frames needs the digest of all frames")
+            self.frames_digest = tensor_digest(self.frames)
 
     def explained(self, pictures: list[Picture], target: str | None = None) -> None:
         """Keep pictures for the report; an edit's get its target in the title and its number in the file name."""
@@ -73,10 +81,6 @@ class Job:
     def say(self, message: str) -> None:
         if self.launch.main:
             print(message, file=sys.stderr, flush=True)
-
-    @cached_property
-    def frames_digest(self) -> str:
-        return tensor_digest(self.frames)
 
     def cached(self, label: str, folder: str, description: dict, load: Callable[[Path], Any],
                compute: Callable[[], Any]) -> Any:
@@ -212,7 +216,7 @@ def cached_inversion(job: Job, sd: StableDiffusion | None = None, prompt: str | 
         with job.progress("encoding frames", unit="frame") as encoding, \
                 job.progress(f"{s['inversion']} inversion") as report:
             return invert(sd, job.frames, prompt, s["steps"], context, seed=s["seed"], progress=report,
-                          vae_progress=encoding, group=group,
+                          vae_progress=encoding, group=group, total=job.total,
                           recorder=recorder if group is None else None, **options)
     load = lambda path: Inversion.load(path).check_of(job.frames)
     if group is not None:  # the pictures need every frame in one process: a sharded run draws none
@@ -234,14 +238,17 @@ def _sharded_cached_inversion(job: Job, description: dict, load: Callable[[Path]
                               compute: Callable[[], Inversion]) -> Inversion:
     """Job.cached for several processes: rank 0 looks the inversion up and tells the others; on a hit every rank
     reads the file (the cache folder must be the same on every machine) and keeps its shard; on a miss the ranks
-    invert together, rank 0 gathers the shards and stores the whole inversion. Returns this rank's shard."""
+    invert together, rank 0 gathers the shards and stores the whole inversion. Returns this rank's shard (the
+    other ranks hold only their shard of the frames, and check only their shard of the file against it)."""
     launch, cache, key = job.launch, Cache(job.cache_root, "inversions", notice=job.say), key_of(description)
     found = cache.get(key, description, load) if launch.main else None
     hit = distributed.broadcast_object(None if found is None else str(cache.path(key)), launch.group)
     if hit is not None:
         job.say(f"inversion: reusing {hit}")
         job.timings["inversion"] = 0.0
-        return (found if launch.main else load(Path(hit))).local(launch.group)
+        if launch.main:
+            return found.local(launch.group)
+        return Inversion.load(Path(hit)).local(launch.group).check_of(job.frames)
     started = clock(job.sd.device)
     inversion = compute()
     job.timings["inversion"] = clock(job.sd.device) - started

@@ -35,7 +35,8 @@ import torch.distributed as dist
 from .checks import (check_fps, check_num_bases, check_prompt, check_seed, check_steps, check_video_path, checked,
                      warn_if_large)
 from .errors import ArgumentParser, UserError, run, warn
-from .launch import DEFAULT_TIMEOUT, Launch, check_frames, check_settings_agree, failed_ranks, finish, start
+from .launch import (DEFAULT_TIMEOUT, Launch, SharedFrames, check_settings_agree, failed_ranks, finish, read_shared,
+                     start)
 from .model import add_model_arguments, check_model_arguments, load_model, model_inputs
 from .output import PANEL_GAP, output_folder
 from .progress import progress_printer, silent_printer
@@ -91,15 +92,13 @@ def invert_video(args: argparse.Namespace, launch: Launch) -> None:
     resume = json.loads(json.dumps({k: v for k, v in vars(args).items() if k != "overwrite"}, default=str))
     with output_folder(args.out, args.overwrite, [args.video, *model_inputs(args)],
                        resume=resume if args.compare else None) if launch.main else nullcontext() as tmp:
-        with printer("reading video", "frame") as report:
-            frames = read_video(args.video, args.start, args.stride, args.frames, args.size, args.square,
-                                progress=report)
-        check_frames(launch, len(frames))
+        video = _read_frames(args, launch)  # on ranks > 0 only their shard
+        frames, F = video.frames, video.total
         if args.num_bases is not None:
-            check_num_bases(args.num_bases, len(frames), *frames.shape[-2:], args.scope)
-        if len(frames) < args.frames and launch.main:
-            warn(f"{args.video} has only {len(frames)} frames from --start {args.start} at --stride "
-                 f"{args.stride}; using {len(frames)}, not --frames {args.frames}")
+            check_num_bases(args.num_bases, F, *frames.shape[-2:], args.scope)
+        if F < args.frames and launch.main:
+            warn(f"{args.video} has only {F} frames from --start {args.start} at --stride "
+                 f"{args.stride}; using {F}, not --frames {args.frames}")
         fps = args.fps or source_fps(args.video, args.stride)
         with printer("loading weights", "part") as report:
             sd = load_model(args, progress=report)
@@ -124,7 +123,7 @@ def invert_video(args: argparse.Namespace, launch: Launch) -> None:
                 shutil.rmtree(folder, ignore_errors=True)  # an unfinished context starts over
             if launch.main:
                 folder.mkdir(exist_ok=True)
-            rows.append(_invert_and_reconstruct(sd, frames, context, args, folder, fps, input_consistency, launch))
+            rows.append(_invert_and_reconstruct(sd, video, context, args, folder, fps, input_consistency, launch))
         if args.compare and launch.main:
             (tmp / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
             (tmp / "compare.md").write_text(compare_table(rows, args.video))
@@ -137,6 +136,14 @@ def invert_video(args: argparse.Namespace, launch: Launch) -> None:
     for row in rows:
         print(f"{row['context']}: PSNR {row['psnr']:.3f} dB, SSIM {row['ssim']:.4f}", file=sys.stderr)
     print(f"wrote {args.out}", file=sys.stderr)
+
+
+def _read_frames(args: argparse.Namespace, launch: Launch) -> SharedFrames:
+    """The selected frames: all of them in one process and on rank 0, only the rank's shard on the others."""
+    def read(start: int, count: int) -> torch.Tensor:
+        with (progress_printer if launch.main else silent_printer)("reading video", "frame") as report:
+            return read_video(args.video, start, args.stride, count, args.size, args.square, progress=report)
+    return read_shared(launch, read, args.start, args.stride, args.frames)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -205,11 +212,12 @@ def _check_arguments(args: argparse.Namespace) -> None:
         warn(f"--num-bases {args.num_bases}: STEM uses {STEM_BASES}; the EM's time and memory grow with K")
 
 
-def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: str, args: argparse.Namespace,
+def _invert_and_reconstruct(sd: StableDiffusion, video: SharedFrames, context: str, args: argparse.Namespace,
                             folder: Path, fps: float, input_consistency: float | None,
                             launch: Launch = Launch()) -> dict | None:
     """One context: invert, reconstruct, write the four files into `folder`, return the metrics (rank 0; the
     other ranks of a torchrun run invert and reconstruct their shards, hand them to rank 0 and return None)."""
+    frames = video.frames  # every frame on rank 0, the shard on the other ranks
     printer = progress_printer if launch.main else silent_printer
     options = {} if context != "stem" else {key: value for key, value in
                                             (("num_bases", args.num_bases), ("scope", args.scope)) if value}
@@ -221,7 +229,7 @@ def _invert_and_reconstruct(sd: StableDiffusion, frames: torch.Tensor, context: 
     with printer(f"{context} VAE encode", "frame") as encoding, printer(f"{context} inversion") as stepping:
         inversion = invert(sd, frames, args.prompt, args.steps, context, seed=args.seed, batch=batch,
                            progress=stepping, vae_progress=encoding, recorder=recorder, group=launch.group,
-                           **options)
+                           total=video.total, **options)
     inverted = clock(sd.device)
     with printer(f"{context} reconstruction") as stepping, printer(f"{context} VAE decode", "frame") as decoding:
         recon = reconstruct(sd, inversion, batch=batch, progress=stepping, vae_progress=decoding).cpu()

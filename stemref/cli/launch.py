@@ -9,6 +9,11 @@ cuda:LOCAL_RANK; gloo on the CPU) with a collective timeout (--timeout), and eve
 the frames (stemref.distributed). Rank 0 alone reads and writes the cache, writes the output folder and prints
 progress; the other ranks print nothing but errors and wait for it at the end.
 
+Reading the video (`read_shared`): rank 0 decodes every frame (it writes source.mp4 and the metrics, and the
+cache key is the digest of all frames, so 1 and N processes share cache entries); every other rank decodes
+only its shard, in half the time and host memory or less (bench/README.md, "Decoding"), and checks it against
+rank 0's frames by digest, so that a different file at the same path on another machine stops the run at once.
+
 Failures: a collective that cannot complete (a rank died, or hangs past --timeout) raises on the others; each
 survivor marks itself alive in torchrun's key-value store and, after a few seconds, names the ranks that did
 not (one line, exit 1), and rank 0's hidden partial output folder is removed as for any failure. Under
@@ -22,13 +27,14 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from .errors import UserError
-from ..distributed import Shard, check_same
+from ..distributed import Shard, broadcast_object, check_same, even_starts, gather_objects
+from ..edit.cache import tensor_digest
 
 DEFAULT_TIMEOUT = 1800.0  # seconds a collective may wait: rank 0 writes videos and metrics while the others wait
 PROBE_SECONDS = 5.0  # how long a survivor waits for the others to say they are alive, after a failure
@@ -109,6 +115,70 @@ def check_frames(launch: Launch, frames: int) -> None:
     if launch.size > frames:
         raise UserError(f"{launch.size} processes cannot share {frames} frame(s): every process needs at least one; "
                         f"start at most {frames} (torchrun --nproc-per-node)")
+
+
+@dataclass(frozen=True)
+class SharedFrames:
+    """The video's frames as this process holds them: every frame on rank 0 (and in one process), only its shard
+    (distributed.shard_frames) on the other ranks."""
+
+    frames: torch.Tensor  # (F, 3, H, W) in [0, 1], or this rank's shard (n, 3, H, W)
+    total: int  # F, the video's frame count
+    digest: str  # tensor_digest of all F frames (rank 0's): the cache key's, the same in 1 and N processes
+
+
+def read_shared(launch: Launch, read: Callable[[int, int | None], torch.Tensor], start: int, stride: int,
+                count: int | None) -> SharedFrames:
+    """Frames start, start + stride, ... (at most `count`; None: to the end), read by `read(first, count)` (the
+    same stride and geometry), as `SharedFrames`; every rank exits 2 when rank 0 cannot read them, when they are
+    too few for the processes, or when another rank reads other frames than rank 0 (e.g. another file)."""
+    if launch.group is None:
+        frames = read(start, count)
+        return SharedFrames(frames, len(frames), tensor_digest(frames))
+
+    def shard_of(total: int) -> torch.Tensor | Exception:  # the frames, or why they could not be read
+        a, b = even_starts(total, launch.size)[launch.rank:launch.rank + 2]
+        try:
+            return read(start + a * stride, b - a)
+        except (UserError, ValueError, FileNotFoundError) as e:
+            return e
+
+    # the count is usually --frames: the other ranks read their shard of that while rank 0 reads every frame,
+    # and read again only if the video turns out shorter
+    guess = count if not launch.main and count is not None and count >= launch.size else None
+    if launch.main:
+        try:
+            frames = read(start, count)
+        except (UserError, ValueError, FileNotFoundError) as e:
+            broadcast_object(str(e), launch.group)  # the other ranks fail with the same message
+            raise
+        told = broadcast_object((len(frames), tensor_digest(frames)), launch.group)
+    else:
+        frames = None if guess is None else shard_of(guess)
+        told = broadcast_object(None, launch.group)
+    if isinstance(told, str):
+        raise UserError(told)
+    total, digest = told
+    check_frames(launch, total)
+    if not launch.main and total != guess:
+        frames = shard_of(total)
+    _check_same_frames(launch, frames, total)
+    return SharedFrames(frames, total, digest)
+
+
+def _check_same_frames(launch: Launch, frames: torch.Tensor | Exception, total: int) -> None:
+    """Exit 2 on every rank unless each rank's frames are rank 0's frames of its shard (compared by digest)."""
+    if launch.main:  # what each rank should have read
+        starts = even_starts(total, launch.size)
+        mine = [tensor_digest(frames[starts[r]:starts[r + 1]]) for r in range(launch.size)]
+    else:
+        mine = f"unreadable: {frames}" if isinstance(frames, Exception) else tensor_digest(frames)
+    digests = gather_objects(mine, launch.group)
+    differing = [r for r in range(1, launch.size) if digests[r] != digests[0][r]]
+    if differing:
+        errors = "".join(f"; rank {r}: {digests[r]}" for r in differing if digests[r].startswith("unreadable"))
+        raise UserError(f"rank(s) {', '.join(map(str, differing))} read other frames of the video than rank 0 "
+                        f"(another file at the same path?); give every machine the same video file{errors}")
 
 
 def failed_ranks(launch: Launch, wait: float = PROBE_SECONDS) -> str:
