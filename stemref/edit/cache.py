@@ -47,10 +47,14 @@ def key_of(description: dict) -> str:
 
 
 def tensor_digest(x: torch.Tensor) -> str:
-    """SHA-256 of a tensor's dtype, shape and bytes: the identity of a video's frames."""
-    x = x.detach().contiguous().cpu()
+    """SHA-256 of a tensor's dtype, shape and bytes (in row-major order): the identity of a video's frames.
+
+    A non-contiguous tensor (read_video's frames are) is hashed one item of its first dimension at a time, so
+    hashing thousands of frames never copies them all."""
+    x = x.detach().cpu()
     h = hashlib.sha256(f"{x.dtype}{tuple(x.shape)}".encode())
-    h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+    for piece in [x] if x.is_contiguous() or x.dim() < 2 else x:
+        h.update(piece.contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
