@@ -22,10 +22,11 @@ reconstruction runs under the same context as the inversion (the EM attention to
 
 Several processes: with `group=` (a torch.distributed process group, e.g. torch.distributed.group.WORLD),
 every process takes the same arguments (all frames, or only its own shard of them with `total=`), encodes
-and inverts only its contiguous shard of the frames (distributed.py) and returns the Inversion of its shard (`Inversion.shard` says which frames); the
-frame-context processors exchange what crosses shards, so each shard's latents are those a single process
-computes for those frames. `Inversion.whole()` gathers the shards (on every rank) for saving or editing in one
-process; `reconstruct` of a sharded Inversion returns the shard's frames.
+and inverts only its contiguous shard of the frames (distributed.py) and returns the Inversion of its shard
+(`Inversion.shard` says which frames); the frame-context processors exchange what crosses shards, so each
+shard's latents are those a single process computes for those frames. `Inversion.whole()` gathers the shards
+(on every rank) for saving or editing in one process; `reconstruct` of a sharded Inversion returns the shard's
+frames.
 
 Dimension legend: S steps, F frames, h × w latent grid (H/8 × W/8).
 """

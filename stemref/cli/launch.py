@@ -170,7 +170,7 @@ def _check_same_frames(launch: Launch, frames: torch.Tensor | Exception, total: 
     """Exit 2 on every rank unless each rank's frames are rank 0's frames of its shard (compared by digest)."""
     if launch.main:  # what each rank should have read
         starts = even_starts(total, launch.size)
-        mine = [tensor_digest(frames[starts[r]:starts[r + 1]]) for r in range(launch.size)]
+        mine = [None, *(tensor_digest(frames[starts[r]:starts[r + 1]]) for r in range(1, launch.size))]
     else:
         mine = f"unreadable: {frames}" if isinstance(frames, Exception) else tensor_digest(frames)
     digests = gather_objects(mine, launch.group)
