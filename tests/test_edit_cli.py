@@ -22,15 +22,26 @@ import pytest
 import torch
 
 from stemref.cli.edit import main
+from stemref.cli.edit_methods import METHODS
 from stemref.video import read_video
 
 CLIP = Path(__file__).parent.parent / "examples" / "bunny.mp4"
-SMALL = ["--frames", "5", "--size", "96", "--steps", "2", "--batch", "2", "--num-bases", "8"]
+SMALL = ["--frames", "5", "--size", "96", "--steps", "2"]
 
 
 def edit(tmp_path: Path, weights: Path, out: str, *extra: str, video: Path = CLIP) -> int:
     return main([str(video), "--source", "a rabbit on a hill", "--target", "a bear on a hill", "--weights",
-                 str(weights), "--out", str(tmp_path / out), "--cache", str(tmp_path / "cache"), *SMALL, *extra])
+                 str(weights), "--out", str(tmp_path / out), "--cache", str(tmp_path / "cache"), *SMALL,
+                 *small_for(extra), *extra])
+
+
+def small_for(extra: tuple[str, ...]) -> list[str]:
+    """The small settings of the run's method and inversion (a flag the run would ignore is refused)."""
+    given = lambda flag: extra[extra.index(flag) + 1] if flag in extra else None
+    method = METHODS.get(given("--method") or "tokenflow")
+    inversion = given("--inversion") or (method.inversion if method else None)
+    return (["--batch", "2"] if method is METHODS["tokenflow"] else []) + (["--num-bases", "8"] if inversion == "stem"
+                                                                          else [])
 
 
 def stderr_lines(capsys) -> list[str]:
@@ -205,6 +216,10 @@ def test_missing_weights_are_downloaded_first(tiny_root, tmp_path, capsys):
     (["--steps", "0"], "--steps must be at least 1"),
     (["--pnp-attn", "2"], "--pnp-attn is a fraction"),
     (["--scope", "4", "--inversion", "1-frame"], "--scope is a STEM option"),
+    (["--inversion", "1-frame", "--num-bases", "4"], "--num-bases is a STEM option"),
+    (["--method", "fatezero", "--blend", "keyframes"], "--blend is an option of --method tokenflow; --method "
+                                                       "fatezero does not use it"),
+    (["--lr", "1e-4"], "--lr is an option of --method tune-a-video and ei2; --method tokenflow does not use it"),
     (["--size", "100"], "--size 100"),
 ])
 def test_bad_settings_fail_before_any_work(tiny_root, tmp_path, capsys, extra, message):

@@ -48,8 +48,8 @@ from .output import PANEL_GAP, check_output_folder, output_folder
 from .progress import progress_printer, silent_printer
 from .download import stderr_progress
 from .edit_methods import METHODS, Job
-from .edit_settings import (COMMON, GEOMETRY, all_options, check_settings, free_folder, option_flag, read_config,
-                            to_toml)
+from .edit_settings import (COMMON, GEOMETRY, all_options, check_flags_apply, check_settings, free_folder, option_flag,
+                            read_config, to_toml)
 from .measure import SCORED, clock, consistency, peak_memory, reset_peak_memory, source_fps
 from ..download import DownloadError, download, unfinished
 from ..edit.cache import default_root
@@ -113,6 +113,7 @@ def resolve_settings(parser: argparse.ArgumentParser, argv: list[str] | None) ->
         if settings[name] is None and method is not None:
             settings[name] = getattr(method, name)
     check_settings(settings)
+    check_flags_apply(set(given), settings)
     if settings["negative"] is None:
         settings["negative"] = method.negative
     if settings["dtype"] is None:  # as load_model would choose, written down so a rerun elsewhere is the same

@@ -188,6 +188,20 @@ def check_settings(s: dict[str, Any]) -> None:
     check_video_path(Path(s["video"]))
 
 
+def check_flags_apply(given: set[str], s: dict[str, Any]) -> None:
+    """Refuse a flag given on the command line that the run would ignore: another method's option, or a STEM
+    option without --inversion stem. (A --config file may hold such settings: an earlier run's config.toml
+    with another --method is meant to be reusable.)"""
+    common = {o.name for o in COMMON}
+    own = {o.name for o in METHODS[s["method"]].options}
+    for name in sorted(given - common - own):
+        users = [m for m, method in METHODS.items() if any(o.name == name for o in method.options)]
+        raise UserError(f"--{option_flag(name)} is an option of --method {' and '.join(users)}; --method "
+                        f"{s['method']} does not use it: drop it, or choose --method {users[0]}")
+    if "num_bases" in given and s["inversion"] != "stem":
+        raise UserError("--num-bases is a STEM option; use it with --inversion stem")
+
+
 def to_toml(s: dict[str, Any]) -> str:
     """The resolved settings of the common options and of the method used, as TOML; paths absolute, None ("the
     default behaviour") left out, and where the outputs went (out, overwrite) too: a rerun with --config

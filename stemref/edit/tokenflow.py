@@ -60,7 +60,9 @@ layer; with fewer keyframes than ranks every rank runs the whole keyframe pass i
 communication at all). Then each rank fetches, per layer, the features of the keyframes its frames' batches
 use (their own and the previous batch's) from whichever ranks computed them, and runs its part of every
 batch that overlaps its shard: a batch cut by a shard boundary is run in two pieces, exactly as one, since
-the batch pass works frame by frame. Each rank returns its shard's edited latents.
+the batch pass works frame by frame. (The shards are the even split: they fall on whole batches when F/P is a
+multiple of B; moving them there otherwise would make the busiest rank's shard up to B − 1 frames longer.)
+Each rank returns its shard's edited latents.
 
 Dimension legend:
   F frames, B frames per batch (the last batch may be shorter), K keyframes (one per batch)
