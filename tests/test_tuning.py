@@ -142,6 +142,8 @@ def test_exact_spectral_norm_tunes_and_reloads(tiny_sd, tmp_path):
     (dict(lr=-1.0), "lr must be"),
     (dict(autocast="fp16"), "needs the model in float32 on a CUDA device"),
     (dict(method="ei2", stam_centring="space"), "centring must be"),
+    (dict(seed=2**64), "seed must be a whole number"),
+    (dict(seed=1.5), "seed must be a whole number"),
 ])
 def test_bad_settings(tiny_sd, kwargs, message):
     with pytest.raises(ValueError, match=message):

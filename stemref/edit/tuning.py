@@ -46,6 +46,7 @@ from ..attention import Processor, RunInfo
 from ..context import DOWNSAMPLE, FineCoarse, SparseCausal
 from ..files import read_stemref_file, save_stemref_file
 from ..pipeline import StableDiffusion, check_encodable
+from ..sampling import check_seed
 from ..temporal import (CENTRING, HEADS, NORMS, OUT_BIAS, POSITIONS, RESNET_NORMS, SPECTRAL_NORM, SpectralLinear,
                         VideoConfig, init_temporal_)
 from ..unet import BasicTransformerBlock, UNet2DConditionModel
@@ -332,6 +333,7 @@ def tune(sd: StableDiffusion, frames: torch.Tensor, prompt: str, method: str = "
     loaded in float32); fp16 uses loss scaling. `options` are the method's (METHODS).
     """
     check_encodable(frames)
+    check_seed(seed)
     options = method_options(method, options)
     settings = TuneSettings(prompt, steps, lr, seed=seed, checkpointing=checkpointing, autocast=autocast)
     trainer = Trainer(sd, method, options, settings, frames.shape[0])
