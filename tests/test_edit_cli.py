@@ -36,8 +36,11 @@ def edit(tmp_path: Path, weights: Path, out: str, *extra: str, video: Path = CLI
 
 
 def small_for(extra: tuple[str, ...]) -> list[str]:
-    """The small settings of the run's method and inversion (a flag the run would ignore is refused)."""
+    """The small settings of the run's method and inversion (a flag the run would ignore is refused); none with
+    a --config, which holds the run's own."""
     given = lambda flag: extra[extra.index(flag) + 1] if flag in extra else None
+    if "--config" in extra:
+        return []
     method = METHODS.get(given("--method") or "tokenflow")
     inversion = given("--inversion") or (method.inversion if method else None)
     return (["--batch", "2"] if method is METHODS["tokenflow"] else []) + (["--num-bases", "8"] if inversion == "stem"
