@@ -374,7 +374,9 @@ def _all_tokens(kf: torch.Tensor, vf: torch.Tensor, shard: Shard | None) -> tupl
     if shard is None:
         return _video_tokens(kf), _video_tokens(vf)
     d = kf.shape[-1]
-    kv = _video_tokens(distributed.all_gather(torch.cat([kf, vf], dim=-1), shard, dim=1))  # (B, h, F_all·N, d + dv)
+    # laid out as attention reads them, (B, h, F, N, ·), before they travel: no re-layout of every rank's tokens
+    kv = torch.cat([kf.transpose(1, 2), vf.transpose(1, 2)], dim=-1)  # (B, h, n, N, d + dv)
+    kv = distributed.all_gather(kv, shard, dim=2).flatten(2, 3)  # (B, h, F_all·N, d + dv)
     return kv[..., :d], kv[..., d:]
 
 

@@ -108,12 +108,25 @@ def all_reduce_sum(tensors: list[torch.Tensor], shard: Shard) -> list[torch.Tens
 def all_gather(x: torch.Tensor, shard: Shard, dim: int = 0) -> torch.Tensor:
     """Every rank's items along `dim` in rank order: x holds shard.count items -> shard.total items.
 
-    Shards may be uneven: each is padded to the longest for the collective and cut back after it.
+    One broadcast per rank, each piece copied to its place in the result as it arrives, this rank's own last:
+    a rank holds at most the result, x and one other rank's piece, not every piece and their concatenation as
+    torch's list all_gather does (which matters where the result is every frame's keys and values). Shards
+    may be uneven; a rank with no items sends nothing.
     """
-    padded = _padded(x, shard, dim)
-    pieces = [torch.empty_like(padded) for _ in range(shard.size)]
-    dist.all_gather(pieces, padded.contiguous(), group=shard.group)
-    return torch.cat([p.narrow(dim, 0, len(shard.range_of(r))) for r, p in enumerate(pieces)], dim=dim)
+    out = x.new_empty((*x.shape[:dim], shard.total, *x.shape[dim + 1:]))
+    for r in range(shard.size):
+        rows = shard.range_of(r)
+        if not rows:
+            continue
+        if r == shard.rank:
+            dist.broadcast(x.contiguous(), src=dist.get_global_rank(shard.group, r), group=shard.group)
+            continue
+        piece = x.new_empty((*x.shape[:dim], len(rows), *x.shape[dim + 1:]))
+        dist.broadcast(piece, src=dist.get_global_rank(shard.group, r), group=shard.group)
+        out.narrow(dim, rows.start, len(rows)).copy_(piece)
+        del piece  # before the next one arrives
+    out.narrow(dim, shard.start, shard.count).copy_(x)  # last: the result's memory is touched only as it fills
+    return out
 
 
 def gather_to_first(x: torch.Tensor, shard: Shard, dim: int = 0) -> torch.Tensor | None:
