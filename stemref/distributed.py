@@ -125,7 +125,7 @@ def all_gather(x: torch.Tensor, shard: Shard, dim: int = 0) -> torch.Tensor:
         dist.broadcast(piece, src=dist.get_global_rank(shard.group, r), group=shard.group)
         out.narrow(dim, rows.start, len(rows)).copy_(piece)
         del piece  # before the next one arrives
-    out.narrow(dim, shard.start, shard.count).copy_(x)  # last: the result's memory is touched only as it fills
+    out.narrow(dim, shard.start, shard.count).copy_(x)  # last: on the CPU, out's pages are touched as it fills
     return out
 
 

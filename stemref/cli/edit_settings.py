@@ -192,9 +192,9 @@ def check_flags_apply(given: set[str], s: dict[str, Any]) -> None:
     """Refuse a flag given on the command line that the run would ignore: another method's option, or a STEM
     option without --inversion stem. (A --config file may hold such settings: an earlier run's config.toml
     with another --method is meant to be reusable.)"""
-    common = {o.name for o in COMMON}
-    own = {o.name for o in METHODS[s["method"]].options}
-    for name in sorted(given - common - own):
+    ignored = sorted(given - {o.name for o in COMMON + METHODS[s["method"]].options})
+    if ignored:
+        name = ignored[0]
         users = [m for m, method in METHODS.items() if any(o.name == name for o in method.options)]
         raise UserError(f"--{option_flag(name)} is an option of --method {' and '.join(users)}; --method "
                         f"{s['method']} does not use it: drop it, or choose --method {users[0]}")
